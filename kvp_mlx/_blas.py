@@ -1,0 +1,71 @@
+"""Make MLX's CPU backend use an optimized BLAS on Linux.
+
+The Linux `mlx-cpu` wheel links a reference BLAS (about 3 GFLOP/s for float32
+matmul). Loading an optimized OpenBLAS into the global symbol scope *before*
+`mlx.core` is imported makes MLX resolve `cblas_sgemm` and friends to it
+(60-135 GFLOP/s on the project's machines). This module must run before the
+first `import mlx.core`; `kvp_mlx/__init__.py` imports it first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+import warnings
+
+# Debian / Ubuntu packages `libopenblas0-pthread` and `libopenblas0-openmp`, then Fedora / Arch names.
+_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-openmp/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+
+#: Path of the BLAS library loaded into the global scope, or None.
+loaded_blas: str | None = None
+#: Why no optimized BLAS is in use, when none is.
+blas_problem: str | None = None
+
+
+def _find_openblas() -> str | None:
+    override = os.environ.get("KVP_MLX_BLAS")
+    if override:
+        return override
+    for path in _CANDIDATES:
+        if os.path.exists(path):
+            return path
+    return ctypes.util.find_library("openblas")
+
+
+def load_optimized_blas() -> str | None:
+    """Load OpenBLAS globally (Linux only). Returns its path, or None with a one-time warning."""
+    global loaded_blas, blas_problem
+    if loaded_blas is not None or not sys.platform.startswith("linux"):
+        return loaded_blas
+    if os.environ.get("KVP_MLX_BLAS") == "reference":
+        blas_problem = "disabled by KVP_MLX_BLAS=reference"
+        return None
+    if "mlx.core" in sys.modules:
+        blas_problem = "mlx.core was imported before kvp_mlx; import kvp_mlx first"
+    else:
+        path = _find_openblas()
+        if path is None:
+            blas_problem = "no OpenBLAS found (Debian/Ubuntu: apt-get install libopenblas0-pthread)"
+        else:
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                loaded_blas = path
+            except OSError as e:
+                blas_problem = f"could not load {path}: {e}"
+    if loaded_blas is None:
+        warnings.warn(
+            f"kvp_mlx: MLX will use its slow reference BLAS on the CPU ({blas_problem}); "
+            "float32 matmuls will be about 30x slower.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return loaded_blas
