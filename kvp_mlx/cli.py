@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "generate": "kvp_mlx.commands.generate",
     "env": "kvp_mlx.commands.env",
+    "bench": "kvp_mlx.commands.bench",
     "convert": "kvp_mlx.convert.cli",
 }
 
