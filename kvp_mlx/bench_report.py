@@ -133,6 +133,9 @@ def write_plots(result: dict, out_dir: Path, name: str) -> tuple[list[Path], str
     series = _series(result)
     if not series:
         return [], "no timed cases to plot"
+    labels = list(dict.fromkeys(c["label"] for run in result["runs"] for c in run["cases"]))
+    palette = plt.get_cmap("tab10").colors
+    color = {label: palette[i % len(palette)] for i, label in enumerate(labels)}  # same colour in every panel
     fig, axes = plt.subplots(1, len(series), figsize=(6.5 * len(series), 4.8), squeeze=False)
     for ax, ((model, device, batch), panel) in zip(axes[0], series.items()):
         for label, points in panel.items():
@@ -140,7 +143,7 @@ def write_plots(result: dict, out_dir: Path, name: str) -> tuple[list[Path], str
             ys = [c["median_s"] for _, c in points]
             err = [[c["median_s"] - c["min_s"] for _, c in points], [c["max_s"] - c["median_s"] for _, c in points]]
             style = "--" if points[0][1]["kind"] == "component" else "-"
-            ax.errorbar(xs, ys, yerr=err, fmt=style + "o", capsize=3, label=label, markersize=4)
+            ax.errorbar(xs, ys, yerr=err, fmt=style + "o", capsize=3, label=label, markersize=4, color=color[label])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("prompt length (tokens)")
@@ -165,7 +168,8 @@ def write_plots(result: dict, out_dir: Path, name: str) -> tuple[list[Path], str
         ax.plot([0, hi], [0, 0.85 * hi], "k:", lw=1, label="85% of FLOPs-predicted")
         for label in dict.fromkeys(c["label"] for _, c in points):
             sel = [(run, c) for run, c in points if c["label"] == label]
-            ax.scatter([c["speedup_flops"] for _, c in sel], [c["speedup_measured"] for _, c in sel], label=label)
+            ax.scatter([c["speedup_flops"] for _, c in sel], [c["speedup_measured"] for _, c in sel], label=label,
+                       color=color[label])
             for run, c in sel:
                 ax.annotate(f"T={run['prompt_tokens']},B={run['batch']}", (c["speedup_flops"], c["speedup_measured"]),
                             fontsize=6, xytext=(3, 3), textcoords="offset points")

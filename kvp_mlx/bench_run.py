@@ -115,10 +115,7 @@ def build_cases(
     cases: list[Case] = []
     skipped: list[dict] = []
     infos: dict[str, dict] = {}
-
-    def add(case: Case) -> None:
-        cases.append(case)
-
+    add = cases.append
     if "base" in methods:
         infos["base"] = {}
         add(Case("base", _time_method(group.base_only, tokens, "base", chunk, infos["base"]),

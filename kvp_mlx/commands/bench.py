@@ -25,6 +25,12 @@ PROFILES = {
     "full": dict(pairs=["kvp-c-270m", "kvp-c-450m", "kvp-lp-0.50", "kvp-lp-0.25"],
                  prompt_lengths=[128, 512, 1024, 2048], batch_sizes=[1, 8], repetitions=5, warmup=1),
 }
+PROFILE_NOTES = {
+    "quick": "sizes chosen to fit 15 minutes on a 2-core CPU (float32): the 1.1B base with the 270M "
+    "auxiliary only, prompts of 128 and 512 tokens, batch 1",
+    "full": "the paper's 1.1B pairs (KVP-C 270M/450M, KVP-LP 0.50/0.25), prompts 128-2048, batch 1 and 8: "
+    "hours on a 2-core CPU",
+}
 
 
 def _ints(text: str) -> list[int]:
@@ -166,6 +172,10 @@ def run(args: argparse.Namespace) -> int:
     from kvp_mlx.runtime_env import env_report, gpu_available
 
     settings = _settings(args)
+    _log(f"profile {settings['profile']} ({PROFILE_NOTES[settings['profile']]}); running: pairs "
+         f"{','.join(settings['pairs']) or '-'}, models {','.join(settings['models']) or '-'}, prompt lengths "
+         f"{settings['prompt_lengths']}, batch sizes {settings['batch_sizes']}, {settings['warmup']} warm-up + "
+         f"{settings['repetitions']} repetitions, prefill step size {settings['prefill_step_size']}")
     started, load_before, tic = datetime.now(), report.load_average(), time.perf_counter()
     runs, skipped = [], []
     for device in settings["devices"]:
