@@ -16,8 +16,8 @@ __all__ = ["KVPError", "KVPModel", "generate", "load", "stream_generate"]
 _LAZY = {
     "load": "kvp_mlx.model",
     "KVPModel": "kvp_mlx.model",
-    "generate": "kvp_mlx.generate",
-    "stream_generate": "kvp_mlx.generate",
+    "generate": "kvp_mlx.generation",
+    "stream_generate": "kvp_mlx.generation",
 }
 
 
@@ -26,5 +26,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'kvp_mlx' has no attribute {name!r}")
