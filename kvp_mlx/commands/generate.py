@@ -1,0 +1,113 @@
+"""`kvp-mlx generate`: prefill a prompt with a method (kvp by default), then decode with the base."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "generate text from a prompt, reporting time to first token"
+DESCRIPTION = """\
+Generate a continuation of a prompt. With --method kvp (the default) the auxiliary model
+processes the prompt, the predictor fills the base model's KV cache, and the base model
+produces the first token and decodes on its own. Prints the text as it streams, then the
+prompt length, TTFT (prompt token ids ready -> first token available), generation speed and
+peak memory. Without --model the embedded default model runs (offline)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvp_mlx.methods import available_methods
+
+    parser.description = DESCRIPTION
+    parser.add_argument("--model", help="KV Prediction directory, mlx-lm directory or Hugging Face repo id "
+                        "(default: the embedded demo model)")
+    parser.add_argument("--prompt", "-p", required=True, help="prompt text, or '-' to read standard input")
+    parser.add_argument("--method", default="kvp", choices=available_methods(),
+                        help="prefill method (default: kvp)")
+    parser.add_argument("--max-tokens", "-m", type=int, default=100, help="tokens to generate (default: 100)")
+    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (default: off)")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (default: off)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--prefill-step-size", type=int, default=2048,
+                        help="prompt tokens per prefill chunk (default: 2048)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                        help="compute dtype (default: float32 on cpu, float16 on gpu)")
+    parser.add_argument("--device", choices=["cpu", "gpu"], help="device (default: MLX's)")
+    parser.add_argument("--compare", action="store_true",
+                        help="run base and kvp on the same prompt; print both TTFTs and whether the first tokens agree")
+    parser.add_argument("--verbose", "-v", action="store_true", help="print model and method details")
+
+
+def _read_prompt(text: str) -> str:
+    return sys.stdin.read() if text == "-" else text
+
+
+def _report(last, label: str = "") -> None:
+    tag = f"[{label}] " if label else ""
+    print(f"{tag}Prompt: {last.prompt_tokens} tokens, TTFT {last.ttft_s * 1000:.1f} ms (method {last.method})")
+    print(f"{tag}Generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s")
+    print(f"{tag}Peak memory: {last.peak_memory_gb:.3f} GB")
+
+
+def _stream(model, prompt: str, args: argparse.Namespace, method: str, show: bool):
+    from kvp_mlx.generate import stream_generate
+
+    last = None
+    for last in stream_generate(
+        model, prompt, method=method, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
+        top_k=args.top_k, min_p=args.min_p, seed=args.seed, prefill_step_size=args.prefill_step_size,
+    ):
+        if show:
+            print(last.text, end="", flush=True)
+    if show:
+        print()
+    return last
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvp_mlx.errors import KVPError
+    from kvp_mlx.model import load
+    from kvp_mlx.runtime_env import dtype_name, set_device
+
+    prompt = _read_prompt(args.prompt)
+    if not prompt:
+        raise KVPError("empty prompt")
+    if args.max_tokens < 1:
+        raise KVPError("--max-tokens must be at least 1")
+    device = set_device(args.device)
+    model = load(args.model, dtype=args.dtype)
+    if model.is_random:
+        print("note: this model has RANDOM weights (a demo/timing model, not trained): "
+              "expect meaningless text", file=sys.stderr)
+    if args.verbose:
+        print(f"model: {model.path} ({model.config.get('source', 'mlx-lm directory')}), device {device}, "
+              f"dtype {dtype_name(model.dtype)}", file=sys.stderr)
+    if not args.compare:
+        print("=" * 10)
+        last = _stream(model, prompt, args, args.method, show=True)
+        print("=" * 10)
+        _report(last)
+        return 0
+    # Warm up once so the first timed run does not pay for one-time setup.
+    _stream(model, prompt, argparse.Namespace(**{**vars(args), "max_tokens": 1}), "base", show=False)
+    results = {}
+    for method in ("base", "kvp"):
+        print(f"========== {method}")
+        results[method] = _stream(model, prompt, args, method, show=True)
+    print("=" * 10)
+    firsts = {}
+    for method, last in results.items():
+        _report(last, method)
+    for method in results:  # first token of each method (greedy unless --temp)
+        firsts[method] = _first_token(model, prompt, args, method)
+    speedup = results["base"].ttft_s / results["kvp"].ttft_s
+    agree = "yes" if firsts["base"] == firsts["kvp"] else "no"
+    print(f"TTFT base {results['base'].ttft_s * 1000:.1f} ms, kvp {results['kvp'].ttft_s * 1000:.1f} ms "
+          f"(speedup {speedup:.2f}x); first tokens agree: {agree}")
+    return 0
+
+
+def _first_token(model, prompt: str, args: argparse.Namespace, method: str) -> int:
+    ns = argparse.Namespace(**{**vars(args), "max_tokens": 1})
+    return _stream(model, prompt, ns, method, show=False).token

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tokenizer and tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import kvp_mlx  # noqa: F401  (loads the optimized BLAS before mlx.core)
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from kvp_mlx import model_builder as mb
+
+ARCHS = ["openelm", "llama", "qwen2", "qwen3"]
+VOCAB = 512
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return mb.build_byte_tokenizer(tmp_path_factory.mktemp("tok"), mb.default_tokenizer_texts(), VOCAB)
+
+
+def copy_of(model, config):
+    twin = mb.build_model(config)
+    twin.load_weights(tree_flatten(model.parameters()))
+    mx.eval(twin.parameters())
+    return twin
+
+
+@pytest.fixture(scope="session")
+def identity_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """Per architecture: aux = a copy of the base, identity mapping, identity predictor."""
+    root = tmp_path_factory.mktemp("identity")
+    dirs = {}
+    for i, arch in enumerate(ARCHS):
+        cfg = mb.tiny_config(arch, n_layers=3, vocab_size=VOCAB)
+        base = mb.build_model(cfg, seed=i)
+        aux = copy_of(base, cfg)
+        pred = mb.make_predictor(base, aux, mapping=[0, 1, 2], init="identity")
+        dirs[arch] = mb.save_kvp_dir(root / arch, base, cfg, aux, cfg, pred, tokenizer_dir, "test identity", True)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def random_pair_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """An openelm base (3 layers) with a smaller 2-layer auxiliary and a random predictor."""
+    root = tmp_path_factory.mktemp("pair")
+    base_cfg = mb.tiny_config("openelm", n_layers=3, vocab_size=VOCAB)
+    aux_cfg = mb.tiny_config("openelm", n_layers=2, vocab_size=VOCAB)
+    aux_cfg.update(model_dim=48, num_query_heads=[3, 3], num_kv_heads=[1, 1])
+    base, aux = mb.build_model(base_cfg, seed=1), mb.build_model(aux_cfg, seed=2)
+    pred = mb.make_predictor(base, aux, init="random", seed=3)
+    return mb.save_kvp_dir(root / "pair", base, base_cfg, aux, aux_cfg, pred, tokenizer_dir, "test pair", True)
