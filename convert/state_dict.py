@@ -94,20 +94,22 @@ def corenet_shapes(cfg: OpenELMConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_tensors(
-    tensors: dict[str, LazyTensor], expected: dict[str, tuple[int, ...]], what: str
+    tensors: dict[str, LazyTensor], expected: dict[str, tuple[int, ...]], what: str, prefix: str = ""
 ) -> None:
-    """Raise a `KVPError` naming missing / unexpected keys or the first shape mismatch."""
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
+    """Raise a `KVPError` naming missing / unexpected keys or the first shape mismatch.
+
+    ``prefix`` is what the checkpoint puts before these keys (e.g. ``base.``), for the message.
+    """
+    missing = [prefix + k for k in expected if k not in tensors]
+    unexpected = [prefix + k for k in tensors if k not in expected]
     if missing:
         raise KVPError(f"{what}: missing keys in checkpoint: {_list(missing)}")
     if unexpected:
         raise KVPError(f"{what}: unexpected keys in checkpoint: {_list(unexpected)}")
     for key, shape in expected.items():
-        if tuple(tensors[key].shape) != shape:
-            raise KVPError(
-                f"{what}: shape mismatch for {key}: expected {shape}, found {tuple(tensors[key].shape)}"
-            )
+        found = tuple(tensors[key].shape)
+        if found != shape:
+            raise KVPError(f"{what}: shape mismatch for {prefix}{key}: expected {shape}, found {found}")
 
 
 def _mlx_name(corenet_key: str) -> str:
@@ -115,7 +117,7 @@ def _mlx_name(corenet_key: str) -> str:
 
 
 def openelm_weights(
-    tensors: dict[str, LazyTensor], cfg: OpenELMConfig, what: str
+    tensors: dict[str, LazyTensor], cfg: OpenELMConfig, what: str, prefix: str = ""
 ) -> tuple[OpenELMConfig, dict[str, LazyTensor]]:
     """Check one model's corenet tensors and name them as mlx-lm's openelm does.
 
@@ -125,7 +127,7 @@ def openelm_weights(
     emb = tensors.get("token_embeddings.weight")
     if emb is not None and len(emb.shape) == 2:
         cfg = cfg.with_vocab_size(emb.shape[0])
-    check_tensors(tensors, corenet_shapes(cfg), what)
+    check_tensors(tensors, corenet_shapes(cfg), what, prefix)
     return cfg, {_mlx_name(k): t for k, t in tensors.items()}
 
 
@@ -145,5 +147,5 @@ def predictor_weights(
         for kind in ("key_transforms", "value_transforms"):
             expected[f"{kind}.{i}.weight"] = (out_dim, in_dim)
             expected[f"{kind}.{i}.bias"] = (out_dim,)
-    check_tensors(tensors, expected, "predictor")
+    check_tensors(tensors, expected, "predictor", KVP_PREFIXES["predictor"])
     return config, dict(tensors)

@@ -148,4 +148,4 @@ def write_tokenizer_files(model_path: str | Path, out_dir: str | Path) -> dict[s
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     (out_dir / "special_tokens_map.json").write_text(json.dumps(names, indent=2, ensure_ascii=False))
-    return {f"{role}_token_id": idx for role, (_, idx) in special.items()}
+    return {f"{role}_token_id": idx for role, (_, idx) in special.items() if role in ("bos", "eos")}
