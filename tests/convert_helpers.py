@@ -246,6 +246,7 @@ def single_model_yaml(path: Path, model_name: str, vocab_size: int, lm_name: str
 # ---- SentencePiece -------------------------------------------------------------------------------
 
 _WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex bad jocks".split()
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
 
 def train_sentencepiece(directory: Path, vocab_size: int, **options: Any) -> Path:
@@ -253,7 +254,9 @@ def train_sentencepiece(directory: Path, vocab_size: int, **options: Any) -> Pat
     import sentencepiece as spm
 
     rng = np.random.default_rng(0)
-    lines = [" ".join(rng.choice(_WORDS, size=rng.integers(3, 12))) for _ in range(400)]
+    made_up = ["".join(rng.choice(_SYLLABLES, size=rng.integers(1, 4))) for _ in range(300)]
+    words = _WORDS * 20 + made_up
+    lines = [" ".join(rng.choice(words, size=rng.integers(3, 12))) for _ in range(600)]
     extra = options.pop("extra_text", [])
     corpus = directory / "corpus.txt"
     corpus.write_text("\n".join(lines + list(extra)))
@@ -265,6 +268,6 @@ def train_sentencepiece(directory: Path, vocab_size: int, **options: Any) -> Pat
     return prefix.with_suffix(".model")
 
 
-def fixture_tokenizer(directory: Path) -> Path:
-    """A SentencePiece model small enough (vocab 48) for the fixtures' 64- and 128-token models."""
-    return train_sentencepiece(directory, 48, model_type="bpe", character_coverage=1.0)
+def fixture_tokenizer(directory: Path, vocab_size: int) -> Path:
+    """A SentencePiece BPE model with exactly the fixture model's vocabulary size (64 or 128)."""
+    return train_sentencepiece(directory, vocab_size, model_type="bpe", character_coverage=1.0)
