@@ -19,7 +19,7 @@ from tqdm import tqdm
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import write_kvp_config
 from kvp_mlx.predictor import KVPredictor
-from kvp_mlx.tokenizer_files import write_tokenizer_files
+from kvp_mlx.tokenizer_files import vocab_size, write_tokenizer_files
 
 from .corenet_config import OpenELMConfig, read_training_yaml, resolve_config
 from .state_dict import KVP_PREFIXES, model_tensors, openelm_weights, predictor_weights, split_kvp
@@ -107,6 +107,14 @@ def convert_checkpoint(
             single = resolve_config(train.models["model"], "single", model_config, "--model-config")
             single, single_w = openelm_weights(tensors, single, "model")
 
+        if tokenizer is not None:
+            model_vocab = min(c.vocab_size for c in ((base, aux) if kvp else (single,)))
+            if vocab_size(tokenizer) > model_vocab:
+                raise KVPError(
+                    f"tokenizer {tokenizer} has {vocab_size(tokenizer)} pieces, more than the model's "
+                    f"vocabulary of {model_vocab}"
+                )
+
         total = sum(t.nbytes for t in tensors.values())
         with atomic_output_dir(out, force) as tmp, tqdm(
             total=total, unit="B", unit_scale=True, desc="converting", file=sys.stderr,
@@ -135,8 +143,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="SentencePiece tokenizer.model to ship with the model(s)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="weight dtype (default: the checkpoint's)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize base and aux linear layers")
-    parser.add_argument("--q-bits", type=int, choices=(4, 8), default=4, help="bits per weight (default 4)")
-    parser.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64, help="quantization group size (default 64)")
+    parser.add_argument("--q-bits", type=int, choices=(4, 8), help="bits per weight with -q (default 4)")
+    parser.add_argument("--q-group-size", type=int, choices=(32, 64, 128), help="quantization group size with -q (default 64)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--base-config", help="OpenELM config.json for a base model not in corenet's tables")
     parser.add_argument("--aux-config", help="OpenELM config.json for an auxiliary model not in corenet's tables")
@@ -145,6 +153,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed ``convert`` command; prints ``error: ...`` and returns 1 on bad input."""
+    quantization = None
+    if args.quantize:
+        quantization = Quantization(args.q_bits or 4, args.q_group_size or 64)
+    elif args.q_bits is not None or args.q_group_size is not None:
+        print("error: --q-bits and --q-group-size need -q / --quantize", file=sys.stderr)
+        return 1
     try:
         out = convert_checkpoint(
             args.checkpoint,
@@ -152,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             tokenizer=args.tokenizer,
             dtype=args.dtype,
-            quantization=Quantization(args.q_bits, args.q_group_size) if args.quantize else None,
+            quantization=quantization,
             force=args.force,
             base_config=args.base_config,
             aux_config=args.aux_config,

@@ -34,6 +34,9 @@ def atomic_output_dir(target: str | Path, force: bool = False) -> Iterator[Path]
         raise KVPError(f"output {target} exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it a normal directory's mode
     try:
         yield tmp
         if target.exists():

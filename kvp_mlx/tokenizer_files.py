@@ -79,6 +79,11 @@ def _normalizer(proto) -> normalizers.Normalizer | None:
     return normalizers.Sequence(steps) if steps else None
 
 
+def vocab_size(model_path: str | Path) -> int:
+    """Number of pieces in a SentencePiece model."""
+    return len(_read_proto(Path(model_path)).pieces)
+
+
 def build_tokenizer(model_path: str | Path) -> tuple[Tokenizer, dict]:
     """The `tokenizers` equivalent of a SentencePiece model, and its special-token names and ids."""
     path = Path(model_path)

@@ -48,10 +48,10 @@ class Storage:
         if self.data is not None:
             self.numel = int(self.data.size)
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, order: str = "<") -> bytes:
         if self.fill is not None:
             return self.fill()
-        return np.ascontiguousarray(self.data).astype(self.data.dtype.newbyteorder("<")).tobytes()
+        return np.ascontiguousarray(self.data).astype(self.data.dtype.newbyteorder(order)).tobytes()
 
 
 @dataclass(eq=False)
@@ -172,7 +172,9 @@ def _write_aligned(z: zipfile.ZipFile, name: str, data: bytes | Callable[[], byt
         f.write(data() if callable(data) else data)
 
 
-def write_torch_zip(path: str | Path, obj: Any, root: str = "archive", pickle_bytes: bytes | None = None) -> Path:
+def write_torch_zip(
+    path: str | Path, obj: Any, root: str = "archive", pickle_bytes: bytes | None = None, byteorder: str = "little"
+) -> Path:
     """Write ``obj`` (nested dicts of `Tensor`s and scalars) as torch.save does.
 
     ``pickle_bytes`` replaces the pickle (for crafted payloads); storages still come from ``obj``.
@@ -183,11 +185,12 @@ def write_torch_zip(path: str | Path, obj: Any, root: str = "archive", pickle_by
     pkl = pickle_bytes if pickle_bytes is not None else bytes(w.out + pickle.STOP)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         _write_aligned(z, f"{root}/data.pkl", pkl, len(pkl))
-        for name, data in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")):
+        for name, data in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", byteorder.encode())):
             _write_aligned(z, f"{root}/{name}", data, len(data))
+        order = "<" if byteorder == "little" else ">"
         for key, storage in w.storages.values():
             itemsize = 2 if storage.dtype == "bfloat16" else np.dtype(storage.dtype).itemsize
-            _write_aligned(z, f"{root}/data/{key}", storage.to_bytes, storage.numel * itemsize)
+            _write_aligned(z, f"{root}/data/{key}", storage.to_bytes(order), storage.numel * itemsize)
         _write_aligned(z, f"{root}/version", b"3\n", 2)
         _write_aligned(z, f"{root}/.data/serialization_id", b"0" * 40, 40)
     return path

