@@ -210,11 +210,11 @@ def test_single_model_training_checkpoint(tmp_path, tokenizers):
     assert max_diff(model(mx.array(ref["prompt"])), ref["base_logits"]) <= TOL
 
 
-def test_untied_embeddings_without_qk_norm(tmp_path):
+def test_untied_embeddings_without_qk_norm_and_padded_vocab(tmp_path):
     cfg = dict(
         num_transformer_layers=2, model_dim=32, head_dim=8, num_query_heads=[2, 4], num_kv_heads=[1, 2],
         ffn_multipliers=[1.0, 2.0], ffn_dim_divisor=32, normalize_qk_projections=False,
-        share_input_output_layers=False, vocab_size=40,
+        share_input_output_layers=False,
     )
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     rng = np.random.default_rng(0)
@@ -227,14 +227,16 @@ def test_untied_embeddings_without_qk_norm(tmp_path):
         }
     arrays = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     ckpt = write_torch_zip(tmp_path / "m.pt", OrderedDict((k, tensor(a)) for k, a in arrays.items()))
-    yaml_path = single_model_yaml(tmp_path / "m.yaml", "my-model", 40, "general_gpt")
+    # the YAML's vocab_size may differ from the (padded) embedding: the tensor's row count wins
+    yaml_path = single_model_yaml(tmp_path / "m.yaml", "my-model", 32, "general_gpt")
     out = convert_checkpoint(ckpt, yaml_path, tmp_path / "out", model_config=tmp_path / "cfg.json")
     weights = mx.load(str(out / "model.safetensors"))
     np.testing.assert_array_equal(np.array(weights["lm_head.weight"]), arrays["classifier.weight"])
     assert not any("q_norm" in k for k in weights)
     config = json.loads((out / "config.json").read_text())
     model, _ = mlx_lm.utils.load_model(out)
-    assert not config["share_input_output_layers"] and model(mx.array([[1, 2, 3]])).shape == (1, 3, 40)
+    assert config["vocab_size"] == 40 and not config["share_input_output_layers"]
+    assert model(mx.array([[1, 2, 39]])).shape == (1, 3, 40)
 
 
 # ---- bad input: a clear one-line error, exit status 1, and nothing left behind ---------------------
