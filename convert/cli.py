@@ -109,10 +109,10 @@ def convert_checkpoint(
 
         if tokenizer is not None:
             model_vocab = min(c.vocab_size for c in ((base, aux) if kvp else (single,)))
-            if vocab_size(tokenizer) > model_vocab:
+            pieces = vocab_size(tokenizer)
+            if pieces > model_vocab:
                 raise KVPError(
-                    f"tokenizer {tokenizer} has {vocab_size(tokenizer)} pieces, more than the model's "
-                    f"vocabulary of {model_vocab}"
+                    f"tokenizer {tokenizer} has {pieces} pieces, more than the model's vocabulary of {model_vocab}"
                 )
 
         total = sum(t.nbytes for t in tensors.values())
@@ -120,19 +120,19 @@ def convert_checkpoint(
             total=total, unit="B", unit_scale=True, desc="converting", file=sys.stderr,
             disable=total < _PROGRESS_MIN_BYTES,
         ) as bar:
-            if not kvp:
+            if kvp:
+                _write_model(tmp / "base", base, base_w, target, bar, tokenizer, quantization, "base")
+                _write_model(tmp / "aux", aux, aux_w, target, bar, tokenizer, quantization, "aux")
+                predictor = KVPredictor(pred_cfg)  # stays unquantized
+                predictor.load_weights(list(_materialize(pred_w, target, bar).items()))
+                predictor.save(tmp)
+                source = (
+                    f"corenet checkpoint {checkpoint.name}: base {train.models['base'].model_name}, "
+                    f"auxiliary {train.models['aux'].model_name}"
+                )
+                write_kvp_config(tmp, source)
+            else:
                 _write_model(tmp, single, single_w, target, bar, tokenizer, quantization, "model")
-                return out
-            _write_model(tmp / "base", base, base_w, target, bar, tokenizer, quantization, "base")
-            _write_model(tmp / "aux", aux, aux_w, target, bar, tokenizer, quantization, "aux")
-            predictor = KVPredictor(pred_cfg)  # stays unquantized
-            predictor.load_weights(list(_materialize(pred_w, target, bar).items()))
-            predictor.save(tmp)
-            source = (
-                f"corenet checkpoint {checkpoint.name}: base {train.models['base'].model_name}, "
-                f"auxiliary {train.models['aux'].model_name}"
-            )
-            write_kvp_config(tmp, source)
     return out
 
 
