@@ -143,8 +143,9 @@ def test_kv_prediction_matches_corenet(converted, case):
     np.testing.assert_array_equal(greedy(model, result), ref["greedy"])
 
 
-def test_converted_base_generates_with_mlx_lm(converted):
-    model, tok = mlx_lm.load(str(converted["pub_kvpc_elm"] / "base"))
+@pytest.mark.parametrize("case", CASES)
+def test_converted_base_generates_with_mlx_lm(converted, case):
+    model, tok = mlx_lm.load(str(converted[case] / "base"))
     assert tok.encode("the fox")[0] == tok.bos_token_id
     text = mlx_lm.generate(model, tok, prompt="the quick brown fox", max_tokens=6)
     assert isinstance(text, str)
