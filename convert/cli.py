@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvp-mlx convert", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="kvp-mlx convert", description=HELP)
     add_arguments(parser)
     return parser
 
