@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "generate": "kvp_mlx.commands.generate",
     "env": "kvp_mlx.commands.env",
+    "train": "kvp_mlx.commands.train",
 }
 
 
