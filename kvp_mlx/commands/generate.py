@@ -51,7 +51,7 @@ def _report(last, label: str = "") -> None:
 
 
 def _stream(model, prompt: str, args: argparse.Namespace, method: str, show: bool):
-    from kvp_mlx.generate import stream_generate
+    from kvp_mlx.generation import stream_generate
 
     last = None
     for last in stream_generate(
