@@ -14,10 +14,17 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from kvp_mlx.convert.corenet_config import LAYER_PRUNED_CONFIGS, named_config
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import KVPModel, load
 from kvp_mlx.model_builder import build_model, layer_pruned, make_predictor
-from kvp_mlx.openelm_shapes import ARCHS, openelm_config
+
+VOCAB_SIZE = 32000  # LLaMA-2's SentencePiece vocabulary
+
+def openelm_config(name: str) -> dict:
+    """mlx-lm config of a corenet-named OpenELM (exact per-layer shapes, 32000-token vocabulary)."""
+    return named_config(name, VOCAB_SIZE).to_mlx_config()
+
 
 # The paper's KV Prediction pairs (base, auxiliary): KVP-C (a smaller OpenELM) and KVP-LP (layer-pruned base).
 PAIRS: dict[str, tuple[str, str]] = {
@@ -68,8 +75,8 @@ def build_pairs(pair_names: list[str], dtype: mx.Dtype = mx.float32, seed: int =
             groups[base_name] = BenchGroup(base_name, base_only, source="random weights (in memory)")
         group = groups[base_name]
         base = group.base
-        keep = ARCHS[aux_name].select_layers
-        if keep is not None and aux_name.startswith(base_name):
+        keep = getattr(LAYER_PRUNED_CONFIGS.get(aux_name), "select_layers", None)
+        if keep is not None:
             # KVP-LP 0.25: the auxiliary is the base's own layers 0, 4, 8, ... (weights shared)
             aux, _ = layer_pruned(base, openelm_config(base_name), keep)
         else:

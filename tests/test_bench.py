@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
 import pytest
+from mlx.utils import tree_flatten
 
 from kvp_mlx import model_builder as mb
 from kvp_mlx.bench_report import write_plots
@@ -14,7 +16,7 @@ from kvp_mlx.cli import main
 from kvp_mlx.flops import (
     LayerShape, cache_fill_flops, kvp_flops, model_shape, predictor_flops, prefill_flops, step_flops,
 )
-from kvp_mlx.openelm_shapes import make_divisible, openelm_config, parameter_count
+from kvp_mlx.bench_models import PAIRS, openelm_config
 from kvp_mlx.runtime_env import gpu_available
 
 # tiny_config("openelm"): dim 64, head_dim 16, 4 query heads, 2 KV heads, FFN 64 (mult 1.0, divisor 32)
@@ -61,25 +63,28 @@ def test_kvp_flops_is_aux_fill_plus_predictor_plus_base_step():
     assert kvp_flops(b, a, predictor, 1, chunk=4) == prefill_flops(b, 1, chunk=4)
 
 
-def test_openelm_shapes_match_corenet():
-    assert make_divisible(1280 * 0.5, 256) == 768  # 640 rounds to 768 (512 would lose over 10%)
-    assert make_divisible(0.73 * 1280, 256) == 1024
-    sizes = {n: parameter_count(openelm_config(n)) for n in ("OpenELM-270M", "OpenELM-450M", "OpenELM-1_1B", "OpenELM-3B")}
-    assert sizes == {"OpenELM-270M": 271_527_168, "OpenELM-450M": 457_179_136,
-                     "OpenELM-1_1B": 1_079_891_456, "OpenELM-3B": 3_036_647_424}
+def _parameter_count(config: dict) -> int:
+    """Parameters of an mlx-lm model built lazily (no weights are materialised)."""
+    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    model = module.Model(module.ModelArgs.from_dict(config))
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+def test_bench_pairs_have_the_papers_shapes():
+    assert PAIRS["kvp-c-270m"] == ("OpenELM-1_1B", "OpenELM-270M")
+    sizes = {n: _parameter_count(openelm_config(n)) for n in ("OpenELM-270M", "OpenELM-450M", "OpenELM-1_1B")}
+    # published sizes (tied embeddings counted once); norms included
+    assert sizes == {"OpenELM-270M": 271_527_168, "OpenELM-450M": 457_179_136, "OpenELM-1_1B": 1_079_891_456}
     full = openelm_config("OpenELM-1_1B")
+    assert full["vocab_size"] == 32000 and full["head_dim"] == 64
     assert full["num_query_heads"][0] == 16 and full["num_query_heads"][-1] == 32
     assert full["num_kv_heads"] == [h // 4 for h in full["num_query_heads"]]
-    assert full["ffn_multipliers"][0] == 0.5 and full["ffn_multipliers"][-1] == 4.0
-    assert openelm_config("OpenELM-3B")["head_dim"] == 128
-    lp25 = openelm_config("OpenELM-1_1B-0.25l")  # layers 0, 4, ..., 24 of the full model, their own shapes
-    assert lp25["num_transformer_layers"] == 7
+    lp25 = openelm_config(PAIRS["kvp-lp-0.25"][1])  # layers 0, 4, ..., 24 of the full model
     assert lp25["num_query_heads"] == full["num_query_heads"][::4]
     assert lp25["ffn_multipliers"] == full["ffn_multipliers"][::4]
-    lp50 = openelm_config("OpenELM-1_1B-0.50l")  # 14 layers, ramps ending one full-depth step short
-    assert lp50["num_transformer_layers"] == 14
-    assert lp50["ffn_multipliers"][-1] == round(4.0 - 3.5 / 27, 2) == 3.87
-    assert lp50["num_query_heads"][-1] == make_divisible(2048 * round(1.0 - 0.5 / 27, 2), 256) // 64
+    lp50 = openelm_config(PAIRS["kvp-lp-0.50"][1])  # 14 layers, ramps ending one full-depth step short
+    assert lp50["num_transformer_layers"] == 14 and lp50["ffn_multipliers"][-1] == 3.87
+    assert openelm_config(PAIRS["3b-kvp-c-1.1b"][0])["head_dim"] == 128
 
 
 def test_interleaved_schedule_rotates():
