@@ -60,10 +60,13 @@ def markdown(result: dict) -> str:
         f"Command: `{result['command']}`",
         "",
         "TTFT = prompt token ids ready -> first token sampled and evaluated. Speedups are over `base` "
-        "(median / median); *FLOPs* is the speedup FLOPs predict; *realised* = measured / FLOPs.",
+        "(median / median); *FLOPs speedup* is the speedup FLOPs predict; *realised* = measured / FLOPs speedup. "
+        "*Scores* counts attention scores (query-key pairs x heads, masked ones included): each costs an exp "
+        "in the unfused softmax, which MLX's CPU backend runs far slower than matmul FLOPs.",
         "",
-        "| model | device | dtype | T | B | case | TTFT median (s) | min-max (s) | GFLOPs | speedup | FLOPs speedup | realised |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | device | dtype | T | B | case | TTFT median (s) | min-max (s) | GFLOPs | scores (M) | speedup "
+        "| FLOPs speedup | realised |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in result["runs"]:
         for c in run["cases"]:
@@ -72,6 +75,7 @@ def markdown(result: dict) -> str:
                 f"| {c['label']} | {_fmt(c['median_s'], '.3f')} "
                 f"| {_fmt(c['min_s'], '.3f')}-{_fmt(c['max_s'], '.3f')} "
                 f"| {_fmt(c['flops'] / 1e9 if c['flops'] else None, '.4g')} "
+                f"| {_fmt(c['attention_scores'] / 1e6 if c.get('attention_scores') else None, '.4g')} "
                 f"| {_fmt(c['speedup_measured'], '.2f')} | {_fmt(c['speedup_flops'], '.2f')} "
                 f"| {_fmt(c['realised'] * 100 if c['realised'] else None, '.0f')}{'%' if c['realised'] else ''} |"
             )

@@ -17,7 +17,8 @@ import numpy as np
 from kvp_mlx.bench_models import BenchGroup
 from kvp_mlx.bench_timing import Case, run_interleaved
 from kvp_mlx.flops import (
-    cache_fill_flops, kvp_flops, model_shape, prefill_flops, step_flops,
+    cache_fill_flops, cache_fill_scores, kvp_flops, kvp_scores, model_shape, prefill_flops, prefill_scores,
+    step_flops,
 )
 from kvp_mlx.methods import available_methods, run_prefill
 from kvp_mlx.methods.base import fill_cache
@@ -112,6 +113,7 @@ def build_cases(
     T, B = tokens.shape[1], tokens.shape[0]
     base_shape = model_shape(group.base)
     base_flops = prefill_flops(base_shape, T, chunk, B)
+    base_scores = prefill_scores(base_shape, T, chunk, B)
     cases: list[Case] = []
     skipped: list[dict] = []
     infos: dict[str, dict] = {}
@@ -119,11 +121,11 @@ def build_cases(
     if "base" in methods:
         infos["base"] = {}
         add(Case("base", _time_method(group.base_only, tokens, "base", chunk, infos["base"]),
-                 method="base", flops=base_flops))
+                 method="base", flops=base_flops, scores=base_scores))
     if ANCHOR in methods:
         if B == 1:
             add(Case(ANCHOR, _time_mlx_lm(group.base, tokens, chunk), kind="anchor", method=ANCHOR,
-                     flops=base_flops))
+                     flops=base_flops, scores=base_scores))
         else:
             skipped.append({"label": ANCHOR, "reason": "mlx-lm's stream_generate takes one prompt (batch 1 only)"})
     for aux_name, model in group.variants.items():
@@ -132,20 +134,23 @@ def build_cases(
             label = f"kvp[{aux_name}]"
             infos[label] = {}
             add(Case(label, _time_method(model, tokens, "kvp", chunk, infos[label]), method="kvp",
-                     aux=aux_name, flops=kvp_flops(base_shape, aux_shape, model.predictor, T, chunk, B)))
+                     aux=aux_name, flops=kvp_flops(base_shape, aux_shape, model.predictor, T, chunk, B),
+                     scores=kvp_scores(base_shape, aux_shape, T, chunk, B)))
             if T > 1:  # KV Prediction's parts, to compare its TTFT with their sum
                 add(Case(f"aux-prefill[{aux_name}]", _time_fill(model.aux, tokens[:, :-1], chunk),
                          kind="component", method="aux-prefill", aux=aux_name,
-                         flops=cache_fill_flops(aux_shape, T - 1, chunk, B)))
+                         flops=cache_fill_flops(aux_shape, T - 1, chunk, B),
+                         scores=cache_fill_scores(aux_shape, T - 1, chunk, B)))
         if "aux" in methods:
             label = f"aux[{aux_name}]"
             infos[label] = {}
             add(Case(label, _time_method(model, tokens, "aux", chunk, infos[label]), method="aux",
-                     aux=aux_name, flops=prefill_flops(aux_shape, T, chunk, B)))
+                     aux=aux_name, flops=prefill_flops(aux_shape, T, chunk, B),
+                     scores=prefill_scores(aux_shape, T, chunk, B)))
     if "kvp" in methods and group.variants and T > 1:
         first = next(iter(group.variants.values()))
         add(Case("base-step", _time_base_step(first, tokens, chunk), kind="component", method="base-step",
-                 flops=step_flops(base_shape, T - 1, B)))
+                 flops=step_flops(base_shape, T - 1, B), scores=B * base_shape.chunk_scores(1, T - 1, False)))
     if not group.variants:
         for name in PER_AUX:
             if name in methods:
@@ -191,7 +196,7 @@ def case_record(case: Case, base: Case | None, info: dict | None) -> dict:
     flops = case.flops if case.flops is not None else (info or {}).get("flops")
     rec = {
         "label": case.label, "kind": case.kind, "method": case.method, "aux": case.aux,
-        "samples_s": case.samples, **case.summary(), "flops": flops,
+        "samples_s": case.samples, **case.summary(), "flops": flops, "attention_scores": case.scores,
         "speedup_measured": None, "speedup_flops": None, "realised": None,
     }
     if case.skipped:

@@ -23,6 +23,7 @@ class Case:
     method: str = ""  # the prefill method's registered name (or "mlx-lm", or the component's name)
     aux: str | None = None  # the auxiliary model the case uses
     flops: int | None = None
+    scores: int | None = None  # attention scores computed (one softmax exp each)
     samples: list[float] = field(default_factory=list)
     skipped: str | None = None  # why it was dropped (it failed in its warm-up)
 

@@ -13,6 +13,9 @@ TTFT FLOPs per method, for a prompt of T tokens in chunks of C:
 - ``base``: cache-fill of T-1 tokens + one full step attending T keys (the same for plain mlx-lm);
 - ``kvp``: auxiliary cache-fill of T-1 tokens + predictor on T-1 positions + one base step;
 - ``aux``: the auxiliary model's prefill of T tokens.
+
+Beside FLOPs, ``*_scores`` count attention scores (query-key pairs x heads): each costs an exp in
+the softmax, element-wise work that MLX's CPU backend runs far slower than matmul FLOPs.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class LayerShape:
     def attention(self, queries: int, keys: int) -> int:
         return 4 * self.q_heads * self.head_dim * queries * keys
 
+    def scores(self, queries: int, keys: int) -> int:
+        return self.q_heads * queries * keys
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -54,6 +60,11 @@ class ModelShape:
                 continue
             total += layer.other_proj * queries + layer.attention(queries, keys)
         return total
+
+    def chunk_scores(self, queries: int, offset: int, cache_only: bool) -> int:
+        """Attention scores (one softmax exp each) computed by the same forward as :meth:`chunk`."""
+        layers = self.layers[:-1] if cache_only else self.layers
+        return sum(layer.scores(queries, offset + queries) for layer in layers)
 
 
 def _linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -92,10 +103,7 @@ def model_shape(model: nn.Module) -> ModelShape:
 
 def cache_fill_flops(shape: ModelShape, tokens: int, chunk: int, batch: int = 1) -> int:
     """Fill a fresh cache with ``tokens`` positions in chunks (no logits evaluated)."""
-    total = 0
-    for start in range(0, tokens, chunk):
-        total += shape.chunk(min(chunk, tokens - start), start, cache_only=True)
-    return batch * total
+    return batch * sum(shape.chunk(min(chunk, tokens - s), s, True) for s in range(0, tokens, chunk))
 
 
 def step_flops(shape: ModelShape, offset: int, batch: int = 1) -> int:
@@ -117,6 +125,17 @@ def predictor_flops(predictor: KVPredictor, positions: int, batch: int = 1) -> i
     return batch * positions * per_token
 
 
+def cache_fill_scores(shape: ModelShape, tokens: int, chunk: int, batch: int = 1) -> int:
+    """Attention scores of a cache-fill (see :func:`prefill_scores`)."""
+    return batch * sum(shape.chunk_scores(min(chunk, tokens - s), s, True) for s in range(0, tokens, chunk))
+
+
+def prefill_scores(shape: ModelShape, tokens: int, chunk: int, batch: int = 1) -> int:
+    """Attention scores of a plain prefill. Not FLOPs, but each one costs an exp in MLX's unfused CPU
+    softmax (about 40 ns here), which at long prompts can outweigh the FLOPs (platform.md)."""
+    return cache_fill_scores(shape, tokens - 1, chunk, batch) + batch * shape.chunk_scores(1, tokens - 1, False)
+
+
 def kvp_flops(
     base: ModelShape, aux: ModelShape, predictor: KVPredictor, tokens: int, chunk: int, batch: int = 1
 ) -> int:
@@ -128,3 +147,10 @@ def kvp_flops(
         + predictor_flops(predictor, tokens - 1, batch)
         + step_flops(base, tokens - 1, batch)
     )
+
+
+def kvp_scores(base: ModelShape, aux: ModelShape, tokens: int, chunk: int, batch: int = 1) -> int:
+    """Attention scores of KV Prediction's TTFT: the auxiliary cache-fill of T-1 and one base step."""
+    if tokens == 1:
+        return prefill_scores(base, 1, chunk, batch)
+    return cache_fill_scores(aux, tokens - 1, chunk, batch) + batch * base.chunk_scores(1, tokens - 1, False)

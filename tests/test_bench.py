@@ -14,7 +14,8 @@ from kvp_mlx.bench_report import write_plots
 from kvp_mlx.bench_timing import Case, interleaved_schedule, run_interleaved
 from kvp_mlx.cli import main
 from kvp_mlx.flops import (
-    LayerShape, cache_fill_flops, kvp_flops, model_shape, predictor_flops, prefill_flops, step_flops,
+    LayerShape, cache_fill_flops, kvp_flops, kvp_scores, model_shape, predictor_flops, prefill_flops,
+    prefill_scores, step_flops,
 )
 from kvp_mlx.bench_models import PAIRS, openelm_config
 from kvp_mlx.runtime_env import gpu_available
@@ -48,6 +49,13 @@ def test_prefill_flops_by_hand():
     assert cache_fill_flops(shape, 4, chunk=4) == chunk1 + chunk2 + ATTN * (16 - 4 - 8)
 
 
+def test_attention_scores_by_hand():
+    shape = model_shape(mb.build_model(mb.tiny_config("openelm", n_layers=2, vocab_size=512)))
+    # T=5, chunks of 2: layer 0 only in the cache-fill (2x2 + 2x4 pairs), both layers for the last token
+    assert prefill_scores(shape, 5, chunk=2) == 4 * (2 * 2 + 2 * 4) + 2 * 4 * 5 == 88
+    assert prefill_scores(shape, 5, chunk=2, batch=2) == 176
+
+
 def test_kvp_flops_is_aux_fill_plus_predictor_plus_base_step():
     base_cfg = mb.tiny_config("openelm", n_layers=3, vocab_size=512)
     aux_cfg = {**mb.tiny_config("openelm", n_layers=2, vocab_size=512),
@@ -61,6 +69,8 @@ def test_kvp_flops_is_aux_fill_plus_predictor_plus_base_step():
         cache_fill_flops(a, 7, 4, 2) + predictor_flops(predictor, 7, 2) + step_flops(b, 7, 2)
     )
     assert kvp_flops(b, a, predictor, 1, chunk=4) == prefill_flops(b, 1, chunk=4)
+    # scores: aux layer 0 (3 heads) over 7 cache-only positions in chunks of 4, then 3 base layers x 4 heads x 8 keys
+    assert kvp_scores(b, a, 8, chunk=4) == 3 * (4 * 4 + 3 * 7) + 3 * 4 * 8 == 207
 
 
 def _parameter_count(config: dict) -> int:
@@ -140,7 +150,7 @@ def test_tiny_run_writes_json_and_markdown(random_pair_dir, tmp_path, capsys):
         for c in run["cases"]:
             assert len(c["samples_s"]) == 1 and c["median_s"] == c["samples_s"][0] > 0
         for label in expected:
-            assert cases[label]["flops"] > 0
+            assert cases[label]["flops"] > 0 and cases[label]["attention_scores"] > 0
         assert cases["base"]["speedup_measured"] == 1.0 and cases["base"]["speedup_flops"] == 1.0
         kvp = cases["kvp[aux]"]
         assert kvp["speedup_flops"] == pytest.approx(cases["base"]["flops"] / kvp["flops"])
