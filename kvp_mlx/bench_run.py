@@ -18,7 +18,7 @@ from kvp_mlx.bench_models import BenchGroup
 from kvp_mlx.bench_timing import Case, run_interleaved
 from kvp_mlx.flops import (
     cache_fill_flops, cache_fill_scores, kvp_flops, kvp_scores, model_shape, prefill_flops, prefill_scores,
-    step_flops,
+    pruned_prefill_flops, pruned_prefill_scores, step_flops,
 )
 from kvp_mlx.methods import available_methods, run_prefill
 from kvp_mlx.methods.base import fill_cache
@@ -226,6 +226,12 @@ def benchmark_config(
     tokens = prompt_batch(group.vocab_size, prompt_tokens, batch, seed)
     cases, skipped, infos = build_cases(group, tokens, chunk, methods)
     run_interleaved(cases, warmup, repetitions, log)
+    shape = model_shape(group.base)
+    for c in cases:  # methods that report what they computed (token pruning: lazy, rp)
+        kept = infos.get(c.label, {}).get("tokens_per_layer")
+        if c.flops is None and kept and len(kept) == len(shape.layers):
+            c.flops = pruned_prefill_flops(shape, kept, chunk, batch)
+            c.scores = pruned_prefill_scores(shape, kept, chunk, batch)
     timed = [c for c in cases if not c.skipped]
     skipped += [{"label": c.label, "reason": c.skipped} for c in cases if c.skipped]
     base = next((c for c in timed if c.label == "base"), None)

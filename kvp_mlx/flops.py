@@ -101,6 +101,33 @@ def model_shape(model: nn.Module) -> ModelShape:
     return ModelShape(tuple(layers), 2 * d_in * d_out)
 
 
+def pruned_prefill_flops(shape: ModelShape, tokens_per_layer: list[int], chunk: int, batch: int = 1) -> int:
+    """A token-pruning prefill (``lazy``, ``rp``: ``info["tokens_per_layer"]``): layer l computes
+    ``tokens_per_layer[l]`` tokens in chunks, causal among themselves; the last layer computes K/V
+    for its tokens and everything else for the last token only; logits for the last token."""
+    total = shape.lm_head
+    last = len(shape.layers) - 1
+    for i, (layer, n) in enumerate(zip(shape.layers, tokens_per_layer)):
+        if i < last:
+            total += (layer.kv_proj + layer.other_proj) * n
+            total += sum(layer.attention(min(chunk, n - s), s + min(chunk, n - s)) for s in range(0, n, chunk))
+        else:
+            total += layer.kv_proj * n + layer.other_proj + layer.attention(1, n)
+    return batch * total
+
+
+def pruned_prefill_scores(shape: ModelShape, tokens_per_layer: list[int], chunk: int, batch: int = 1) -> int:
+    """Attention scores of :func:`pruned_prefill_flops`'s prefill."""
+    last = len(shape.layers) - 1
+    total = 0
+    for i, (layer, n) in enumerate(zip(shape.layers, tokens_per_layer)):
+        if i < last:
+            total += sum(layer.scores(min(chunk, n - s), s + min(chunk, n - s)) for s in range(0, n, chunk))
+        else:
+            total += layer.scores(1, n)
+    return batch * total
+
+
 def cache_fill_flops(shape: ModelShape, tokens: int, chunk: int, batch: int = 1) -> int:
     """Fill a fresh cache with ``tokens`` positions in chunks (no logits evaluated)."""
     return batch * sum(shape.chunk(min(chunk, tokens - s), s, True) for s in range(0, tokens, chunk))

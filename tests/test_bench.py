@@ -15,7 +15,7 @@ from kvp_mlx.bench_timing import Case, interleaved_schedule, run_interleaved
 from kvp_mlx.cli import main
 from kvp_mlx.flops import (
     LayerShape, cache_fill_flops, kvp_flops, kvp_scores, model_shape, predictor_flops, prefill_flops,
-    prefill_scores, step_flops,
+    prefill_scores, pruned_prefill_flops, pruned_prefill_scores, step_flops,
 )
 from kvp_mlx.bench_models import PAIRS, openelm_config
 from kvp_mlx.runtime_env import gpu_available
@@ -47,6 +47,17 @@ def test_prefill_flops_by_hand():
     assert prefill_flops(shape, 5, chunk=2, batch=3) == 3 * 431616
     # one chunk of 4 computes 4x4 scores instead of 2x2 + 2x4
     assert cache_fill_flops(shape, 4, chunk=4) == chunk1 + chunk2 + ATTN * (16 - 4 - 8)
+
+
+def test_pruned_prefill_flops_by_hand():
+    shape = model_shape(mb.build_model(mb.tiny_config("openelm", n_layers=2, vocab_size=512)))
+    # lazy-style: layer 0 computes 5 tokens (chunks of 2: 2x2, 2x4, 1x5 pairs), the last layer 3 tokens'
+    # K/V and the rest of the layer for the last token only (1 query x 3 keys), then the LM head
+    layer0 = 5 * (QKV + OTHER) + ATTN * (4 + 8 + 5)
+    layer1 = 3 * QKV + OTHER + ATTN * 3
+    assert pruned_prefill_flops(shape, [5, 3], chunk=2) == layer0 + layer1 + HEAD
+    assert pruned_prefill_flops(shape, [5, 3], chunk=2, batch=2) == 2 * (layer0 + layer1 + HEAD)
+    assert pruned_prefill_scores(shape, [5, 3], chunk=2) == 4 * (4 + 8 + 5) + 4 * 3
 
 
 def test_attention_scores_by_hand():

@@ -172,11 +172,15 @@ def run(args: argparse.Namespace) -> int:
     from kvp_mlx.runtime_env import env_report, gpu_available
 
     settings = _settings(args)
-    _log(f"profile {settings['profile']} ({PROFILE_NOTES[settings['profile']]}); running: pairs "
+    prof = PROFILES[settings["profile"]]
+    as_profile = not settings["models"] and all(settings[k] == v for k, v in prof.items())
+    _log((f"profile {settings['profile']}: {PROFILE_NOTES[settings['profile']]}" if as_profile
+          else f"custom run (unset options from profile {settings['profile']})") + "; running: pairs "
          f"{','.join(settings['pairs']) or '-'}, models {','.join(settings['models']) or '-'}, prompt lengths "
          f"{settings['prompt_lengths']}, batch sizes {settings['batch_sizes']}, {settings['warmup']} warm-up + "
          f"{settings['repetitions']} repetitions, prefill step size {settings['prefill_step_size']}")
     started, load_before, tic = datetime.now(), report.load_average(), time.perf_counter()
+    out = Path(args.out) if args.out else report.default_out_dir()  # named after the start date
     runs, skipped = [], []
     for device in settings["devices"]:
         if device == "gpu" and not gpu_available():
@@ -203,7 +207,6 @@ def run(args: argparse.Namespace) -> int:
         "runs": runs,
         "skipped": skipped,
     }
-    out = Path(args.out) if args.out else report.default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     files = [report.write_json(result, out / f"{name}.json"), report.write_markdown(result, out / f"{name}.md")]
     note = None
