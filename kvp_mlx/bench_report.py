@@ -81,10 +81,14 @@ def markdown(result: dict) -> str:
             )
     check_rows = [(run, ch) for run in result["runs"] for ch in run["checks"]]
     if check_rows:
-        lines += ["", "## Checks", "", "| model | T | B | check | value | passed |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Checks", "",
+                  "*value*: median over repetitions of the ratio of that repetition's samples (they ran back "
+                  "to back, so the ratio cancels most load drift); the ratio of the medians is beside it.", "",
+                  "| model | T | B | check | value | ratio of medians | passed |", "|---|---|---|---|---|---|---|"]
         for run, ch in check_rows:
             lines.append(f"| {run['model']} | {run['prompt_tokens']} | {run['batch']} | {ch['check']} "
-                         f"| {ch['value']:.3f} | {'yes' if ch['passed'] else '**no**'} |")
+                         f"| {_fmt(ch['value'], '.3f')} | {_fmt(ch.get('ratio_of_medians'), '.3f')} "
+                         f"| {'yes' if ch['passed'] else '**no**'} |")
     skipped = [(run, s) for run in result["runs"] for s in run["skipped"]] + [
         (None, s) for s in result.get("skipped", [])
     ]

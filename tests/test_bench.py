@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 
 from kvp_mlx import model_builder as mb
 from kvp_mlx.bench_report import write_plots
+from kvp_mlx.bench_run import checks, paired_ratio
 from kvp_mlx.bench_timing import Case, interleaved_schedule, run_interleaved
 from kvp_mlx.cli import main
 from kvp_mlx.flops import (
@@ -174,6 +175,10 @@ def test_tiny_run_writes_json_and_markdown(random_pair_dir, tmp_path, capsys):
     assert "| model | device | dtype | T | B | case |" in md and "| kvp[aux] |" in md and "## Checks" in md
     assert not list(tmp_path.glob("*.png"))
     assert "wrote" in capsys.readouterr().out
+    # re-rendering from the JSON measures nothing and writes the same markdown
+    (tmp_path / "tiny.md").unlink()
+    assert main(["bench", "--from-json", str(tmp_path / "tiny.json"), "--no-plots"]) == 0
+    assert (tmp_path / "tiny.md").read_text() == md
 
 
 def test_plots_say_what_is_missing_without_matplotlib(monkeypatch, tmp_path):
@@ -203,3 +208,29 @@ def test_bad_options_are_one_line_errors(random_pair_dir, capsys):
     assert "unknown method(s) nope" in capsys.readouterr().err
     assert main(["bench", "--pairs", "kvp-c-9b"]) == 1
     assert "unknown model pair(s) kvp-c-9b" in capsys.readouterr().err
+
+
+def _record(label: str, samples: list[float], method: str = "", flops: int | None = None, aux=None) -> dict:
+    return {"label": label, "method": method or label, "aux": aux, "samples_s": samples,
+            "median_s": sorted(samples)[len(samples) // 2], "flops": flops}
+
+
+def test_checks_use_paired_ratios():
+    records = [
+        _record("base", [10.0, 20.0, 12.0], flops=400),
+        _record("mlx-lm", [10.2, 26.0, 12.1]),
+        _record("kvp[a]", [2.5, 5.0, 3.0], method="kvp", flops=100, aux="a"),
+        _record("aux-prefill[a]", [2.0, 4.0, 2.5], method="aux-prefill", aux="a"),
+        _record("base-step", [0.2, 0.4, 0.3], method="base-step"),
+    ]
+    assert paired_ratio(records, ["base"], ["mlx-lm"]) == pytest.approx(10.0 / 10.2)  # median of 0.98, 0.77, 0.99
+    result = {c["check"]: c for c in checks(records)}
+    anchor = result["base TTFT within 5% of plain mlx-lm"]
+    assert anchor["passed"] and anchor["ratio_of_medians"] == pytest.approx(12.0 / 12.1)
+    parts = result["kvp[a] TTFT within 15% of aux prefill (T-1) + one base step"]
+    assert parts["value"] == pytest.approx(2.5 / 2.2) and parts["passed"]  # 1.136, 1.136, 1.071
+    # measured base/kvp = 4.0 in every repetition; FLOPs predict 4.0: fully realised
+    realised = result["kvp[a] measured speedup >= 85% of FLOPs-predicted"]
+    assert realised["value"] == pytest.approx(1.0) and realised["passed"]
+    records[2]["samples_s"] = [3.0, 6.0, 3.6]  # measured 3.33x of 4x predicted: 83%
+    assert not {c["check"]: c for c in checks(records)}["kvp[a] measured speedup >= 85% of FLOPs-predicted"]["passed"]

@@ -74,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output folder (default: bench/results/<date>-<host>)")
     parser.add_argument("--name", help="file name stem of the outputs (default: the profile name)")
     parser.add_argument("--no-plots", action="store_true", help="write JSON and markdown only")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="measure nothing: redo the checks, markdown and plots of an earlier run's JSON")
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -167,10 +169,41 @@ def _run_device(device: str, settings: dict) -> list[dict]:
     return runs
 
 
+def _rerender(path: Path, no_plots: bool) -> int:
+    import json
+
+    from kvp_mlx import bench_report as report
+    from kvp_mlx.bench_run import checks
+    from kvp_mlx.errors import KVPError
+
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise KVPError(f"cannot read {path}: {e}") from None
+    if result.get("schema") != report.SCHEMA:
+        raise KVPError(f"{path} is not a kvp-mlx bench result (schema {result.get('schema')!r})")
+    for run in result["runs"]:
+        run["checks"] = checks(run["cases"])
+    stem = path.with_suffix("")
+    files = [report.write_json(result, path), report.write_markdown(result, stem.with_suffix(".md"))]
+    note = None
+    if not no_plots:
+        plots, note = report.write_plots(result, path.parent, stem.name)
+        files += plots
+    print(report.markdown(result))
+    for f in files:
+        print(f"wrote {f}")
+    if note:
+        print(f"note: {note}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from kvp_mlx import bench_report as report
     from kvp_mlx.runtime_env import env_report, gpu_available
 
+    if args.from_json:
+        return _rerender(Path(args.from_json), args.no_plots)
     settings = _settings(args)
     prof = PROFILES[settings["profile"]]
     as_profile = not settings["models"] and all(settings[k] == v for k, v in prof.items())
