@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,45 +25,65 @@ import mlx.core as mx
 from kvp_mlx.errors import KVPError
 
 DEFAULT_TIMEOUT_S = 120.0
-WATCHDOG_EXIT_CODE = 3
+
+# The watchdog runs as a small child process: MLX holds the GIL in some blocking calls (joining a
+# ring does), so a thread in the rank itself could not act. Protocol on its stdin, one line each:
+# "arm SECONDS MESSAGE" or "disarm"; end of input (the rank exited) ends it.
+_WATCHDOG_PROGRAM = r"""
+import os, select, signal, sys, time
+parent, deadline, message, buffer = int(sys.argv[1]), None, "", b""
+while True:
+    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+    if select.select([0], [], [], wait)[0]:
+        data = os.read(0, 65536)
+        if not data:
+            sys.exit(0)
+        buffer += data
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            command, _, rest = line.decode().partition(" ")
+            if command == "arm":
+                seconds, _, message = rest.partition(" ")
+                deadline = time.monotonic() + float(seconds)
+            else:
+                deadline = None
+    elif deadline is not None:
+        os.write(2, (message + "\n").encode())
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(parent, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(2)
+        sys.exit(0)
+"""
 
 
 class Watchdog:
-    """Ends the process (exit code 3, one line on stderr) when a guarded wait outlasts its timeout.
-
-    ``os._exit`` is the only way out of a C++ receive that never returns; it skips cleanup, which
-    is acceptable for a rank whose peers are gone.
-    """
+    """Terminates this process (SIGTERM, then SIGKILL) with a one-line ``error:`` message on stderr
+    when a guarded wait outlasts its timeout. Started on first use."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._deadline: float | None = None
-        self._what = ""
-        self._thread: threading.Thread | None = None
+        self._child: subprocess.Popen | None = None
+
+    def _send(self, line: str) -> None:
+        if self._child is None or self._child.poll() is not None:
+            self._child = subprocess.Popen([sys.executable, "-S", "-c", _WATCHDOG_PROGRAM, str(os.getpid())],
+                                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        try:
+            self._child.stdin.write(line.replace("\n", " ").encode() + b"\n")
+            self._child.stdin.flush()
+        except BrokenPipeError:
+            self._child = None
 
     @contextlib.contextmanager
     def guard(self, what: str, timeout_s: float) -> Iterator[None]:
-        with self._lock:
-            self._deadline, self._what = time.monotonic() + timeout_s, what
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._watch, name="kvp-watchdog", daemon=True)
-                self._thread.start()
+        self._send(f"arm {timeout_s} error: {what}: nothing happened for {timeout_s:g} s; a peer rank has "
+                   "probably died or hangs (terminating this rank)")
         try:
             yield
         finally:
-            with self._lock:
-                self._deadline = None
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(0.2)
-            with self._lock:
-                expired = self._deadline is not None and time.monotonic() > self._deadline
-                what = self._what
-            if expired:
-                os.write(2, f"error: {what}: no progress before the timeout; a peer rank has probably "
-                            "died or hangs (exiting)\n".encode())
-                os._exit(WATCHDOG_EXIT_CODE)
+            self._send("disarm")
 
 
 watchdog = Watchdog()
@@ -73,7 +92,7 @@ watchdog = Watchdog()
 @contextlib.contextmanager
 def guarded(what: str, timeout_s: float) -> Iterator[None]:
     """A blocking distributed step: bounded by the watchdog; a lost peer becomes a KVPError."""
-    with watchdog.guard(f"{what} (timeout {timeout_s:g} s)", timeout_s):
+    with watchdog.guard(what, timeout_s):
         try:
             yield
         except RuntimeError as e:  # MLX reports a lost peer as RuntimeError ("[ring] connection ... lost")
@@ -82,10 +101,17 @@ def guarded(what: str, timeout_s: float) -> Iterator[None]:
 
 def join_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> mx.distributed.Group:
     """The global group (size 1 when not launched as several ranks); waits at most ``timeout_s``."""
-    if not mx.distributed.is_available():
-        return mx.distributed.init()
+    if not mx.distributed.is_available() or "MLX_HOSTFILE" not in os.environ:
+        return mx.distributed.init()  # alone, or MPI (which mpirun starts together): no wait
     with guarded("joining the distributed group (waiting for every rank to start)", timeout_s):
         return mx.distributed.init()
+
+
+def barrier(group: mx.distributed.Group, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Wait until every rank of ``group`` reaches this point."""
+    if group.size() > 1:
+        with guarded(f"rank {group.rank()}: waiting for the other ranks", timeout_s):
+            mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
 
 
 def free_local_ports(n: int) -> list[int]:

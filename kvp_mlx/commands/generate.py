@@ -37,6 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="store_true",
                         help="run base and kvp on the same prompt; print both TTFTs and whether the first tokens agree")
     parser.add_argument("--verbose", "-v", action="store_true", help="print model and method details")
+    ra = parser.add_argument_group(
+        "runahead", "--method runahead splits the prefill over the ranks of an mx.distributed group; "
+        "launch with e.g. `mlx.launch --backend ring --hosts 127.0.0.1 -n 2 -- kvp-mlx generate "
+        "--method runahead ...`. The last rank decodes and prints; the others print nothing.")
+    ra.add_argument("--runahead-split", choices=["balanced", "even"], default="balanced",
+                    help="prompt split between ranks: balanced by a cost model (default) or even")
+    ra.add_argument("--runahead-split-table", metavar="FILE",
+                    help="split table (JSON, from `kvp-mlx runahead-bench --save-table`) for the balanced split")
+    ra.add_argument("--runahead-timeout", type=float, default=120.0, metavar="SECONDS",
+                    help="give up (exit with an error) when a peer rank sends nothing for this long (default: 120)")
 
 
 def _read_prompt(text: str) -> str:
@@ -50,6 +60,13 @@ def _report(last, label: str = "") -> None:
     print(f"{tag}Peak memory: {last.peak_memory_gb:.3f} GB")
 
 
+def _method_options(args: argparse.Namespace, method: str) -> dict:
+    if method != "runahead":
+        return {}
+    return {"split": args.runahead_split, "split_table": args.runahead_split_table,
+            "timeout_s": args.runahead_timeout}
+
+
 def _stream(model, prompt: str, args: argparse.Namespace, method: str, show: bool):
     from kvp_mlx.generate import stream_generate
 
@@ -57,6 +74,7 @@ def _stream(model, prompt: str, args: argparse.Namespace, method: str, show: boo
     for last in stream_generate(
         model, prompt, method=method, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
         top_k=args.top_k, min_p=args.min_p, seed=args.seed, prefill_step_size=args.prefill_step_size,
+        **_method_options(args, method),
     ):
         if show:
             print(last.text, end="", flush=True)
@@ -75,7 +93,11 @@ def run(args: argparse.Namespace) -> int:
         raise KVPError("empty prompt")
     if args.max_tokens < 1:
         raise KVPError("--max-tokens must be at least 1")
+    if args.runahead_timeout <= 0:
+        raise KVPError("--runahead-timeout must be positive")
     device = set_device(args.device)
+    if args.method == "runahead" and not args.compare and not _is_output_rank(args):
+        return _help_runahead_prefill(args, prompt)
     model = load(args.model, dtype=args.dtype)
     if model.is_random:
         print("note: this model has RANDOM weights (a demo/timing model, not trained): "
@@ -84,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"model: {model.path} ({model.config.get('source', 'mlx-lm directory')}), device {device}, "
               f"dtype {dtype_name(model.dtype)}", file=sys.stderr)
     if not args.compare:
+        if args.method == "runahead":
+            _ranks_ready(args)
         print("=" * 10)
         last = _stream(model, prompt, args, args.method, show=True)
         print("=" * 10)
@@ -105,6 +129,38 @@ def run(args: argparse.Namespace) -> int:
     agree = "yes" if firsts["base"] == firsts["kvp"] else "no"
     print(f"TTFT base {results['base'].ttft_s * 1000:.1f} ms, kvp {results['kvp'].ttft_s * 1000:.1f} ms "
           f"(speedup {speedup:.2f}x); first tokens agree: {agree}")
+    return 0
+
+
+def _is_output_rank(args: argparse.Namespace) -> bool:
+    """Under mlx.launch only the rank that decodes (the last) prints; alone, this process does."""
+    from kvp_mlx.distributed import join_group
+    from kvp_mlx.methods.runahead import decoding_rank
+
+    group = join_group(args.runahead_timeout)
+    return group.rank() == decoding_rank(group)
+
+
+def _ranks_ready(args: argparse.Namespace) -> None:
+    """Runahead: every rank has loaded the model before the timed prefill starts."""
+    from kvp_mlx.distributed import barrier, join_group
+
+    group = join_group(args.runahead_timeout)
+    barrier(group, args.runahead_timeout)
+    if args.verbose:
+        print(f"runahead: rank {group.rank()} of {group.size()} starts the prefill", file=sys.stderr, flush=True)
+
+
+def _help_runahead_prefill(args: argparse.Namespace, prompt: str) -> int:
+    """A rank that does not decode: take part in the prefill, print nothing, exit."""
+    from kvp_mlx.generate import encode_prompt
+    from kvp_mlx.model import load
+
+    model = load(args.model, dtype=args.dtype)
+    ids = encode_prompt(model, prompt)
+    _ranks_ready(args)
+    model.prefill(ids[None], method="runahead", prefill_step_size=args.prefill_step_size,
+                  **_method_options(args, "runahead"))
     return 0
 
 
