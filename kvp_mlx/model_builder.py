@@ -25,7 +25,7 @@ from kvp_mlx.adapters import kv_shapes
 from kvp_mlx.model import write_kvp_config
 from kvp_mlx.predictor import KVPredictor, PredictorConfig, default_layer_mapping
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
 def tiny_config(arch: str, n_layers: int = 2, vocab_size: int = 512) -> dict:
@@ -170,3 +170,32 @@ def save_kvp_dir(
     predictor.save(directory)
     write_kvp_config(directory, source=source, random_weights=random_weights)
     return directory
+
+
+def build_random_demo(directory: str | Path, seed: int = 0) -> Path:
+    """A random-weight OpenELM pair big enough to show the TTFT gap (until a trained demo exists).
+
+    Base: 8 layers, dim 512; auxiliary: 2 layers, dim 256; default layer mapping; random predictor.
+    """
+    directory = Path(directory)
+    tok = build_byte_tokenizer(directory / "_tokenizer", default_tokenizer_texts(), 2048)
+    base_cfg = tiny_config("openelm", n_layers=8, vocab_size=2048)
+    base_cfg.update(model_dim=512, head_dim=64, num_query_heads=[8] * 8, num_kv_heads=[2] * 8,
+                    ffn_multipliers=[2.0] * 8, ffn_dim_divisor=256)
+    aux_cfg = tiny_config("openelm", n_layers=2, vocab_size=2048)
+    aux_cfg.update(model_dim=256, head_dim=64, num_query_heads=[4] * 2, num_kv_heads=[1] * 2,
+                   ffn_multipliers=[2.0] * 2, ffn_dim_divisor=256)
+    base, aux = build_model(base_cfg, seed=seed), build_model(aux_cfg, seed=seed + 1)
+    predictor = make_predictor(base, aux, seed=seed + 2)
+    save_kvp_dir(directory, base, base_cfg, aux, aux_cfg, predictor, tok,
+                 source="random-weight demo pair (kvp_mlx.model_builder.build_random_demo)", random_weights=True)
+    shutil.rmtree(directory / "_tokenizer")
+    return directory
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m kvp_mlx.model_builder OUT_DIR   (builds the random-weight demo pair)")
+    print(f"random-weight demo model written to {build_random_demo(sys.argv[1])}")

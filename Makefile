@@ -1,0 +1,40 @@
+# kvp-mlx: set-up, demo, tests. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEMO_MODEL ?= models/random-demo
+DEMO_PROMPT_FILE ?= $(shell $(PYTHON) -c 'import textwrap; print(textwrap.__file__)')
+
+.PHONY: setup blas demo demo-model test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Linux: MLX's CPU wheel ships a slow reference BLAS; kvp_mlx loads Debian's OpenBLAS by itself.
+blas:
+	@if [ "$$(uname -s)" = Linux ] && ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas0-pthread) \
+	      || echo "warning: could not install libopenblas0-pthread; MLX will run with its slow reference BLAS"; \
+	  else echo "warning: install OpenBLAS (libopenblas) for fast float32 on the CPU"; fi; \
+	fi
+
+setup: $(PY) blas
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+
+demo-model: setup
+	@[ -f $(DEMO_MODEL)/kvp_config.json ] || $(PY) -m kvp_mlx.model_builder $(DEMO_MODEL)
+
+# The main job: generate with KV Prediction and compare TTFT with plain base prefill.
+# NOTE: until the trained demo model exists this runs a RANDOM-WEIGHT pair (the text is noise;
+# the TTFT comparison is real).
+demo: demo-model
+	head -c 6000 $(DEMO_PROMPT_FILE) | $(VENV)/bin/kvp-mlx generate --model $(DEMO_MODEL) --prompt - --compare --max-tokens 20
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) models build *.egg-info
