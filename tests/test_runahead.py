@@ -18,7 +18,7 @@ from kvp_mlx import model_builder as mb
 from kvp_mlx.decode import decode_greedy
 from kvp_mlx.distributed import launch_local, write_local_hostfile
 from kvp_mlx.errors import KVPError
-from kvp_mlx.generate import generate
+from kvp_mlx.generation import generate
 from kvp_mlx.model import load
 from kvp_mlx.runahead_balance import (
     CostModel, SplitTable, balanced_split, even_split, pipeline_time, single_time,

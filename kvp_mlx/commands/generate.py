@@ -153,7 +153,7 @@ def _ranks_ready(args: argparse.Namespace) -> None:
 
 def _help_runahead_prefill(args: argparse.Namespace, prompt: str) -> int:
     """A rank that does not decode: take part in the prefill, print nothing, exit."""
-    from kvp_mlx.generate import encode_prompt
+    from kvp_mlx.generation import encode_prompt
     from kvp_mlx.model import load
 
     model = load(args.model, dtype=args.dtype)
