@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -52,10 +53,14 @@ def test_balanced_split_equalises_cost_and_beats_even():
     assert all(sizes[:-1] > sizes[1:])  # early chunks (short prefixes) get more tokens
     assert pipeline_time(bounds, cost) < pipeline_time(even_split(n, p), cost) < single_time(n, cost)
     assert pipeline_time([0, n], cost) == pytest.approx(single_time(n, cost))
-    # a slow link moves the cut towards the first rank (later ranks receive longer prefixes)
-    slow = cost.with_link(bytes_per_s=1e6)
-    slow = CostModel(**{**slow.__dict__, "kv_bytes_per_token": 4096})
-    assert balanced_split(n, 2, slow)[1] > balanced_split(n, 2, cost)[1]
+    # with a link the search never predicts worse than the even or the compute-only split
+    for bandwidth in (1e6, 1e9, 1e11):
+        linked = replace(cost, kv_bytes_per_token=4096.0).with_link(bandwidth, 1e-5)
+        for p in (2, 3, 8):
+            t = pipeline_time(balanced_split(n, p, linked), linked)
+            assert t <= pipeline_time(even_split(n, p), linked)
+            assert t <= pipeline_time(balanced_split(n, p, cost), linked)
+            assert t <= single_time(n, linked) * (1 + 1e-9)
 
 
 def test_split_table_interpolates_and_round_trips(tmp_path):

@@ -161,18 +161,20 @@ def split_bounds(
     return balanced_split(n_tokens, ranks, CostModel.from_model(model.base))
 
 
-def _agree_on_inputs(group: mx.distributed.Group, tokens: mx.array, n_layers: int, timeout_s: float) -> None:
-    """Every rank must hold the same prompt and model shape, or the receives would not match."""
+def _agree_on_inputs(group: mx.distributed.Group, tokens: mx.array, n_layers: int, bounds: list[int],
+                     timeout_s: float) -> None:
+    """Every rank must hold the same prompt, model depth and split, or the receives would not match."""
     ids = tokens.astype(mx.int64)
     weights = mx.arange(1, ids.shape[1] + 1, dtype=mx.int64)
-    checksums = [int(ids.sum()) % 1000003, int((ids * weights).sum()) % 1000003]
+    checksums = [int(ids.sum()) % 1000003, int((ids * weights).sum()) % 1000003,
+                 sum((i + 1) * b for i, b in enumerate(bounds)) % 1000003]
     facts = mx.array([ids.shape[0], ids.shape[1], n_layers, *checksums], dtype=mx.int32)
     with guarded(f"runahead rank {group.rank()}: checking that all ranks have the same prompt", timeout_s):
         total = mx.distributed.all_sum(facts, group=group)
         mx.eval(total)
     if not mx.array_equal(total, facts * group.size()).item():
-        raise KVPError("the ranks disagree on the prompt or the model (every rank must run the same "
-                       "model on the same prompt)")
+        raise KVPError("the ranks disagree on the prompt, the model or the split (every rank must run the "
+                       "same model on the same prompt, with the same split options)")
 
 
 @register("runahead")
@@ -199,8 +201,8 @@ def prefill_runahead(
 
     lm = model.base
     batch, n_tokens = tokens.shape
-    _agree_on_inputs(group, tokens, len(lm.layers), timeout_s)
     bounds = split_bounds(model, n_tokens, ranks, split, split_table)
+    _agree_on_inputs(group, tokens, len(lm.layers), bounds, timeout_s)
     stage = _Stage(
         group=group, bounds=bounds, kv_dims=[(s.heads, 2 * s.head_dim) for s in kv_shapes(lm)],
         dtype=model.dtype, step=prefill_step_size, timeout_s=timeout_s,
