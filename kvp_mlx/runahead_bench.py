@@ -12,8 +12,9 @@ single-process base prefill, and predict it for more ranks and longer prompts fr
    rank from a barrier to the first-token logits;
 3. read the last rank's timings: medians and ratios.
 
-While the last rank runs ``base`` the other ranks sleep on a file flag, not in an MLX receive (a
-rank waiting in the ring backend's receive keeps about half a core busy).
+While the last rank runs ``base``, or finishes a runahead prefill the others are done with, the
+other ranks sleep on a file flag, not in an MLX barrier (a rank waiting in the ring backend's
+receive keeps about half a core busy, which would slow the measured rank on shared cores).
 
 On a machine with fewer cores than ranks x threads the ranks share cores, so the measured speedup
 says little about a real multi-device run; exactness and the cost model are the point there.
@@ -113,7 +114,7 @@ def _wait_for(path: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not path.exists():
         if time.monotonic() > deadline:
-            raise KVPError(f"the last rank did not finish its base prefill within {timeout_s:g} s")
+            raise KVPError(f"the last rank did not finish ({path.name}) within {timeout_s:g} s")
         time.sleep(0.005)
 
 
@@ -178,9 +179,13 @@ def run_rank(model_dir: str, n_tokens: int, repeats: int, variants: Sequence[str
                 tic = time.perf_counter()
                 result = model.prefill(tokens, method="runahead", split=variant, split_table=table,
                                        timeout_s=timeout_s)
-                mx.eval(result.logits)
-                elapsed = time.perf_counter() - tic
+                elapsed = time.perf_counter() - tic  # the last rank's logits are evaluated
                 bounds[variant] = result.info["bounds"]
+                done = Path(out).parent / f"{variant}-done-{round_index}"
+                if last:
+                    done.touch()
+                else:  # the others are done before the last rank: sleep, do not spin in a barrier
+                    _wait_for(done, timeout_s)
             if round_index and last:
                 times[variant].append(elapsed)
     if last:

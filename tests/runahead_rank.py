@@ -1,8 +1,9 @@
 """One rank of a runahead test run (started by test_runahead.py with MLX_HOSTFILE / MLX_RANK).
 
 usage: runahead_rank.py OUT_DIR SPLIT STEP DECODE_TOKENS TIMEOUT MODEL_DIR... ; for each model and
-each test prompt it prefills with `runahead` and writes the first-token logits (every rank) and
-the greedy continuation (the decoding rank) to OUT_DIR/rank{r}.npz.
+each test prompt it prefills with `runahead` and writes the first-token logits (where the rank
+has them: the last rank, or every rank for the prompts run with share_logits) and the greedy
+continuation (the decoding rank) to OUT_DIR/rank{r}.npz.
 """
 
 import sys
@@ -15,6 +16,7 @@ from kvp_mlx.decode import decode_greedy
 from kvp_mlx.model import load
 
 PROMPTS = [(1, 1, 0), (1, 2, 1), (1, 23, 2), (2, 37, 3)]  # (batch, length, seed)
+SHARED = {1, 3}  # indices of the prompts run with share_logits=True
 
 
 def main() -> None:
@@ -24,13 +26,14 @@ def main() -> None:
     for model_index, model_dir in enumerate(sys.argv[6:]):
         model = load(model_dir)
         vocab = model.base.args.vocab_size
-        for batch, length, seed in PROMPTS:
+        for index, (batch, length, seed) in enumerate(PROMPTS):
             tokens = mx.random.randint(0, vocab, (batch, length), key=mx.random.key(seed))
             result = model.prefill(tokens, method="runahead", split=split, prefill_step_size=int(step),
-                                   timeout_s=float(timeout))
+                                   timeout_s=float(timeout), share_logits=index in SHARED)
             rank = result.info["rank"]
             key = f"m{model_index}_b{batch}_t{length}"
-            arrays[f"{key}_logits"] = np.array(result.logits)
+            if result.logits is not None:
+                arrays[f"{key}_logits"] = np.array(result.logits)
             arrays[f"{key}_bounds"] = np.array(result.info["bounds"])
             if result.info["decodes"]:
                 arrays[f"{key}_tokens"] = np.array(decode_greedy(result, int(n_decode)))

@@ -24,7 +24,7 @@ class PrefillResult:
     # One mlx-lm cache per decoder layer, holding all T prompt positions; None on a rank of a
     # distributed prefill (runahead) that does not decode.
     cache: list | None
-    logits: mx.array  # [B, vocab]: the decoder's logits for the last prompt token
+    logits: mx.array | None  # [B, vocab]: the decoder's logits for the last prompt token (None: as cache)
     decoder: nn.Module  # the model that decodes from `cache` (the base, or the aux for `aux`)
     method: str
     info: dict  # method-specific facts (e.g. tokens computed per layer)

@@ -17,10 +17,17 @@ layer l+1: a per-layer pipeline. No all-gather of K/V happens anywhere.
 
 The last rank ends with the full cache and the first token's logits; it decodes alone (it holds
 the only full cache: decoding anywhere else would first move the whole cache, the biggest
-message of the method). The first-token logits ``[B, vocab]`` are then shared with every rank
-(an all-sum of one row per prompt), so ``PrefillResult.logits`` is the same everywhere;
-``PrefillResult.cache`` is ``None`` on the other ranks (``info["decodes"]`` says which rank
-decodes). With a group of one process this is the ``base`` prefill.
+message of the method). On the other ranks ``PrefillResult.cache`` and ``.logits`` are ``None``
+(``info["decodes"]`` says which rank decodes): they return as soon as their last layer is sent,
+so nothing is added to the last rank's time to first token and their cores are free. With
+``share_logits=True`` every rank gets the first-token logits ``[B, vocab]`` (one all-sum of a row
+per prompt, on the last rank's critical path, with the others waiting for it). With a group of one
+process this is the ``base`` prefill.
+
+Before the pipeline starts, one small all-sum checks that every rank has the same prompt, model
+depth and split (mismatched ranks would otherwise exchange wrongly shaped K/V). A rank whose peer
+exits gets a :class:`KVPError`; a peer that hangs is caught by the watchdog after ``timeout_s``
+(:mod:`kvp_mlx.distributed`).
 """
 
 from __future__ import annotations
@@ -51,7 +58,8 @@ class _Stage:
 
     group: mx.distributed.Group
     bounds: list[int]
-    kv_dims: list[tuple[int, int]]  # per layer: (KV heads, key dim + value dim)
+    kv_dims: list[tuple[int, int]]  # per layer: (KV heads, key dim + value dim); keys and values
+    # travel as one message, concatenated on the last axis (equal head dims in every supported arch)
     dtype: mx.Dtype
     step: int
     timeout_s: float
@@ -186,6 +194,7 @@ def prefill_runahead(
     split_table: str | Path | SplitTable | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     group: mx.distributed.Group | None = None,
+    share_logits: bool = False,
 ) -> PrefillResult:
     if split not in SPLITS:
         raise KVPError(f"unknown runahead split '{split}' (one of {', '.join(SPLITS)})")
@@ -216,13 +225,15 @@ def prefill_runahead(
         with _pipelined_layers(lm, stage):
             logits = lm(own, cache=cache)[:, -1, :]  # lazy: only the last rank evaluates it
     if stage.last:
-        with guarded(f"runahead rank {rank}: first-token logits", timeout_s):
-            mx.eval(logits)
-    else:
-        logits = mx.zeros((batch, lm.args.vocab_size), dtype=model.dtype)
-    with guarded(f"runahead rank {rank}: sharing the first-token logits", timeout_s):
-        logits = mx.distributed.all_sum(logits, group=group)  # one row per prompt, from the last rank
         mx.eval(logits)
+    elif not share_logits:
+        logits = None
+    if share_logits:
+        if not stage.last:
+            logits = mx.zeros((batch, lm.args.vocab_size), dtype=model.dtype)
+        with guarded(f"runahead rank {rank}: sharing the first-token logits", timeout_s):
+            logits = mx.distributed.all_sum(logits, group=group)  # one row per prompt, from the last rank
+            mx.eval(logits)
     info = {"rank": rank, "ranks": ranks, "bounds": bounds, "split": split, "decodes": stage.last}
     return PrefillResult(cache if stage.last else None, logits, lm, "runahead", info)
 
