@@ -71,6 +71,16 @@ def load_optimized_blas() -> str | None:
     return loaded_blas
 
 
+def blas_threads() -> int | None:
+    """OpenBLAS's current thread count (None without OpenBLAS)."""
+    if loaded_blas is None:
+        return None
+    try:
+        return int(ctypes.CDLL(loaded_blas).openblas_get_num_threads())
+    except (OSError, AttributeError):
+        return None
+
+
 def set_blas_threads(n: int) -> bool:
     """Set OpenBLAS's thread count at run time (benchmarks sharing cores between ranks).
 

@@ -214,13 +214,14 @@ class SplitTable:
 def measure_cost_model(
     lm: nn.Module,
     shapes: Sequence[tuple[int, int]] = ((64, 0), (256, 0), (64, 768), (192, 384)),
-    repeats: int = 2,
+    repeats: int = 3,
     max_layers: int = 4,
 ) -> CostModel:
     """Fit token_s, pair_s and the per-layer overhead to timings of ``lm``'s decoder layers on this
     machine. Each (chunk, prefix) shape runs up to ``max_layers`` evenly spaced layers over a random
-    chunk with a random prefix already in their caches; the median of ``repeats`` runs after a
-    warm-up is used. Keep the shapes small: this runs in a few seconds for a 270M model."""
+    chunk with a random prefix already in their caches; the fastest of ``repeats`` runs after a
+    warm-up is used (the least disturbed by other load). Keep the shapes small: this runs in a few
+    seconds for a 270M model."""
     from mlx_lm.models.base import create_attention_mask
     from mlx_lm.models.cache import KVCache
 
@@ -249,7 +250,7 @@ def measure_cost_model(
             if rep:
                 times.append(time.perf_counter() - tic)
         rows.append([n, n * prefix + n * (n + 1) / 2, 1.0])
-        seconds.append(float(np.median(times)) / len(layers))
+        seconds.append(min(times) / len(layers))
     (token_s, pair_s, overhead_s), *_ = np.linalg.lstsq(np.array(rows), np.array(seconds), rcond=None)
     return replace(analytic, token_s=max(float(token_s), 1e-12), pair_s=max(float(pair_s), 0.0),
                    layer_overhead_s=max(float(overhead_s), 0.0))

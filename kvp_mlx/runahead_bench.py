@@ -37,7 +37,7 @@ import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 import mlx.nn as nn
 
-from kvp_mlx._blas import set_blas_threads
+from kvp_mlx._blas import blas_threads, set_blas_threads
 from kvp_mlx.distributed import barrier, guarded, join_group, launch_local, python_module_argv
 from kvp_mlx.errors import KVPError
 from kvp_mlx.runahead_balance import (
@@ -58,6 +58,7 @@ class RunaheadBenchResult:
     bounds: dict[str, list[int]]  # even / balanced split used
     predicted_s: dict[str, float]  # the calibrated cost model's prediction per variant
     cost_model: dict = field(default_factory=dict)
+    load_average: tuple[float, float] = (0.0, 0.0)  # 1-minute load average at the start and at the end
 
     def median(self, variant: str) -> float:
         return statistics.median(self.ttft_s[variant])
@@ -66,7 +67,8 @@ class RunaheadBenchResult:
         bandwidth, latency = self.cost_model["link_bytes_per_s"], self.cost_model["link_latency_s"]
         lines = [f"KV-Runahead, {self.ranks} local ranks ({self.threads_per_rank} BLAS thread(s) each), "
                  f"{self.prompt_tokens}-token prompt, median of {self.repeats} rounds after a warm-up; "
-                 f"ring link measured {bandwidth / 1e9:.2f} GB/s, {latency * 1e3:.2f} ms latency:"]
+                 f"ring link measured {bandwidth / 1e9:.2f} GB/s, {latency * 1e3:.2f} ms latency; "
+                 f"load average {self.load_average[0]:.1f} -> {self.load_average[1]:.1f} on {os.cpu_count()} cores:"]
         base = self.median("base")
         for v in VARIANTS:
             if v in self.ttft_s:
@@ -210,12 +212,17 @@ def run_runahead_bench(
     if unknown:
         raise KVPError(f"unknown variants {sorted(unknown)} (choose from {', '.join(VARIANTS)})")
     threads = max(1, (os.cpu_count() or 1) // ranks)
+    load_start = os.getloadavg()[0]
     model = load(model_dir)
-    set_blas_threads(os.cpu_count() or 1)
-    cost_alone = measure_cost_model(model.base)  # base prefill: one process with every thread
-    set_blas_threads(threads)
-    cost = measure_cost_model(model.base)  # one rank's work, as a rank runs it
-    set_blas_threads(os.cpu_count() or 1)
+    before = blas_threads()
+    try:
+        set_blas_threads(os.cpu_count() or 1)
+        cost_alone = measure_cost_model(model.base)  # base prefill: one process with every thread
+        set_blas_threads(threads)
+        cost = measure_cost_model(model.base)  # one rank's work, as a rank runs it
+    finally:
+        if before is not None:
+            set_blas_threads(before)
     table = SplitTable.from_cost_model(cost, ranks=sorted({2, 4, 8, ranks}), lengths=TABLE_LENGTHS,
                                        source=f"measured on {os.uname().nodename}, {threads} BLAS thread(s)")
     del model
@@ -240,7 +247,7 @@ def run_runahead_bench(
     for v, b in data["bounds"].items():
         predicted[v] = pipeline_time(b, cost)
     return RunaheadBenchResult(ranks, prompt_tokens, repeats, threads, data["ttft_s"], data["bounds"], predicted,
-                               asdict(cost))
+                               asdict(cost), (load_start, os.getloadavg()[0]))
 
 
 def predicted_speedups(cost: CostModel, ranks: Sequence[int] = (2, 4, 8),

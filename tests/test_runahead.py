@@ -174,6 +174,17 @@ def test_survivor_exits_with_a_clear_error_when_a_rank_dies(identity_dirs, tmp_p
     assert elapsed < 30
 
 
+def test_runahead_bench_measures_every_variant(identity_dirs):
+    from kvp_mlx.runahead_bench import run_runahead_bench
+
+    result = run_runahead_bench(identity_dirs["qwen3"], ranks=2, prompt_tokens=40, repeats=1, timeout_s=60)
+    assert set(result.ttft_s) == {"base", "even", "balanced"}
+    assert all(len(t) == 1 and t[0] > 0 for t in result.ttft_s.values())
+    assert result.bounds["even"] == [0, 20, 40] and result.bounds["balanced"][-1] == 40
+    assert all(t > 0 for t in result.predicted_s.values())
+    assert "balanced vs even" in result.summary()
+
+
 def test_missing_rank_times_out_while_joining(tmp_path):
     """Rank 0 of 2 alone: joining the ring would wait forever (MLX holds the GIL meanwhile)."""
     code = "from kvp_mlx.distributed import join_group; join_group(timeout_s=2)"
