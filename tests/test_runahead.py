@@ -90,11 +90,13 @@ def test_single_process_runahead_is_base_prefill(identity_dirs):
         model.prefill(tokens, method="runahead", split="random")
 
 
-@pytest.mark.parametrize("ranks,split,step", [(2, "balanced", 2048), (3, "even", 5)])
-def test_ranks_reproduce_base_prefill(identity_dirs, tmp_path, ranks, split, step):
+@pytest.mark.parametrize("ranks,split,step,archs", [
+    (2, "balanced", 2048, ["openelm", "llama", "qwen3"]),
+    (3, "even", 5, ["openelm", "llama"]),
+])
+def test_ranks_reproduce_base_prefill(identity_dirs, tmp_path, ranks, split, step, archs):
     """The last rank's first-token logits and greedy tokens match the base model's; with
     share_logits every rank has the logits, otherwise only the last."""
-    archs = ["openelm", "llama"]
     argv = [sys.executable, str(HERE / "runahead_rank.py"), str(tmp_path), split, str(step), str(DECODE), "20",
             *(str(identity_dirs[a]) for a in archs)]
     results = launch_local(ranks, argv, tmp_path, env=ENV, timeout_s=120)
