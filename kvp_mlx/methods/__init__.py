@@ -85,4 +85,4 @@ def run_prefill(
 
 
 # Import the built-in methods so they register themselves.
-from kvp_mlx.methods import aux, base, kvp  # noqa: E402,F401
+from kvp_mlx.methods import aux, base, kvp, lazy, rp  # noqa: E402,F401
