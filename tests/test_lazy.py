@@ -211,3 +211,20 @@ def test_batches_and_bad_options_are_refused(identity_dirs):
         model.prefill(prompt(9), method="lazy", schedule="quick")
     with pytest.raises(KVPError, match="keep rate"):
         model.prefill(prompt(9), method="rp", keep=0.0)
+
+
+def test_cli_lazy_and_rp(identity_dirs):
+    from test_cli import cli
+
+    model = str(identity_dirs["openelm"])
+    proc = cli("generate", "--model", model, "--prompt", "def f(x): return x", "--max-tokens", "4",
+               "--method", "lazy", "--lazy-schedule", "L0.75-0.1", "--compare")
+    assert proc.returncode == 0, proc.stderr
+    assert "method lazy" in proc.stdout and "TTFT base" in proc.stdout and ", lazy " in proc.stdout
+    proc = cli("generate", "--model", model, "--prompt", "hello", "--max-tokens", "3", "--method", "rp",
+               "--rp-keep", "0.5")
+    assert proc.returncode == 0 and "method rp" in proc.stdout, proc.stderr
+    proc = cli("generate", "--model", model, "--prompt", "hello", "--method", "lazy", "--lazy-schedule", "L2-1")
+    assert proc.returncode == 1 and "error: schedule 'L2-1'" in proc.stderr
+    proc = cli("generate", "--model", model, "--prompt", "hello", "--lazy-schedule", "L0.75-0.1")
+    assert proc.returncode == 1 and "applies to --method lazy" in proc.stderr
