@@ -18,6 +18,7 @@ from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from kvp_mlx.errors import KVPError
@@ -163,6 +164,13 @@ def prefill_capturing_raw_kv(
     return cache, keys, cache_values(cache), logits[:, -1, :]
 
 
+def base_cache_keys(attn: nn.Module, raw_keys: mx.array, offset: int = 0) -> mx.array:
+    """Raw keys as the layer caches them: its key norm (where it has one), then RoPE at ``offset``."""
+    if "k_norm" in attn:
+        raw_keys = attn.k_norm(raw_keys)  # RMSNorm over head_dim: the layout does not matter
+    return attn.rope(raw_keys, offset=offset)
+
+
 def inject_raw_kv(
     model: nn.Module, raw_kv: list[tuple[mx.array, mx.array]], dtype: mx.Dtype | None = None
 ) -> list[KVCache]:
@@ -178,10 +186,48 @@ def inject_raw_kv(
     for attn, (keys, values) in zip(attns, raw_kv):
         if dtype is not None:
             keys, values = keys.astype(dtype), values.astype(dtype)
-        if "k_norm" in attn:
-            keys = attn.k_norm(keys)  # RMSNorm over head_dim: the layout does not matter
-        keys = attn.rope(keys, offset=0)
         c = KVCache()
-        c.update_and_fetch(keys, values)
+        c.update_and_fetch(base_cache_keys(attn, keys), values)
         cache.append(c)
     return cache
+
+
+class SequenceCache:
+    """A stand-in cache for one whole-sequence forward pass (training, calibration).
+
+    It records the values each layer produces and either returns the layer's own K/V or, with
+    ``replace``, substitutes given K/V (already normed and roped): the base model then attends
+    only to predicted K/V, causally, as corenet trains KV Prediction.
+    """
+
+    offset = 0
+
+    def __init__(self, replace: tuple[mx.array, mx.array] | None = None):
+        self.values: mx.array | None = None
+        self._replace = replace
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.values = values
+        return self._replace if self._replace is not None else (keys, values)
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
+        return create_attention_mask(mx.zeros((1, n, 1)), None, window_size, return_array)
+
+
+def forward_raw_kv(model: nn.Module, tokens: mx.array) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+    """One differentiable forward pass: (logits [B, T, V], raw keys per layer, values per layer)."""
+    caches = [SequenceCache() for _ in model.layers]
+    with recording_raw_keys(model) as key_sinks:
+        logits = model(tokens, cache=caches)
+    return logits, [sink[0] for sink in key_sinks], [c.values for c in caches]
+
+
+def forward_with_predicted_kv(
+    model: nn.Module, tokens: mx.array, raw_kv: list[tuple[mx.array, mx.array]]
+) -> mx.array:
+    """Logits of ``model`` over ``tokens`` attending (causally) only to the given raw K/V."""
+    caches = [
+        SequenceCache(replace=(base_cache_keys(attn, k), v))
+        for attn, (k, v) in zip(attention_modules(model), raw_kv)
+    ]
+    return model(tokens, cache=caches)

@@ -10,7 +10,7 @@ import sys
 COMMANDS = {
     "generate": "kvp_mlx.commands.generate",
     "env": "kvp_mlx.commands.env",
-    "convert": "kvp_mlx.convert.cli",
+    "train": "kvp_mlx.commands.train",
 }
 
 
@@ -22,10 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:  # a command whose optional part is not installed
-            continue
+        module = importlib.import_module(module_name)
         help_text = getattr(module, "HELP", None)
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)

@@ -99,16 +99,16 @@ def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) ->
         ) from None
 
 
-def _load_lm(directory: Path, what: str):
+def load_lm(directory: Path, what: str = "base") -> tuple[nn.Module, Any, dict]:
+    """An mlx-lm model directory: (model, tokenizer, config), with clear errors."""
     import mlx_lm
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # silence "model of type openelm ..." notices from AutoConfig
-
     if not (directory / "config.json").is_file():
         raise KVPError(f"{what} model directory {directory} has no config.json")
     try:
-        model, tokenizer = mlx_lm.load(str(directory))
+        model, tokenizer, config = mlx_lm.load(str(directory), return_config=True)
     except ValueError as e:
         msg = str(e)
         if "not supported" in msg or "Model type" in msg:
@@ -117,7 +117,7 @@ def _load_lm(directory: Path, what: str):
     except (FileNotFoundError, OSError) as e:
         raise KVPError(f"cannot load {what} model from {directory}: {e}") from None
     arch_of(model)  # raises a clear error for an unsupported architecture
-    return model, tokenizer
+    return model, tokenizer, config
 
 
 def check_same_tokenizer(base_tok: Any, aux_tok: Any) -> None:
@@ -173,7 +173,7 @@ def load(
     compute_dtype = resolve_dtype(dtype)
     cfg_path = root / KVP_CONFIG
     if not cfg_path.is_file():
-        base, tokenizer = _load_lm(root, "base")
+        base, tokenizer, _ = load_lm(root, "base")
         _cast(base, compute_dtype)
         return KVPModel(base=base, tokenizer=tokenizer, path=root, dtype=compute_dtype)
     try:
@@ -184,8 +184,8 @@ def load(
         raise KVPError(
             f"{cfg_path}: unsupported format {config.get('format')!r} version {config.get('format_version')!r}"
         )
-    base, tokenizer = _load_lm(root / config.get("base", "base"), "base")
-    aux, aux_tokenizer = _load_lm(root / config.get("aux", "aux"), "auxiliary")
+    base, tokenizer, _ = load_lm(root / config.get("base", "base"), "base")
+    aux, aux_tokenizer, _ = load_lm(root / config.get("aux", "aux"), "auxiliary")
     check_same_tokenizer(tokenizer, aux_tokenizer)
     predictor = load_predictor(root)
     check_predictor_fits(predictor, base, aux)

@@ -25,7 +25,7 @@ from kvp_mlx.adapters import kv_shapes
 from kvp_mlx.model import write_kvp_config
 from kvp_mlx.predictor import KVPredictor, PredictorConfig, default_layer_mapping
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
 def tiny_config(arch: str, n_layers: int = 2, vocab_size: int = 512) -> dict:

@@ -11,7 +11,7 @@ import pytest
 
 from kvp_mlx import _blas
 from kvp_mlx.errors import KVPError
-from kvp_mlx.generate import generate, stream_generate
+from kvp_mlx.generation import generate, stream_generate
 from kvp_mlx.model import load
 
 
@@ -76,3 +76,27 @@ def test_load_from_hf_cache_offline(random_pair_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     missing = cli("generate", "--model", "someone/absent", "--prompt", "hello", env=env)
     assert missing.returncode == 1 and "HF_HUB_OFFLINE" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject lists packages explicitly: a new subpackage must be added there or it won't install."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(root).parts)
+        for p in (root / "kvp_mlx").rglob("__init__.py")
+    }
+    assert found <= listed, f"not in pyproject packages: {sorted(found - listed)}"
+
+
+def test_package_exports_the_api(random_pair_dir):
+    import kvp_mlx
+
+    model = kvp_mlx.load(random_pair_dir)
+    assert isinstance(model, kvp_mlx.KVPModel)
+    for _ in range(2):  # the second access must still be the function, not a submodule
+        assert callable(kvp_mlx.generate) and callable(kvp_mlx.stream_generate)
+    assert isinstance(kvp_mlx.generate(model, "hi", max_tokens=2), str)

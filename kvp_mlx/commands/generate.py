@@ -68,7 +68,7 @@ def method_options(args: argparse.Namespace, method: str) -> dict:
 
 
 def _stream(model, prompt: str, args: argparse.Namespace, method: str, show: bool):
-    from kvp_mlx.generate import stream_generate
+    from kvp_mlx.generation import stream_generate
 
     last = None
     for last in stream_generate(

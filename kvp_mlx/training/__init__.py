@@ -1,0 +1,1 @@
+"""Training KV predictors (and auxiliary models): data, losses, ridge initialisation, the loop."""
