@@ -10,7 +10,7 @@ import pytest
 from kvp_mlx.adapters import arch_of
 from kvp_mlx.decode import decode_greedy
 from kvp_mlx.errors import KVPError
-from kvp_mlx.generate import generate
+from kvp_mlx.generation import generate
 from kvp_mlx.layerwise import embed, final_logits
 from kvp_mlx.methods.lazy_schedule import (
     PRESETS, keep_count, lazy_tokens_per_layer, parse_schedule, rp_tokens_per_layer,
