@@ -81,6 +81,13 @@ def project_qkv(attn: nn.Module, x: mx.array) -> tuple[mx.array, mx.array, mx.ar
     return q, k, v
 
 
+def block_kv(layer: nn.Module, arch: Arch, x: mx.array, positions: np.ndarray) -> tuple[mx.array, mx.array]:
+    """Only the keys (after norm and RoPE) and values a block caches for tokens ``x`` [1, L, dim]."""
+    attn = getattr(layer, arch.attention_attr)
+    _, k, v = project_qkv(attn, getattr(layer, arch.attn_norm_attr)(x))
+    return rope_at(attn.rope, k, positions), v
+
+
 def run_block(
     layer: nn.Module, arch: Arch, x: mx.array, positions: np.ndarray, attend: Attend
 ) -> mx.array:

@@ -111,44 +111,46 @@ class _RowCounter(nn.Module):
         return self.inner(x)
 
 
-@pytest.mark.parametrize("arch", ["openelm", "qwen3", "llama"])
-def test_aux_cache_revives_pruned_tokens_from_their_stored_state(identity_dirs, arch):
-    """Tokens pruned before layer 2 in prefill and selected again while decoding are computed at
-    layer 2 from the Aux Cache (layers 0 and 1 see only the new token), and their K/V there equal
-    the base model's (layers 0-1 saw every token, so their stored state is the exact one)."""
+@pytest.mark.parametrize("arch,layer", [("openelm", 2), ("qwen3", 1), ("llama", 2), ("qwen2", 1)])
+def test_aux_cache_revives_pruned_tokens_from_their_stored_state(identity_dirs, arch, layer):
+    """Tokens pruned before ``layer`` in prefill and selected again while decoding are computed at
+    ``layer`` from the Aux Cache (earlier layers see only the new token), and their K/V there
+    equal the base model's (the earlier layers saw every token, so the stored state is exact)."""
     model = load(identity_dirs[arch])
     lm, T = model.base, 16
     tokens = prompt(T, seed=3)
-    res = model.prefill(tokens, method="lazy", schedule="2:0.5")
-    pruned = sorted(set(range(T)) - set(res.cache[2].positions))
+    res = model.prefill(tokens, method="lazy", schedule=f"{layer}:0.5")
+    cache = res.cache[layer]
+    pruned = sorted(set(range(T)) - set(cache.positions))
     assert len(pruned) == T - keep_count(0.5, T)
-    assert sorted(res.cache[2].aux_positions) == pruned
-    reference = model.prefill(tokens, method="base").cache[2]
+    assert sorted(cache.aux_positions) == pruned
+    reference = model.prefill(tokens, method="base").cache[layer]
 
     norm_attr = arch_of(lm).attn_norm_attr
     counts: list[list[int]] = [[] for _ in lm.layers]
-    for layer, c in zip(lm.layers, counts):
-        setattr(layer, norm_attr, _RowCounter(getattr(layer, norm_attr), c))
+    for block, c in zip(lm.layers, counts):
+        setattr(block, norm_attr, _RowCounter(getattr(block, norm_attr), c))
     try:
         y = mx.argmax(res.logits, axis=-1)
         revived = []
         for _ in range(8):
-            before = set(res.cache[2].positions)
+            before = set(cache.positions)
             for c in counts:
                 c.clear()
             y = mx.argmax(res.decoder(y[:, None], cache=res.cache)[:, -1, :], axis=-1)
-            revived = sorted(int(p) for p in set(res.cache[2].positions) - before - {res.cache[2].length - 1})
+            revived = sorted(int(p) for p in set(cache.positions) - before - {cache.length - 1})
             if revived:
                 break
     finally:
-        for layer in lm.layers:
-            setattr(layer, norm_attr, getattr(layer, norm_attr).inner)
+        for block in lm.layers:
+            setattr(block, norm_attr, getattr(block, norm_attr).inner)
     assert revived, "no pruned token was selected again in 8 decoding steps"
     assert set(revived) <= set(pruned)
-    assert counts[0] == [1] and counts[1] == [1] and counts[2] == [1 + len(revived)]
-    assert res.decoder.last_tokens_per_layer == [1, 1, 1 + len(revived)]
-    rows = res.cache[2].rows_of(np.array(revived))
-    for mine, ref in zip(res.cache[2].rows(rows), (reference.keys, reference.values)):
+    assert all(c == [1] for c in counts[:layer]), counts  # no recomputation below the layer
+    assert sum(counts[layer]) == 1 + len(revived)
+    assert res.decoder.last_tokens_per_layer[layer] == 1 + len(revived)
+    rows = cache.rows_of(np.array(revived))
+    for mine, ref in zip(cache.rows(rows), (reference.keys, reference.values)):
         assert mx.abs(mine - ref[..., revived, :]).max().item() <= 1e-5
     for c in res.cache:  # every token computed at most once per layer
         assert len(set(c.positions)) == len(c.positions)

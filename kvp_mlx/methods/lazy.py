@@ -28,7 +28,9 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 
 from kvp_mlx.errors import KVPError
-from kvp_mlx.layerwise import check_layerwise_support, embed, final_logits, last_query_attention, run_block
+from kvp_mlx.layerwise import (
+    block_kv, check_layerwise_support, embed, final_logits, last_query_attention, run_block,
+)
 from kvp_mlx.methods import PrefillResult, register
 from kvp_mlx.methods.lazy_schedule import DEFAULT_SCHEDULE, LazySchedule, keep_count, parse_schedule
 
@@ -125,19 +127,28 @@ def _layer_inputs(cache: LazyKVCache, missing, run_pos, run_h) -> mx.array:
     return mx.take(h, mx.array(np.argsort(pos, kind="stable"), dtype=mx.int32), axis=1)
 
 
-def _compute_layer(layer, arch, cache: LazyKVCache, h_in, missing, active, step_size, want_scores):
+def _compute_layer(layer, arch, cache: LazyKVCache, h_in, missing, active, step_size, want_scores, last_layer):
     """Run the block for the ``missing`` tokens (sorted), attending to the ``active`` tokens' keys.
 
     Returns their outputs and, when ``want_scores``, the last token's head-averaged attention
     over the active tokens (in ``active`` order). The last token is the last of ``missing``.
+    In the ``last_layer`` only the last token's output is needed: the others just fill the cache.
     """
     # Prefill: the layer's cache will hold exactly the active tokens in position order, so a
     # causal mask over cache rows is causal over positions (mlx-lm's own chunked prefill).
     fresh = cache.offset == 0 and len(missing) == len(active)
+    n_full = len(missing)
+    if last_layer and len(missing) > 1:
+        n_full = 1
+        for start in range(0, len(missing) - 1, step_size):
+            pos = missing[start : min(start + step_size, len(missing) - 1)]
+            cache.append(*block_kv(layer, arch, h_in[:, start : start + len(pos)], pos), pos)
+            mx.eval(cache.keys, cache.values)
+        h_in, missing = h_in[:, -1:], missing[-1:]
     outs, scores = [], None
-    for start in range(0, len(missing), step_size):
+    for start in range(0, n_full, step_size):
         pos = missing[start : start + step_size]
-        final = start + step_size >= len(missing)
+        final = start + step_size >= n_full
 
         def attend(q, k, v, scale):
             nonlocal scores
@@ -189,8 +200,9 @@ def forward_step(
         missing = active[cache.rows_of(active) < 0]
         h_in = _layer_inputs(cache, missing, run_pos, run_h)
         prune = j + 1 < n_layers and plan.keep[j + 1] < len(active)
-        run_h, scores = _compute_layer(layer, arch, cache, h_in, missing, active, step_size, prune)
-        run_pos = missing
+        last_layer = j + 1 == n_layers
+        run_h, scores = _compute_layer(layer, arch, cache, h_in, missing, active, step_size, prune, last_layer)
+        run_pos = missing[-1:] if last_layer else missing
         computed.append(len(missing))
         if prune:
             active = _select(active, scores, plan.keep[j + 1], last)
