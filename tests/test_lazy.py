@@ -230,3 +230,17 @@ def test_cli_lazy_and_rp(identity_dirs):
     assert proc.returncode == 1 and "error: schedule 'L2-1'" in proc.stderr
     proc = cli("generate", "--model", model, "--prompt", "hello", "--lazy-schedule", "L0.75-0.1")
     assert proc.returncode == 1 and "applies to --method lazy" in proc.stderr
+
+
+def test_lazy_table_script_runs(tmp_path):
+    try:
+        from kvp_mlx.bench import lazy_table
+    except ImportError:  # a checkout on PYTHONPATH: bench/ is the top-level package
+        from bench import lazy_table
+    out = tmp_path / "table.md"
+    assert lazy_table.main(["--shape", "tiny", "--prompt-len", "24", "--reps", "1", "--warmup", "0",
+                            "--presets", "L0.75-0.25,L1.0-1.0", "--out", str(out)]) == 0
+    text = out.read_text()
+    for label in ("| base |", "kvp KVP-LP-0.50", "lazy L0.75-0.25", "lazy L1.0-1.0", "rp keep"):
+        assert label in text
+    assert "| lazy L1.0-1.0 | 100% | 1.00x |" in text
