@@ -32,7 +32,9 @@ from kvp_mlx.layerwise import (
     block_kv, check_layerwise_support, embed, final_logits, last_query_attention, run_block,
 )
 from kvp_mlx.methods import PrefillResult, register
-from kvp_mlx.methods.lazy_schedule import DEFAULT_SCHEDULE, LazySchedule, keep_count, parse_schedule
+from kvp_mlx.methods.lazy_schedule import (  # noqa: F401  (lazy_tokens_per_layer: public)
+    DEFAULT_SCHEDULE, LazySchedule, keep_count, lazy_tokens_per_layer, parse_schedule,
+)
 
 
 class LazyKVCache(KVCache):

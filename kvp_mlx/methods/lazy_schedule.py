@@ -61,7 +61,8 @@ class LazySchedule:
             elif j > e or s == e:
                 rates.append(self.end_keep)
             else:
-                rates.append(self.start_keep + (self.end_keep - self.start_keep) * (j - s) / (e - s))
+                ramp = self.start_keep + (self.end_keep - self.start_keep) * (j - s) / (e - s)
+                rates.append(round(ramp, 12))
         return rates
 
 
