@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.shape} (random weights, float32), prompt {T} tokens, prefill chunk {chunk}, "
           f"{args.warmup} warm-up + {args.reps} reps interleaved", flush=True)
     measure(cases, T, chunk, args.reps, args.warmup, args.seed)
-    head = (f"{args.shape}, random weights, float32, batch 1, prompt {T} tokens, prefill chunk {chunk}; "
+    command = "PYTHONPATH=. python bench/lazy_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    head = (f"`{command}`\n\n{args.shape}, random weights, float32, batch 1, prompt {T} tokens, prefill chunk {chunk}; "
             f"median of {args.reps} interleaved reps after {args.warmup} warm-up; "
             f"agreement over {args.warmup + args.reps} prompts.\n\n")
     text = head + table(cases)
