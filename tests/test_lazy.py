@@ -244,3 +244,17 @@ def test_lazy_table_script_runs(tmp_path):
     for label in ("| base |", "kvp KVP-LP-0.50", "lazy L0.75-0.25", "lazy L1.0-1.0", "rp keep"):
         assert label in text
     assert "| lazy L1.0-1.0 | 100% | 1.00x |" in text
+
+
+@pytest.mark.parametrize("method,options", [("lazy", {"schedule": "L0.5-0.25"}), ("rp", {"keep": 0.5})])
+def test_teacher_forcing_equals_step_by_step_decoding(identity_dirs, method, options):
+    """decoder(inputs [1, n]) gives logits for every input token, as n decoding steps would."""
+    model = load(identity_dirs["openelm"])
+    ids, cont = prompt(20, seed=6), prompt(5, seed=7)
+    forced = model.prefill(ids, method=method, **options)
+    logits = forced.decoder(cont, cache=forced.cache)
+    assert logits.shape == (1, 5, VOCAB)
+    stepped = model.prefill(ids, method=method, **options)
+    for i in range(5):
+        one = stepped.decoder(cont[:, i : i + 1], cache=stepped.cache)[:, -1, :]
+        assert mx.abs(one - logits[:, i, :]).max().item() <= 1e-6

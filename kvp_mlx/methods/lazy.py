@@ -221,8 +221,9 @@ PlanFn = Callable[[list[LazyKVCache], int], StepPlan]
 
 
 class LazyDecoder(nn.Module):
-    """Decodes from a pruned cache: ``decoder(inputs [1, n], cache)`` runs one step with the
-    method's plan (``generate_step`` and ``decode_greedy`` call it like an mlx-lm model)."""
+    """Decodes from a pruned cache like an mlx-lm model: ``decoder(inputs [1, n], cache)`` returns
+    logits ``[1, n, vocab]``, each input token being one decoding step with the method's plan
+    (so teacher forcing equals decoding those tokens one by one)."""
 
     def __init__(self, lm: nn.Module, plan: PlanFn, method: str):
         super().__init__()
@@ -239,9 +240,12 @@ class LazyDecoder(nn.Module):
     def __call__(self, inputs: mx.array, cache: list[LazyKVCache]) -> mx.array:
         if inputs.shape[0] != 1:
             raise KVPError(f"method '{self._method}' decodes one sequence at a time (B=1), got B={inputs.shape[0]}")
-        logits, computed = forward_step(self.lm, cache, inputs, self._plan(cache, inputs.shape[1]))
+        steps = []
+        for i in range(inputs.shape[1]):
+            logits, computed = forward_step(self.lm, cache, inputs[:, i : i + 1], self._plan(cache, 1))
+            steps.append(logits)
         object.__setattr__(self, "last_tokens_per_layer", computed)
-        return logits
+        return steps[0] if len(steps) == 1 else mx.concatenate(steps, axis=1)
 
 
 def require_single_prompt(tokens: mx.array, method: str) -> None:
