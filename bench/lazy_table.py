@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     head = (f"`{command}`\n\n{args.shape}, random weights, float32, batch 1, prompt {T} tokens, prefill chunk {chunk}; "
             f"median of {args.reps} interleaved reps after {args.warmup} warm-up; "
             f"agreement over {args.warmup + args.reps} prompts.\n\n")
-    text = head + table(cases)
+    raw = "\n".join(f"- {c.label}: " + ", ".join(f"{t:.3f}" for t in c.times) + " s" for c in cases)
+    text = head + table(cases) + "\n\nTTFT of each timed rep, in run order:\n" + raw
     print(text)
     if args.out:
         with open(args.out, "w") as f:
