@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 DEMO_MODEL ?= models/random-demo
 DEMO_PROMPT_FILE ?= $(shell $(PYTHON) -c 'import textwrap; print(textwrap.__file__)')
 
-.PHONY: setup blas demo demo-model test clean
+.PHONY: setup setup-bench blas demo demo-model test toyworld accuracy clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,18 @@ demo: demo-model
 
 test: setup
 	$(PY) -m pytest -q tests
+
+setup-bench: setup
+	$(PY) -m pip install -q -e ".[test,bench]"
+
+# Rebuild the toy world from scratch (corpus, tokenizer, base/aux pretraining, KVP-C, KVP-LP, baselines)
+# and export the KVP-C model as the embedded demo (kvp_mlx/default_model). About an hour on 2 cores.
+toyworld: setup-bench
+	$(PY) -m kvp_mlx.bench.toyworld --out models/toyworld
+
+# Teacher-forced accuracy of base / kvp-C / kvp-LP / aux-only / LP-only on held-out stdlib and HumanEval.
+accuracy: setup-bench
+	$(PY) -m kvp_mlx.bench.accuracy --toyworld models/toyworld --out bench/results/toyworld
 
 clean:
 	rm -rf $(VENV) models build *.egg-info

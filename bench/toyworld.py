@@ -67,7 +67,7 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile(base_steps=500, aux_steps=300, kvp_steps=150),
+    "full": Profile(base_steps=400, aux_steps=300, kvp_steps=100),
     "smoke": Profile(base_steps=4, aux_steps=2, kvp_steps=2),
 }
 

@@ -87,4 +87,4 @@ def run_prefill(
 
 
 # Import the built-in methods so they register themselves.
-from kvp_mlx.methods import aux, base, kvp, runahead  # noqa: E402,F401
+from kvp_mlx.methods import aux, base, kvp, lazy, rp, runahead  # noqa: E402,F401
