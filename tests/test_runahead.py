@@ -126,8 +126,8 @@ def test_ranks_reproduce_base_prefill(identity_dirs, tmp_path, ranks, split, ste
 PROMPT = "def f(x):\n    return x + 1\n" * 40
 
 
-def _generate_argv(model_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "kvp_mlx.cli", "generate", "--model", str(model_dir), "--prompt", PROMPT,
+def _generate_argv(model_dir: Path, *extra: str, prompt: str = PROMPT) -> list[str]:
+    return [sys.executable, "-m", "kvp_mlx.cli", "generate", "--model", str(model_dir), "--prompt", prompt,
             "--max-tokens", "6", *extra]
 
 
@@ -147,8 +147,9 @@ def test_survivor_exits_with_a_clear_error_when_a_rank_dies(identity_dirs, tmp_p
     non-zero with a message within 30 s: the lost connection is an error, a silent peer is
     caught by the watchdog (--runahead-timeout 3)."""
     hostfile = write_local_hostfile(tmp_path / "hosts.json", 2)
+    # a long prompt in small steps: rank 0 is still sending when it is stopped (it needs seconds)
     argv = _generate_argv(identity_dirs["openelm"], "--method", "runahead", "--runahead-timeout", "3",
-                          "--prefill-step-size", "4", "--verbose")
+                          "--prefill-step-size", "4", "--verbose", prompt=PROMPT * 5)
     env = {**os.environ, **ENV, "MLX_HOSTFILE": str(hostfile), "OPENBLAS_NUM_THREADS": "1"}
     logs = [tmp_path / f"rank{r}.err" for r in range(2)]
     procs = [subprocess.Popen(argv, env={**env, "MLX_RANK": str(r)}, stdout=subprocess.DEVNULL,
