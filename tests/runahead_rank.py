@@ -3,9 +3,14 @@
 usage: runahead_rank.py OUT_DIR SPLIT STEP DECODE_TOKENS TIMEOUT MODEL_DIR... ; for each model and
 each test prompt it prefills with `runahead` and writes the first-token logits (where the rank
 has them: the last rank, or every rank for the prompts run with share_logits) and the greedy
-continuation (the decoding rank) to OUT_DIR/rank{r}.npz.
+continuation (the decoding rank) to OUT_DIR/rank{r}.npz. Then it runs `kvp-mlx generate --method
+runahead --prompt CLI_PROMPT` on the first model (when the CLI_PROMPT variable is set), its standard
+output going to OUT_DIR/rank{r}.cli.txt.
 """
 
+import contextlib
+import io
+import os
 import sys
 
 import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
@@ -38,6 +43,15 @@ def main() -> None:
             if result.info["decodes"]:
                 arrays[f"{key}_tokens"] = np.array(decode_greedy(result, int(n_decode)))
     np.savez(f"{out_dir}/rank{rank}.npz", **arrays)
+    if "CLI_PROMPT" in os.environ:
+        from kvp_mlx.cli import main as cli
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = cli(["generate", "--model", sys.argv[6], "--method", "runahead", "--max-tokens", "6",
+                        "--prompt", os.environ["CLI_PROMPT"]])
+        with open(f"{out_dir}/rank{rank}.cli.txt", "w") as f:
+            f.write(f"exit {code}\n{out.getvalue()}")
 
 
 if __name__ == "__main__":
