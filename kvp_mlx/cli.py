@@ -11,6 +11,7 @@ COMMANDS = {
     "generate": "kvp_mlx.commands.generate",
     "env": "kvp_mlx.commands.env",
     "train": "kvp_mlx.commands.train",
+    "bench": "kvp_mlx.commands.bench",
     "convert": "kvp_mlx.convert.cli",
     "runahead-bench": "kvp_mlx.commands.runahead_bench",
 }

@@ -1,0 +1,248 @@
+"""One benchmark configuration (a base model, a prompt length, a batch size): build a timed case
+for every method, the plain mlx-lm anchor and KV Prediction's parts, run them interleaved, and
+derive speedups, FLOPs ratios and the checks.
+
+TTFT of a case: prompt token ids ready (an evaluated ``[B, T]`` array) -> first token sampled
+(greedy) and materialised with ``mx.eval``. Tokenization and loading are outside the clock.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from kvp_mlx.bench_models import BenchGroup
+from kvp_mlx.bench_timing import Case, run_interleaved
+from kvp_mlx.flops import (
+    cache_fill_flops, cache_fill_scores, kvp_flops, kvp_scores, model_shape, prefill_flops, prefill_scores,
+    pruned_prefill_flops, pruned_prefill_scores, step_flops,
+)
+from kvp_mlx.methods import available_methods, run_prefill
+from kvp_mlx.methods.base import fill_cache
+from kvp_mlx.methods.kvp import predict_base_cache
+
+ANCHOR = "mlx-lm"  # plain mlx-lm prefill of the base model (generate_step)
+PER_AUX = ("kvp", "aux")  # methods run once per auxiliary model
+# Registered methods that cannot run inside one benchmark process.
+NEEDS_SETUP = {
+    "runahead": "needs several processes (mx.distributed ring); time it with its own launcher",
+}
+# Thresholds of the checks (see the acceptance criteria in the report).
+BASE_VS_ANCHOR = 0.05  # base within 5% of plain mlx-lm
+KVP_VS_PARTS = 0.15  # kvp within 15% of aux prefill (T-1) + one base step
+MIN_REALISED = 0.85  # measured speedup >= 85% of the FLOPs-predicted one
+
+
+def all_method_names() -> list[str]:
+    """Everything `--methods` accepts: the registered methods and the mlx-lm anchor."""
+    return [*available_methods(), ANCHOR]
+
+
+def prompt_batch(vocab_size: int, prompt_tokens: int, batch: int, seed: int) -> mx.array:
+    rng = np.random.default_rng(seed)
+    tokens = mx.array(rng.integers(0, vocab_size, size=(batch, prompt_tokens)), dtype=mx.int32)
+    mx.eval(tokens)
+    return tokens
+
+
+def _greedy(logits: mx.array) -> mx.array:
+    # what decoding samples at temperature 0 (log-probabilities, then argmax), as mlx-lm does
+    return mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1)
+
+
+def _time_method(model, tokens: mx.array, method: str, chunk: int, info: dict) -> Callable[[], float]:
+    def measure() -> float:
+        tic = time.perf_counter()
+        result = run_prefill(model, tokens, method, prefill_step_size=chunk)
+        mx.eval(_greedy(result.logits))
+        seconds = time.perf_counter() - tic
+        info.update(result.info)
+        return seconds
+
+    return measure
+
+
+def _time_mlx_lm(base, tokens: mx.array, chunk: int) -> Callable[[], float]:
+    from mlx_lm.generate import generate_step, generation_stream
+
+    def measure() -> float:
+        # the span mlx_lm.stream_generate reports as prompt time (prompt_tps = T / that)
+        tic = time.perf_counter()
+        steps = generate_step(tokens[0], base, max_tokens=1, prefill_step_size=chunk)
+        next(steps)
+        seconds = time.perf_counter() - tic
+        steps.close()
+        mx.synchronize(generation_stream)  # generate_step has already queued the next decode step
+        return seconds
+
+    return measure
+
+
+def _time_fill(lm, tokens: mx.array, chunk: int) -> Callable[[], float]:
+    def measure() -> float:
+        tic = time.perf_counter()
+        fill_cache(lm, tokens, chunk)
+        return time.perf_counter() - tic
+
+    return measure
+
+
+def _time_base_step(model, tokens: mx.array, chunk: int) -> Callable[[], float]:
+    """One base decode step on the last prompt token over a cache of the T-1 others."""
+    cache = predict_base_cache(model, tokens[:, :-1], chunk)
+
+    def measure() -> float:
+        tic = time.perf_counter()
+        logits = model.base(tokens[:, -1:], cache=cache)[:, -1, :]
+        mx.eval(_greedy(logits))
+        seconds = time.perf_counter() - tic
+        for c in cache:
+            c.trim(1)
+        return seconds
+
+    return measure
+
+
+def build_cases(
+    group: BenchGroup, tokens: mx.array, chunk: int, methods: list[str]
+) -> tuple[list[Case], list[dict], dict[str, dict]]:
+    """Cases for ``methods`` on ``group``; also the methods skipped up front, and per-case info."""
+    T, B = tokens.shape[1], tokens.shape[0]
+    base_shape = model_shape(group.base)
+    base_flops = prefill_flops(base_shape, T, chunk, B)
+    base_scores = prefill_scores(base_shape, T, chunk, B)
+    cases: list[Case] = []
+    skipped: list[dict] = []
+    infos: dict[str, dict] = {}
+    add = cases.append
+    if "base" in methods:
+        infos["base"] = {}
+        add(Case("base", _time_method(group.base_only, tokens, "base", chunk, infos["base"]),
+                 method="base", flops=base_flops, scores=base_scores))
+    if ANCHOR in methods:
+        if B == 1:
+            add(Case(ANCHOR, _time_mlx_lm(group.base, tokens, chunk), kind="anchor", method=ANCHOR,
+                     flops=base_flops, scores=base_scores))
+        else:
+            skipped.append({"label": ANCHOR, "reason": "mlx-lm's stream_generate takes one prompt (batch 1 only)"})
+    for aux_name, model in group.variants.items():
+        aux_shape = model_shape(model.aux)
+        if "kvp" in methods:
+            label = f"kvp[{aux_name}]"
+            infos[label] = {}
+            add(Case(label, _time_method(model, tokens, "kvp", chunk, infos[label]), method="kvp",
+                     aux=aux_name, flops=kvp_flops(base_shape, aux_shape, model.predictor, T, chunk, B),
+                     scores=kvp_scores(base_shape, aux_shape, T, chunk, B)))
+            if T > 1:  # KV Prediction's parts, to compare its TTFT with their sum
+                add(Case(f"aux-prefill[{aux_name}]", _time_fill(model.aux, tokens[:, :-1], chunk),
+                         kind="component", method="aux-prefill", aux=aux_name,
+                         flops=cache_fill_flops(aux_shape, T - 1, chunk, B),
+                         scores=cache_fill_scores(aux_shape, T - 1, chunk, B)))
+        if "aux" in methods:
+            label = f"aux[{aux_name}]"
+            infos[label] = {}
+            add(Case(label, _time_method(model, tokens, "aux", chunk, infos[label]), method="aux",
+                     aux=aux_name, flops=prefill_flops(aux_shape, T, chunk, B),
+                     scores=prefill_scores(aux_shape, T, chunk, B)))
+    if "kvp" in methods and group.variants and T > 1:
+        first = next(iter(group.variants.values()))
+        add(Case("base-step", _time_base_step(first, tokens, chunk), kind="component", method="base-step",
+                 flops=step_flops(base_shape, T - 1, B), scores=B * base_shape.chunk_scores(1, T - 1, False)))
+    if not group.variants:
+        for name in PER_AUX:
+            if name in methods:
+                skipped.append({"label": name, "reason": f"{group.name} has no auxiliary model"})
+    host = next(iter(group.variants.values()), group.base_only)
+    for name in methods:
+        if name in ("base", ANCHOR, *PER_AUX):
+            continue
+        if name in NEEDS_SETUP:
+            skipped.append({"label": name, "reason": NEEDS_SETUP[name]})
+            continue
+        infos[name] = {}
+        add(Case(name, _time_method(host, tokens, name, chunk, infos[name]), method=name))
+    return cases, skipped, infos
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b is not None and b > 0 else None
+
+
+def checks(records: list[dict]) -> list[dict]:
+    """The acceptance checks one configuration's case records can evaluate."""
+    med = {r["label"]: r["median_s"] for r in records}
+    out = []
+    if med.get("base") and med.get(ANCHOR):
+        v = med["base"] / med[ANCHOR]
+        out.append({"check": "base TTFT within 5% of plain mlx-lm", "value": v,
+                    "passed": abs(v - 1) <= BASE_VS_ANCHOR})
+    for r in records:
+        parts = (med.get(f"aux-prefill[{r['aux']}]"), med.get("base-step"))
+        if r["method"] == "kvp" and r["median_s"] and None not in parts:
+            v = r["median_s"] / (parts[0] + parts[1])
+            out.append({"check": f"{r['label']} TTFT within 15% of aux prefill (T-1) + one base step",
+                        "value": v, "passed": abs(v - 1) <= KVP_VS_PARTS})
+    for r in records:
+        if r["method"] == "kvp" and r["realised"] is not None:
+            out.append({"check": f"{r['label']} measured speedup >= 85% of FLOPs-predicted",
+                        "value": r["realised"], "passed": r["realised"] >= MIN_REALISED})
+    return out
+
+
+def case_record(case: Case, base: Case | None, info: dict | None) -> dict:
+    flops = case.flops if case.flops is not None else (info or {}).get("flops")
+    rec = {
+        "label": case.label, "kind": case.kind, "method": case.method, "aux": case.aux,
+        "samples_s": case.samples, **case.summary(), "flops": flops, "attention_scores": case.scores,
+        "speedup_measured": None, "speedup_flops": None, "realised": None,
+    }
+    if case.skipped:
+        rec["skipped"] = case.skipped
+    if base is not None and case.kind != "component":
+        rec["speedup_measured"] = _ratio(base.median, case.median)
+        rec["speedup_flops"] = _ratio(base.flops, flops)
+        if rec["speedup_measured"] and rec["speedup_flops"]:
+            rec["realised"] = rec["speedup_measured"] / rec["speedup_flops"]
+    if info:
+        rec["info"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, list))}
+    return rec
+
+
+def benchmark_config(
+    group: BenchGroup,
+    prompt_tokens: int,
+    batch: int,
+    chunk: int,
+    methods: list[str],
+    warmup: int,
+    repetitions: int,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Time every case of one configuration, interleaved; return its JSON record."""
+    tokens = prompt_batch(group.vocab_size, prompt_tokens, batch, seed)
+    cases, skipped, infos = build_cases(group, tokens, chunk, methods)
+    run_interleaved(cases, warmup, repetitions, log)
+    shape = model_shape(group.base)
+    for c in cases:  # methods that report what they computed (token pruning: lazy, rp)
+        kept = infos.get(c.label, {}).get("tokens_per_layer")
+        if c.flops is None and kept and len(kept) == len(shape.layers):
+            c.flops = pruned_prefill_flops(shape, kept, chunk, batch)
+            c.scores = pruned_prefill_scores(shape, kept, chunk, batch)
+    timed = [c for c in cases if not c.skipped]
+    skipped += [{"label": c.label, "reason": c.skipped} for c in cases if c.skipped]
+    base = next((c for c in timed if c.label == "base"), None)
+    records = [case_record(c, base, infos.get(c.label)) for c in timed]
+    return {
+        "model": group.name,
+        "source": group.source,
+        "prompt_tokens": prompt_tokens,
+        "batch": batch,
+        "prefill_step_size": chunk,
+        "cases": records,
+        "skipped": skipped,
+        "checks": checks(records),
+    }
