@@ -121,6 +121,17 @@ def train_tokenizer(train_jsonl: Path, out: Path) -> Path:
     return out
 
 
+def tokenizer_fingerprint(model_file: Path) -> str:
+    """SHA-256 of the pieces and scores (the .model file itself also records its output path)."""
+    import hashlib
+
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    pieces = [f"{sp.id_to_piece(i)}\t{sp.get_score(i)!r}" for i in range(sp.get_piece_size())]
+    return hashlib.sha256("\n".join(pieces).encode()).hexdigest()
+
+
 def packed(jsonl: Path, tokenizer) -> Batches:
     return Batches(pack(tokenize_documents(tokenizer, read_documents([jsonl])), SEQ_LEN), BATCH, SEED)
 
@@ -213,9 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train_jsonl, held_jsonl = stage("corpus", lambda: build_corpus(out / "corpus"))
     tok_dir = stage("tokenizer", lambda: train_tokenizer(train_jsonl, out / "tokenizer"))
-    import hashlib
-
-    results["tokenizer_sha256"] = hashlib.sha256((tok_dir / "tokenizer.model").read_bytes()).hexdigest()
+    results["tokenizer_fingerprint"] = tokenizer_fingerprint(tok_dir / "tokenizer.model")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
