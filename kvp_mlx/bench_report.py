@@ -97,7 +97,9 @@ def markdown(result: dict) -> str:
                 seen.add(key)
                 lines.append(f"- `{s['label']}`: {s['reason']}")
     lines += ["", "Case kinds: `mlx-lm` is plain mlx-lm (`generate_step`, the span `stream_generate` "
-              "reports as prompt time); `aux-prefill[A]` fills auxiliary A's cache with T-1 tokens; "
+              "reports as prompt time; it dispatches the second token's decode step before materialising the "
+              "first, and on MLX's CPU backend the first token then waits for about one more decode step); "
+              "`aux-prefill[A]` fills auxiliary A's cache with T-1 tokens; "
               "`base-step` is one base decode step over T-1 cached positions.", ""]
     return "\n".join(lines)
 
