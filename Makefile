@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 DEMO_MODEL ?= models/random-demo
 DEMO_PROMPT_FILE ?= $(shell $(PYTHON) -c 'import textwrap; print(textwrap.__file__)')
 
-.PHONY: setup setup-bench blas demo demo-model random-demo test toyworld accuracy clean
+.PHONY: setup setup-bench blas demo demo-model random-demo test toyworld accuracy bench bench-full clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,13 @@ toyworld: setup-bench
 # Teacher-forced accuracy of base / kvp-C / kvp-LP / aux-only / LP-only on held-out stdlib and HumanEval.
 accuracy: setup-bench
 	$(PY) -m kvp_mlx.bench.accuracy --toyworld models/toyworld --out bench/results/toyworld
+
+# TTFT benchmarks (random-weight OpenELM pairs; results in bench/results/<date>-<host>/).
+bench: setup-bench
+	$(VENV)/bin/kvp-mlx bench --profile quick
+
+bench-full: setup-bench
+	$(VENV)/bin/kvp-mlx bench --profile full
 
 clean:
 	rm -rf $(VENV) models build *.egg-info
