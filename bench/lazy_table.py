@@ -21,89 +21,20 @@ from dataclasses import dataclass, field
 
 import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.openelm import make_divisible
 
 from kvp_mlx import model_builder as mb
+from kvp_mlx.bench_models import openelm_config
+from kvp_mlx.flops import kvp_flops, model_shape, pruned_prefill_flops
 from kvp_mlx.methods.lazy_schedule import PRESETS, lazy_tokens_per_layer, rp_tokens_per_layer
 from kvp_mlx.model import KVPModel
 
-VOCAB = 32000
-SHAPES = {  # corenet's OpenELM table: layers, model_dim, head_dim (ffn 0.5->4.0, qkv 0.5->1.0, 4 GQA groups)
-    "OpenELM-270M": (16, 1280, 64),
-    "OpenELM-450M": (20, 1536, 64),
-    "OpenELM-1_1B": (28, 2048, 64),
-    "OpenELM-3B": (36, 3072, 128),
-    "tiny": (8, 256, 32),  # for the smoke test
-}
+SHAPES = ("OpenELM-270M", "OpenELM-450M", "OpenELM-1_1B", "OpenELM-3B", "tiny")  # tiny: the smoke test
 
 
-def openelm_config(name: str, vocab_size: int = VOCAB) -> dict:
-    """mlx-lm config of a named OpenELM shape, per-layer sizes by corenet's make_divisible rules."""
-    layers, dim, head_dim = SHAPES[name]
-
-    def ramp(a: float, b: float) -> list[float]:
-        return [round(float(v), 2) for v in np.linspace(a, b, layers)]
-
-    q_heads = [make_divisible(dim * m, head_dim * 4) // head_dim for m in ramp(0.5, 1.0)]
-    return {
-        "model_type": "openelm", "num_transformer_layers": layers, "model_dim": dim, "head_dim": head_dim,
-        "num_query_heads": q_heads, "num_kv_heads": [q // 4 for q in q_heads],
-        "ffn_multipliers": ramp(0.5, 4.0), "ffn_dim_divisor": 256, "vocab_size": vocab_size,
-        "normalize_qk_projections": True, "share_input_output_layers": True,
-        "rope_freq_constant": 10000, "rms_norm_eps": 1e-6,
-    }
-
-
-# ---- FLOPs (multiply-add = 2; linear layers and attention; MLX's unfused chunked attention
-# computes every score of a chunk, masked or not; only the last token gets logits; the last
-# layer computes just K/V for the other tokens). Same conventions as the benchmark's accounting.
-
-@dataclass(frozen=True)
-class LayerCost:
-    kv: int  # per token: projections producing K/V (a fused qkv projection counts whole)
-    rest: int  # per token: the other projections and the FFN
-    attn: int  # per (query, key) pair: 4 * q_heads * head_dim
-
-
-def layer_costs(model: nn.Module) -> tuple[list[LayerCost], int]:
-    """Per-layer costs and the LM head's per-token FLOPs of an OpenELM model."""
-    costs = []
-    for layer in model.layers:
-        kv = rest = 0
-        for name, m in layer.named_modules():
-            if isinstance(m, nn.Linear):
-                f = 2 * m.weight.shape[0] * m.weight.shape[1]
-                if name.rsplit(".", 1)[-1] in ("qkv_proj", "k_proj", "v_proj"):
-                    kv += f
-                else:
-                    rest += f
-        costs.append(LayerCost(kv, rest, 4 * layer.attn.n_heads * layer.attn.head_dim))
-    return costs, 2 * model.args.model_dim * model.args.vocab_size
-
-
-def _chunked_attention(n: int, chunk: int, offset: int = 0) -> int:
-    return sum(min(chunk, n - s) * (offset + s + min(chunk, n - s)) for s in range(0, n, chunk))
-
-
-def pruned_prefill_flops(costs: list[LayerCost], head: int, tokens_per_layer: list[int], chunk: int) -> int:
-    """A prefill computing ``tokens_per_layer[l]`` tokens (causal among themselves) at layer l."""
-    total = head
-    for i, (c, n) in enumerate(zip(costs, tokens_per_layer)):
-        if i + 1 < len(costs):
-            total += (c.kv + c.rest) * n + c.attn * _chunked_attention(n, chunk)
-        else:
-            total += c.kv * n + c.rest + c.attn * n
-    return total
-
-
-def kvp_prefill_flops(base_costs, head, aux_costs, predictor, T: int, chunk: int) -> int:
-    aux = sum(c.kv * (T - 1) + c.rest * (T - 1) + c.attn * _chunked_attention(T - 1, chunk) for c in aux_costs)
-    aux -= aux_costs[-1].rest * (T - 1) + aux_costs[-1].attn * _chunked_attention(T - 1, chunk)
-    pred = sum(2 * lin.weight.size * (T - 1) for lin in [*predictor.key_transforms, *predictor.value_transforms])
-    step = head + sum(c.kv + c.rest + c.attn * T for c in base_costs)
-    return aux + pred + step
+def shape_config(name: str) -> dict:
+    """mlx-lm config of a corenet-named OpenELM shape (the converter's tables), or a tiny one."""
+    return mb.tiny_config("openelm", n_layers=8, vocab_size=512) if name == "tiny" else openelm_config(name)
 
 
 # ---- cases
@@ -142,12 +73,12 @@ def run_case(case: Case, tokens: mx.array, chunk: int) -> tuple[float, mx.array]
 def build_cases(
     shape: str, T: int, chunk: int, presets: list[str], with_kvp: bool, with_rp: bool, seed: int
 ) -> list[Case]:
-    cfg = openelm_config(shape)
+    cfg = shape_config(shape)
     base = mb.build_model(cfg, seed=seed)
-    costs, head = layer_costs(base)
+    costs = model_shape(base)
     n = len(base.layers)
     plain = KVPModel(base=base, tokenizer=None)
-    base_flops = pruned_prefill_flops(costs, head, [T] * n, chunk)
+    base_flops = pruned_prefill_flops(costs, [T] * n, chunk)
     cases = [Case("base", plain, "base", {}, base_flops, 1.0)]
     if with_kvp:
         for name, keep in (("KVP-LP-0.75", [i for i in range(n) if i % 4 != 3]),
@@ -155,13 +86,12 @@ def build_cases(
             aux, _ = mb.layer_pruned(base, cfg, keep)
             pred = mb.make_predictor(base, aux, init="random", seed=seed + 1)
             model = KVPModel(base=base, tokenizer=None, aux=aux, predictor=pred)
-            aux_costs, _ = layer_costs(aux)
-            f = kvp_prefill_flops(costs, head, aux_costs, pred, T, chunk)
+            f = kvp_flops(costs, model_shape(aux), pred, T, chunk)
             cases.append(Case(f"kvp {name}", model, "kvp", {}, f, None, "random predictor"))
     for p in presets:
         tpl = lazy_tokens_per_layer(p, n, T)
         cases.append(Case(f"lazy {p}", plain, "lazy", {"schedule": p},
-                          pruned_prefill_flops(costs, head, tpl, chunk), sum(tpl) / (n * T)))
+                          pruned_prefill_flops(costs, tpl, chunk), sum(tpl) / (n * T)))
     if not with_rp:
         return cases
     # Random pruning with the same token-layers as the middle L0.75 preset, for a matched comparison.
@@ -169,7 +99,7 @@ def build_cases(
     keep = round(sum(match) / (n * T), 2)
     tpl = rp_tokens_per_layer(keep, n, T)
     cases.append(Case(f"rp keep {keep}", plain, "rp", {"keep": keep},
-                      pruned_prefill_flops(costs, head, tpl, chunk), sum(tpl) / (n * T),
+                      pruned_prefill_flops(costs, tpl, chunk), sum(tpl) / (n * T),
                       "token-layers matched to L0.75-0.25"))
     return cases
 
@@ -177,7 +107,8 @@ def build_cases(
 def measure(cases: list[Case], T: int, chunk: int, reps: int, warmup: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     for r in range(warmup + reps):
-        tokens = mx.array(rng.integers(0, VOCAB, size=(1, T)), dtype=mx.int32)
+        vocab = cases[0].model.base.args.vocab_size
+        tokens = mx.array(rng.integers(0, vocab, size=(1, T)), dtype=mx.int32)
         mx.eval(tokens)
         ref = None
         for case in cases:  # interleaved: every method on the same prompt, in turn
@@ -213,7 +144,7 @@ def table(cases: list[Case]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="OpenELM-270M", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="OpenELM-270M", choices=SHAPES)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--prefill-step-size", type=int, default=512)
     ap.add_argument("--reps", type=int, default=3)
