@@ -55,7 +55,7 @@ def openelm_config(n_layers: int, dim: int, q_heads: int, kv_heads: int, ffn_mul
     }
 
 
-BASE_CONFIG = openelm_config(6, 256, 4, 2, 4.0)  # ~7.3M parameters (1.0M of them embeddings)
+BASE_CONFIG = openelm_config(6, 256, 4, 2, 4.0)  # 7.0M parameters (1.0M of them embeddings)
 AUX_CONFIG = openelm_config(3, 128, 2, 1, 2.0)  # ~1.0M parameters (0.5M embeddings)
 
 
