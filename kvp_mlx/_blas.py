@@ -69,3 +69,27 @@ def load_optimized_blas() -> str | None:
             stacklevel=2,
         )
     return loaded_blas
+
+
+def blas_threads() -> int | None:
+    """OpenBLAS's current thread count (None without OpenBLAS)."""
+    if loaded_blas is None:
+        return None
+    try:
+        return int(ctypes.CDLL(loaded_blas).openblas_get_num_threads())
+    except (OSError, AttributeError):
+        return None
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set OpenBLAS's thread count at run time (benchmarks sharing cores between ranks).
+
+    Returns False where it cannot be changed (no OpenBLAS loaded, e.g. macOS Accelerate).
+    """
+    if loaded_blas is None:
+        return False
+    try:
+        ctypes.CDLL(loaded_blas).openblas_set_num_threads(int(n))
+    except (OSError, AttributeError):
+        return False
+    return True

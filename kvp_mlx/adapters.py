@@ -32,10 +32,17 @@ class Arch:
     attention_attr: str
     # Layout of the tensor the key norm receives: "bhld" (openelm) or "blhd" (qwen3).
     key_norm_layout: str | None
+    # Names of the block's other parts and of the model's ends (for kvp_mlx.layerwise).
+    attn_norm_attr: str = "input_layernorm"
+    mlp_norm_attr: str = "post_attention_layernorm"
+    mlp_attr: str = "mlp"
+    out_proj_attr: str = "o_proj"
+    inner_attr: str = "model"  # model.<inner> holds the embedding and the final norm
+    embed_attr: str = "embed_tokens"
 
 
 ARCHITECTURES: dict[str, Arch] = {
-    "openelm": Arch("attn", "bhld"),
+    "openelm": Arch("attn", "bhld", "attn_norm", "ffn_norm", "ffn", "out_proj", "transformer", "token_embeddings"),
     "llama": Arch("self_attn", None),
     "mistral": Arch("self_attn", None),
     "qwen2": Arch("self_attn", None),

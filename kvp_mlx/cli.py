@@ -13,6 +13,7 @@ COMMANDS = {
     "train": "kvp_mlx.commands.train",
     "bench": "kvp_mlx.commands.bench",
     "convert": "kvp_mlx.convert.cli",
+    "runahead-bench": "kvp_mlx.commands.runahead_bench",
 }
 
 

@@ -166,7 +166,7 @@ def load(
     if path_or_repo is None:
         if not (DEFAULT_MODEL_DIR / KVP_CONFIG).is_file():
             raise KVPError(
-                "this install has no embedded default model; pass --model DIR (or build one: make demo-model)"
+                "this install has no embedded default model (kvp_mlx/default_model; rebuild it with make toyworld); pass --model DIR"
             )
         path_or_repo = DEFAULT_MODEL_DIR
     root = resolve_model_path(path_or_repo, revision)

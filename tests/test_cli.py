@@ -100,3 +100,12 @@ def test_package_exports_the_api(random_pair_dir):
     for _ in range(2):  # the second access must still be the function, not a submodule
         assert callable(kvp_mlx.generate) and callable(kvp_mlx.stream_generate)
     assert isinstance(kvp_mlx.generate(model, "hi", max_tokens=2), str)
+
+
+def test_embedded_demo_model_runs_offline():
+    """No --model: the trained toy-world KVP-C model shipped in the package generates, offline."""
+    proc = cli("generate", "--prompt", "def add(a, b):", "--max-tokens", "12", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout.split("=" * 10)[1]
+    assert text.strip(), "the demo model produced no continuation"
+    assert "TTFT" in proc.stdout and "RANDOM" not in proc.stderr

@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class PrefillResult:
-    cache: list  # one mlx-lm cache per decoder layer, holding all T prompt positions
-    logits: mx.array  # [B, vocab]: the decoder's logits for the last prompt token
+    # One mlx-lm cache per decoder layer, holding all T prompt positions; None on a rank of a
+    # distributed prefill (runahead) that does not decode.
+    cache: list | None
+    logits: mx.array | None  # [B, vocab]: the decoder's logits for the last prompt token (None: as cache)
     decoder: nn.Module  # the model that decodes from `cache` (the base, or the aux for `aux`)
     method: str
     info: dict  # method-specific facts (e.g. tokens computed per layer)
@@ -85,4 +87,4 @@ def run_prefill(
 
 
 # Import the built-in methods so they register themselves.
-from kvp_mlx.methods import aux, base, kvp  # noqa: E402,F401
+from kvp_mlx.methods import aux, base, kvp, lazy, rp, runahead  # noqa: E402,F401
