@@ -67,7 +67,7 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile(base_steps=400, aux_steps=300, kvp_steps=100),
+    "full": Profile(base_steps=1200, aux_steps=300, kvp_steps=100),
     "smoke": Profile(base_steps=4, aux_steps=2, kvp_steps=2),
 }
 
@@ -203,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-demo", default=str(DEFAULT_MODEL_DIR),
                         help="where to write the embedded demo model ('' to skip)")
     parser.add_argument("--force", action="store_true", help="rebuild every stage")
+    parser.add_argument("--compare-with", metavar="RESULTS_JSON",
+                        help="after building, compare with another run's results.json (e.g. the committed "
+                             "bench/results/toyworld/results.json): same tokenizer, held-out losses within "
+                             "--tolerance; exit 1 otherwise")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="nats per token (default 0.02)")
     args = parser.parse_args(argv)
     out, prof = Path(args.out), PROFILES[args.profile]
     if args.force:
@@ -267,7 +272,28 @@ def main(argv: list[str] | None = None) -> int:
     results_path.write_text(json.dumps(results, indent=2))
     summary = {k: v.get("heldout_ce") for k, v in results.items() if isinstance(v, dict) and "heldout_ce" in v}
     print(json.dumps({"heldout_ce": summary, "seconds": timings}, indent=2))
+    if args.compare_with:
+        return 0 if compare_runs(results, json.loads(Path(args.compare_with).read_text()), args.tolerance) else 1
     return 0
+
+
+def compare_runs(run: dict, reference: dict, tolerance: float) -> bool:
+    """Print how a rebuild's tokenizer and held-out losses compare with a reference run's."""
+    same_tokenizer = run.get("tokenizer_fingerprint") == reference.get("tokenizer_fingerprint")
+    ok = same_tokenizer and run.get("profile") == reference.get("profile")
+    print(f"profile {run.get('profile')} vs {reference.get('profile')}; tokenizer fingerprint "
+          f"{'identical' if same_tokenizer else 'DIFFERENT'}")
+    for stage, ref in reference.items():
+        if not (isinstance(ref, dict) and "heldout_ce" in ref):
+            continue
+        new = run.get(stage, {}).get("heldout_ce")
+        diff = None if new is None else new - ref["heldout_ce"]
+        passed = diff is not None and abs(diff) <= tolerance
+        ok &= passed
+        shown = "missing" if diff is None else f"{new:.4f} (reference {ref['heldout_ce']:.4f}, diff {diff:+.2e})"
+        print(f"  {stage:20s} held-out CE {shown} {'ok' if passed else 'OUTSIDE TOLERANCE'}")
+    print(f"rebuild {'matches' if ok else 'does NOT match'} the reference (tolerance {tolerance} nats)")
+    return ok
 
 
 if __name__ == "__main__":
