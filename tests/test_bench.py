@@ -6,6 +6,7 @@ import importlib
 import json
 import sys
 
+import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
@@ -234,3 +235,15 @@ def test_checks_use_paired_ratios():
     assert realised["value"] == pytest.approx(1.0) and realised["passed"]
     records[2]["samples_s"] = [3.0, 6.0, 3.6]  # measured 3.33x of 4x predicted: 83%
     assert not {c["check"]: c for c in checks(records)}["kvp[a] measured speedup >= 85% of FLOPs-predicted"]["passed"]
+
+
+def test_softmax_share_composite_attention_is_mlx_attention():
+    """The diagnostic's composite kernel computes mx.fast's attention; the no-softmax one does not."""
+    from kvp_mlx.bench.softmax_share import check_composite, no_softmax_attention
+
+    assert check_composite() < 1e-5
+    q, k, v = (mx.random.normal(s, key=mx.random.key(i)) for i, s in
+               enumerate([(1, 4, 8, 64), (1, 2, 24, 64), (1, 2, 24, 64)]))
+    fast = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
+    assert no_softmax_attention(q, k, v, None, 0.125, "causal").shape == fast.shape
+    assert mx.abs(no_softmax_attention(q, k, v, None, 0.125, "causal") - fast).max().item() > 0.1
