@@ -184,18 +184,7 @@ def _rerender(path: Path, no_plots: bool) -> int:
         raise KVPError(f"{path} is not a kvp-mlx bench result (schema {result.get('schema')!r})")
     for run in result["runs"]:
         run["checks"] = checks(run["cases"])
-    stem = path.with_suffix("")
-    files = [report.write_json(result, path), report.write_markdown(result, stem.with_suffix(".md"))]
-    note = None
-    if not no_plots:
-        plots, note = report.write_plots(result, path.parent, stem.name)
-        files += plots
-    print(report.markdown(result))
-    for f in files:
-        print(f"wrote {f}")
-    if note:
-        print(f"note: {note}")
-    return 0
+    return write_outputs(result, path.parent, path.stem, no_plots)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -241,9 +230,16 @@ def run(args: argparse.Namespace) -> int:
         "skipped": skipped,
     }
     out.mkdir(parents=True, exist_ok=True)
+    return write_outputs(result, out, name, args.no_plots)
+
+
+def write_outputs(result: dict, out: Path, name: str, no_plots: bool) -> int:
+    """OUT/NAME.json, OUT/NAME.md and (unless no_plots) the PNG plots; the table goes to stdout."""
+    from kvp_mlx import bench_report as report
+
     files = [report.write_json(result, out / f"{name}.json"), report.write_markdown(result, out / f"{name}.md")]
     note = None
-    if not args.no_plots:
+    if not no_plots:
         plots, note = report.write_plots(result, out, name)
         files += plots
     print(report.markdown(result))
