@@ -19,7 +19,6 @@ auxiliary's cache fill would have over the base's with and without it.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import mlx.core as mx
 import mlx_lm.models.openelm as openelm
 
 from kvp_mlx.bench_models import build_pairs
+from kvp_mlx.bench_timing import Case, run_interleaved
 from kvp_mlx.flops import cache_fill_flops, cache_fill_scores, model_shape
 from kvp_mlx.methods.base import fill_cache
 
@@ -95,16 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     models = {"base (OpenELM-1.1B)": group.base, "aux (OpenELM-270M)": group.variants["OpenELM-270M"].aux}
     T = args.prompt_length
     tokens = mx.random.randint(0, group.vocab_size, (1, T - 1), key=mx.random.key(0))
-    samples: dict[tuple[str, str], list[float]] = {(m, k): [] for m in models for k in KERNELS}
-    labels = list(samples)
-    for rep in range(args.repetitions + 1):  # the first round is the warm-up
-        shift = rep % len(labels)
-        for m, k in labels[shift:] + labels[:shift]:
-            seconds = time_fill(models[m], tokens, k)
-            if rep:
-                samples[(m, k)].append(seconds)
-        print(f"round {rep}/{args.repetitions} done", flush=True)
-    med = {key: statistics.median(v) for key, v in samples.items()}
+    keys = [(m, k) for m in models for k in KERNELS]
+    cases = [Case(f"{m} {k}", lambda m=m, k=k: time_fill(models[m], tokens, k)) for m, k in keys]
+    run_interleaved(cases, warmup=1, repetitions=args.repetitions)
+    med = {key: case.median for key, case in zip(keys, cases)}
     shapes = {m: model_shape(lm) for m, lm in models.items()}
     base, aux = list(models)
     lines = [
