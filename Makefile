@@ -25,7 +25,7 @@ setup: $(PY) blas
 	$(PY) -m pip install -q -e ".[test]"
 
 demo-model: setup
-	@[ -f $(DEMO_MODEL)/kvp_config.json ] || $(PY) -m kvp_mlx.model_builder $(DEMO_MODEL)
+	@[ -f $(DEMO_MODEL)/kvp_config.json ] || $(PY) -m kvp_mlx.testing $(DEMO_MODEL)
 
 # The main job: the embedded demo model (trained in the toy world, KVP-C) generates with KV
 # Prediction, side by side with plain base prefill: both TTFTs and whether the first tokens agree.

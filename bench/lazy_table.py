@@ -23,8 +23,8 @@ import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from kvp_mlx import model_builder as mb
-from kvp_mlx.bench_models import openelm_config
+from kvp_mlx import testing as mb
+from kvp_mlx.bench.models import openelm_config
 from kvp_mlx.flops import kvp_flops, model_shape, pruned_prefill_flops
 from kvp_mlx.methods.lazy_schedule import PRESETS, lazy_tokens_per_layer, rp_tokens_per_layer
 from kvp_mlx.model import KVPModel

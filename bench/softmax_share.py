@@ -26,8 +26,8 @@ import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 import mlx_lm.models.openelm as openelm
 
-from kvp_mlx.bench_models import build_pairs
-from kvp_mlx.bench_timing import Case, run_interleaved
+from kvp_mlx.bench.models import build_pairs
+from kvp_mlx.bench.timing import Case, run_interleaved
 from kvp_mlx.flops import cache_fill_flops, cache_fill_scores, model_shape
 from kvp_mlx.methods.base import fill_cache
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 
-from kvp_mlx import model_builder as mb
+from kvp_mlx import building as mb
 from kvp_mlx.cli import main as kvp_cli
 from kvp_mlx.model import DEFAULT_MODEL_DIR, load, load_lm, write_kvp_config
 from kvp_mlx.training.data import Batches, pack, read_documents, tokenize_documents

@@ -10,7 +10,7 @@ import kvp_mlx  # noqa: F401  (loads the optimized BLAS before mlx.core)
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from kvp_mlx import model_builder as mb
+from kvp_mlx import testing as mb
 
 ARCHS = ["openelm", "llama", "qwen2", "qwen3"]
 VOCAB = 512

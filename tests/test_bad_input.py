@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from kvp_mlx import model_builder as mb
+from kvp_mlx import testing as mb
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import load
 

@@ -10,16 +10,16 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from kvp_mlx import model_builder as mb
-from kvp_mlx.bench_report import write_plots
-from kvp_mlx.bench_run import checks, paired_ratio
-from kvp_mlx.bench_timing import Case, interleaved_schedule, run_interleaved
+from kvp_mlx import testing as mb
+from kvp_mlx.bench.report import write_plots
+from kvp_mlx.bench.cases import checks, paired_ratio
+from kvp_mlx.bench.timing import Case, interleaved_schedule, run_interleaved
 from kvp_mlx.cli import main
 from kvp_mlx.flops import (
     LayerShape, cache_fill_flops, kvp_flops, kvp_scores, model_shape, predictor_flops, prefill_flops,
     prefill_scores, pruned_prefill_flops, pruned_prefill_scores, step_flops,
 )
-from kvp_mlx.bench_models import PAIRS, openelm_config
+from kvp_mlx.bench.models import PAIRS, openelm_config
 from kvp_mlx.runtime_env import gpu_available
 
 # tiny_config("openelm"): dim 64, head_dim 16, 4 query heads, 2 KV heads, FFN 64 (mult 1.0, divisor 32)

@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from kvp_mlx import model_builder as mb
+from kvp_mlx import testing as mb
 from kvp_mlx.adapters import inject_raw_kv, prefill_capturing_raw_kv
 from kvp_mlx.decode import decode_greedy
 from kvp_mlx.methods import PrefillResult

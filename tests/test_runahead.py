@@ -15,13 +15,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kvp_mlx import model_builder as mb
+from kvp_mlx import testing as mb
 from kvp_mlx.decode import decode_greedy
-from kvp_mlx.distributed import launch_local, write_local_hostfile
+from kvp_mlx.runahead.group import launch_local, write_local_hostfile
 from kvp_mlx.errors import KVPError
 from kvp_mlx.generation import generate
 from kvp_mlx.model import load
-from kvp_mlx.runahead_balance import (
+from kvp_mlx.runahead.split import (
     CostModel, SplitTable, balanced_split, even_split, pipeline_time, single_time,
 )
 
@@ -176,7 +176,7 @@ def test_survivor_exits_with_a_clear_error_when_a_rank_dies(identity_dirs, tmp_p
 
 
 def test_runahead_bench_measures_every_variant(identity_dirs):
-    from kvp_mlx.runahead_bench import run_runahead_bench
+    from kvp_mlx.runahead.bench import run_runahead_bench
 
     result = run_runahead_bench(identity_dirs["qwen3"], ranks=2, prompt_tokens=40, repeats=1, timeout_s=60)
     assert set(result.ttft_s) == {"base", "even", "balanced"}
@@ -188,7 +188,7 @@ def test_runahead_bench_measures_every_variant(identity_dirs):
 
 def test_missing_rank_times_out_while_joining(tmp_path):
     """Rank 0 of 2 alone: joining the ring would wait forever (MLX holds the GIL meanwhile)."""
-    code = "from kvp_mlx.distributed import join_group; join_group(timeout_s=2)"
+    code = "from kvp_mlx.runahead.group import join_group; join_group(timeout_s=2)"
     (r,) = launch_local(2, [sys.executable, "-c", code], tmp_path, env=ENV, timeout_s=60, ranks=[0])
     assert r.returncode == -signal.SIGTERM, r.stderr
     assert "error: joining the distributed group" in r.stderr and "nothing happened for 2 s" in r.stderr

@@ -9,7 +9,7 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from kvp_mlx import model_builder as mb
+from kvp_mlx import testing as mb
 from kvp_mlx.adapters import forward_raw_kv
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import load

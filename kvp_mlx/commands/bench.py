@@ -1,12 +1,8 @@
-"""`kvp-mlx bench`: wall-clock TTFT of every prefill method beside plain mlx-lm, with FLOPs."""
+"""`kvp-mlx bench`: time to first token of every prefill method beside plain mlx-lm (kvp_mlx.bench.ttft)."""
 
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
-import time
-from datetime import datetime
 from pathlib import Path
 
 HELP = "benchmark time to first token of every prefill method beside plain mlx-lm"
@@ -18,20 +14,6 @@ tokens, one base step). Cases run interleaved, after warm-up, with the same pref
 By default the models are the paper's OpenELM pairs with random weights, built in memory; --model
 adds a model directory (or repo id). Writes JSON (every sample, the environment), a markdown
 table and PNG plots to --out."""
-
-PROFILES = {
-    # quick: `make bench`, at most 15 minutes on a 2-core CPU
-    "quick": dict(pairs=["kvp-c-270m"], prompt_lengths=[128, 512], batch_sizes=[1], repetitions=5, warmup=1),
-    "full": dict(pairs=["kvp-c-270m", "kvp-c-450m", "kvp-lp-0.50", "kvp-lp-0.25"],
-                 prompt_lengths=[128, 512, 1024, 2048], batch_sizes=[1, 8], repetitions=5, warmup=1),
-}
-PROFILE_NOTES = {
-    "quick": "sizes chosen to fit 15 minutes on a 2-core CPU (float32): the 1.1B base with the 270M "
-    "auxiliary only, prompts of 128 and 512 tokens, batch 1",
-    "full": "the paper's 1.1B pairs (KVP-C 270M/450M, KVP-LP 0.50/0.25), prompts 128-2048, batch 1 and 8: "
-    "hours on a 2-core CPU",
-}
-
 
 def _ints(text: str) -> list[int]:
     try:
@@ -48,7 +30,8 @@ def _names(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from kvp_mlx.bench_models import PAIRS
+    from kvp_mlx.bench.models import PAIRS
+    from kvp_mlx.bench.ttft import PROFILES
 
     parser.description = DESCRIPTION
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -78,173 +61,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure nothing: redo the checks, markdown and plots of an earlier run's JSON")
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    from kvp_mlx.bench_run import all_method_names
-    from kvp_mlx.errors import KVPError
-
-    prof = PROFILES[args.profile]
-    methods = args.methods or all_method_names()
-    unknown = [m for m in methods if m not in all_method_names()]
-    if unknown:
-        raise KVPError(f"unknown method(s) {', '.join(unknown)} (available: {', '.join(all_method_names())})")
-    from kvp_mlx.bench_models import PAIRS
-
-    unknown = [p for p in args.pairs or [] if p not in PAIRS]
-    if unknown:
-        raise KVPError(f"unknown model pair(s) {', '.join(unknown)} (known: {', '.join(PAIRS)})")
-    bad_devices = [d for d in args.device if d not in ("cpu", "gpu")]
-    if bad_devices:
-        raise KVPError(f"unknown device(s) {', '.join(bad_devices)} (cpu or gpu)")
-    settings = {
-        "profile": args.profile,
-        "pairs": args.pairs if args.pairs is not None else ([] if args.model else prof["pairs"]),
-        "models": list(args.model),
-        "methods": methods,
-        "prompt_lengths": args.prompt_lengths or prof["prompt_lengths"],
-        "batch_sizes": args.batch_sizes or prof["batch_sizes"],
-        "devices": args.device,
-        "dtype": args.dtype,
-        "repetitions": args.repetitions if args.repetitions is not None else prof["repetitions"],
-        "warmup": max(1, args.warmup if args.warmup is not None else prof["warmup"]),
-        "prefill_step_size": args.prefill_step_size,
-        "seed": args.seed,
-    }
-    if settings["repetitions"] < 1:
-        raise KVPError("--repetitions must be at least 1")
-    if settings["prefill_step_size"] < 1:
-        raise KVPError("--prefill-step-size must be at least 1")
-    if not settings["pairs"] and not settings["models"]:
-        raise KVPError("nothing to benchmark: give --pairs or --model")
-    return settings
-
-
-def equivalent_command(settings: dict) -> str:
-    """A command line that reruns exactly these settings."""
-    words = ["kvp-mlx", "bench", "--profile", settings["profile"]]
-    if settings["pairs"]:
-        words += ["--pairs", ",".join(settings["pairs"])]
-    for path in settings["models"]:
-        words += ["--model", path]
-    words += ["--methods", ",".join(settings["methods"]),
-              "--prompt-lengths", ",".join(map(str, settings["prompt_lengths"])),
-              "--batch-sizes", ",".join(map(str, settings["batch_sizes"])),
-              "--device", ",".join(settings["devices"])]
-    if settings["dtype"]:
-        words += ["--dtype", settings["dtype"]]
-    words += ["--repetitions", str(settings["repetitions"]), "--warmup", str(settings["warmup"]),
-              "--prefill-step-size", str(settings["prefill_step_size"]), "--seed", str(settings["seed"])]
-    return shlex.join(words)
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _run_device(device: str, settings: dict) -> list[dict]:
-    import mlx.core as mx
-
-    from kvp_mlx.bench_models import build_pairs, load_group
-    from kvp_mlx.bench_run import benchmark_config
-    from kvp_mlx.runtime_env import dtype_name, resolve_dtype, set_device
-
-    set_device(device)
-    dtype = resolve_dtype(settings["dtype"])
-    tic = time.perf_counter()
-    groups = build_pairs(settings["pairs"], dtype, settings["seed"]) if settings["pairs"] else []
-    groups += [load_group(path, settings["dtype"]) for path in settings["models"]]
-    _log(f"[{device}] models ready in {time.perf_counter() - tic:.1f} s: "
-         + "; ".join(f"{g.name} with {', '.join(g.variants) or 'no auxiliary'}" for g in groups))
-    runs = []
-    for group in groups:
-        for batch in settings["batch_sizes"]:
-            for length in settings["prompt_lengths"]:
-                _log(f"[{device}] {group.name}: {length} prompt tokens, batch {batch}")
-                run = benchmark_config(
-                    group, length, batch, settings["prefill_step_size"], settings["methods"],
-                    settings["warmup"], settings["repetitions"], settings["seed"], _log,
-                )
-                runs.append({"device": device, "dtype": dtype_name(dtype), **run})
-    del groups
-    mx.clear_cache()
-    return runs
-
-
-def _rerender(path: Path, no_plots: bool) -> int:
-    import json
-
-    from kvp_mlx import bench_report as report
-    from kvp_mlx.bench_run import checks
-    from kvp_mlx.errors import KVPError
-
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise KVPError(f"cannot read {path}: {e}") from None
-    if result.get("schema") != report.SCHEMA:
-        raise KVPError(f"{path} is not a kvp-mlx bench result (schema {result.get('schema')!r})")
-    for run in result["runs"]:
-        run["checks"] = checks(run["cases"])
-    return write_outputs(result, path.parent, path.stem, no_plots)
-
 
 def run(args: argparse.Namespace) -> int:
-    from kvp_mlx import bench_report as report
-    from kvp_mlx.runtime_env import env_report, gpu_available
+    from kvp_mlx.bench import ttft
 
     if args.from_json:
-        return _rerender(Path(args.from_json), args.no_plots)
-    settings = _settings(args)
-    prof = PROFILES[settings["profile"]]
-    as_profile = not settings["models"] and all(settings[k] == v for k, v in prof.items())
-    _log((f"profile {settings['profile']}: {PROFILE_NOTES[settings['profile']]}" if as_profile
-          else f"custom run (unset options from profile {settings['profile']})") + "; running: pairs "
-         f"{','.join(settings['pairs']) or '-'}, models {','.join(settings['models']) or '-'}, prompt lengths "
-         f"{settings['prompt_lengths']}, batch sizes {settings['batch_sizes']}, {settings['warmup']} warm-up + "
-         f"{settings['repetitions']} repetitions, prefill step size {settings['prefill_step_size']}")
-    started, load_before, tic = datetime.now(), report.load_average(), time.perf_counter()
-    out = Path(args.out) if args.out else report.default_out_dir()  # named after the start date
-    runs, skipped = [], []
-    for device in settings["devices"]:
-        if device == "gpu" and not gpu_available():
-            msg = "no GPU is available to MLX on this machine (Metal on a Mac, CUDA elsewhere): skipping --device gpu"
-            print(msg)
-            skipped.append({"label": "device gpu", "reason": msg})
-            continue
-        runs += _run_device(device, settings)
-    if not runs:
-        print("nothing was benchmarked")
-        return 0
-    name = args.name or settings["profile"]
-    result = {
-        "schema": report.SCHEMA,
-        "name": name,
-        "created": started.isoformat(timespec="seconds"),
-        "duration_s": time.perf_counter() - tic,
-        "host": report.socket.gethostname(),
-        "command": equivalent_command(settings),
-        "load_average_before": load_before,
-        "load_average_after": report.load_average(),
-        "environment": {**env_report(), "cpu": report.cpu_model()},
-        "settings": settings,
-        "runs": runs,
-        "skipped": skipped,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    return write_outputs(result, out, name, args.no_plots)
-
-
-def write_outputs(result: dict, out: Path, name: str, no_plots: bool) -> int:
-    """OUT/NAME.json, OUT/NAME.md and (unless no_plots) the PNG plots; the table goes to stdout."""
-    from kvp_mlx import bench_report as report
-
-    files = [report.write_json(result, out / f"{name}.json"), report.write_markdown(result, out / f"{name}.md")]
-    note = None
-    if not no_plots:
-        plots, note = report.write_plots(result, out, name)
-        files += plots
-    print(report.markdown(result))
-    for f in files:
-        print(f"wrote {f}")
-    if note:
-        print(f"note: {note}")
-    return 0
+        return ttft.rerender(Path(args.from_json), args.no_plots)
+    settings = ttft.make_settings(
+        profile=args.profile, pairs=args.pairs, models=args.model, methods=args.methods,
+        prompt_lengths=args.prompt_lengths, batch_sizes=args.batch_sizes, devices=args.device,
+        dtype=args.dtype, repetitions=args.repetitions, warmup=args.warmup,
+        prefill_step_size=args.prefill_step_size, seed=args.seed,
+    )
+    return ttft.run_benchmark(settings, Path(args.out) if args.out else None, args.name, args.no_plots)

@@ -152,9 +152,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _is_output_rank(args: argparse.Namespace) -> bool:
     """Under mlx.launch only the rank that decodes (the last) prints; alone, this process does."""
-    from kvp_mlx.distributed import join_group
+    from kvp_mlx.runahead.group import join_group
     from kvp_mlx.errors import KVPError
-    from kvp_mlx.methods.runahead import decoding_rank
+    from kvp_mlx.runahead.prefill import decoding_rank
 
     group = join_group(args.runahead_timeout)
     if args.compare and group.size() > 1:
@@ -165,7 +165,7 @@ def _is_output_rank(args: argparse.Namespace) -> bool:
 
 def _ranks_ready(args: argparse.Namespace) -> None:
     """Runahead: every rank has loaded the model before the timed prefill starts."""
-    from kvp_mlx.distributed import barrier, join_group
+    from kvp_mlx.runahead.group import barrier, join_group
 
     group = join_group(args.runahead_timeout)
     barrier(group, args.runahead_timeout)

@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _predictions(cost) -> list[str]:
-    from kvp_mlx.runahead_balance import CostModel
-    from kvp_mlx.runahead_bench import llama2_7b_shape, predicted_speedups
+    from kvp_mlx.runahead.split import CostModel
+    from kvp_mlx.runahead.bench import llama2_7b_shape, predicted_speedups
 
     def table(title: str, model_cost) -> list[str]:
         rows = predicted_speedups(model_cost)
@@ -67,8 +67,8 @@ def _predictions(cost) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from kvp_mlx.errors import KVPError
-    from kvp_mlx.runahead_balance import CostModel
-    from kvp_mlx.runahead_bench import build_bench_model, run_runahead_bench
+    from kvp_mlx.runahead.split import CostModel
+    from kvp_mlx.runahead.bench import build_bench_model, run_runahead_bench
 
     if args.ranks < 2:
         raise KVPError("--ranks must be at least 2")

@@ -87,4 +87,5 @@ def run_prefill(
 
 
 # Import the built-in methods so they register themselves.
-from kvp_mlx.methods import aux, base, kvp, lazy, rp, runahead  # noqa: E402,F401
+from kvp_mlx.methods import aux, base, kvp, lazy, rp  # noqa: E402,F401
+from kvp_mlx.runahead import prefill as _runahead  # noqa: E402,F401

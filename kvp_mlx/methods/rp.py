@@ -13,7 +13,7 @@ import numpy as np
 from kvp_mlx.errors import KVPError
 from kvp_mlx.layerwise import check_layerwise_support
 from kvp_mlx.methods import PrefillResult, register
-from kvp_mlx.methods.lazy import LazyDecoder, LazyKVCache, StepPlan, forward_step, require_single_prompt
+from kvp_mlx.methods.pruning import LazyDecoder, LazyKVCache, StepPlan, forward_step, require_single_prompt
 from kvp_mlx.methods.lazy_schedule import keep_count
 
 

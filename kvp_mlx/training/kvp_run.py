@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from kvp_mlx import model_builder as mb
+from kvp_mlx import building as mb
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import check_same_tokenizer, load_lm, resolve_model_path
 from kvp_mlx.predictor import default_layer_mapping

@@ -2,7 +2,7 @@
 ranks of an ``mx.distributed`` group (ring backend: local processes or several Macs).
 
 Rank i owns the contiguous chunk ``[bounds[i], bounds[i+1])`` of the prompt (split even, or
-balanced by a cost model: :mod:`kvp_mlx.runahead_balance`). The model runs through mlx-lm's own
+balanced by a cost model: :mod:`kvp_mlx.runahead.split`). The model runs through mlx-lm's own
 ``Model.__call__`` on the rank's chunk with each decoder layer temporarily wrapped; per layer the
 wrapper
 
@@ -27,7 +27,7 @@ process this is the ``base`` prefill.
 Before the pipeline starts, one small all-sum checks that every rank has the same prompt, model
 depth and split (mismatched ranks would otherwise exchange wrongly shaped K/V). A rank whose peer
 exits gets a :class:`KVPError`; a peer that hangs is caught by the watchdog after ``timeout_s``
-(:mod:`kvp_mlx.distributed`).
+(:mod:`kvp_mlx.runahead.group`).
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from kvp_mlx.adapters import kv_shapes
-from kvp_mlx.distributed import DEFAULT_TIMEOUT_S, guarded, join_group
+from kvp_mlx.runahead.group import DEFAULT_TIMEOUT_S, guarded, join_group
 from kvp_mlx.errors import KVPError
 from kvp_mlx.methods import PrefillResult, register
 from kvp_mlx.methods.base import prefill_base
-from kvp_mlx.runahead_balance import CostModel, SplitTable, balanced_split, even_split
+from kvp_mlx.runahead.split import CostModel, SplitTable, balanced_split, even_split
 
 SPLITS = ("balanced", "even")
 

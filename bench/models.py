@@ -17,7 +17,7 @@ import mlx.nn as nn
 from kvp_mlx.convert.corenet_config import LAYER_PRUNED_CONFIGS, named_config
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import KVPModel, load
-from kvp_mlx.model_builder import build_model, layer_pruned, make_predictor
+from kvp_mlx.building import build_model, layer_pruned, make_predictor
 
 VOCAB_SIZE = 32000  # LLaMA-2's SentencePiece vocabulary
 

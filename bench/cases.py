@@ -15,8 +15,8 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from kvp_mlx.bench_models import BenchGroup
-from kvp_mlx.bench_timing import Case, run_interleaved
+from kvp_mlx.bench.models import BenchGroup
+from kvp_mlx.bench.timing import Case, run_interleaved
 from kvp_mlx.flops import (
     cache_fill_flops, cache_fill_scores, kvp_flops, kvp_scores, model_shape, prefill_flops, prefill_scores,
     pruned_prefill_flops, pruned_prefill_scores, step_flops,

@@ -5,7 +5,7 @@ single-process base prefill, and predict it for more ranks and longer prompts fr
 
 1. calibrate a :class:`CostModel` of the model on this machine, with the BLAS threads one rank
    gets, and turn it into a split table (every rank then reads the same table);
-2. start N ranks of this module (``python -m kvp_mlx.runahead_bench ...``); each loads the model
+2. start N ranks of this module (``python -m kvp_mlx.runahead.bench ...``); each loads the model
    and runs, after one warm-up round, ``repeats`` rounds of the variants in rotating order:
    ``base`` (the last rank alone with all BLAS threads while the others wait), ``even`` and
    ``balanced`` (all ranks, the BLAS threads split between them). TTFT is measured on the last
@@ -38,9 +38,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from kvp_mlx._blas import blas_threads, set_blas_threads
-from kvp_mlx.distributed import barrier, guarded, join_group, launch_local, python_module_argv
+from kvp_mlx.runahead.group import barrier, guarded, join_group, launch_local, python_module_argv
 from kvp_mlx.errors import KVPError
-from kvp_mlx.runahead_balance import (
+from kvp_mlx.runahead.split import (
     CostModel, SplitTable, balanced_split, even_split, measure_cost_model, pipeline_time, single_time, tsp_time,
 )
 
@@ -99,7 +99,7 @@ def openelm_shape_config(name: str, vocab_size: int = 32000, n_layers: int | Non
 def build_bench_model(directory: str | Path, shape: str = "OpenELM-270M", n_layers: int | None = None,
                       vocab_size: int = 32000, seed: int = 0) -> Path:
     """A random-weight mlx-lm directory of an OpenELM shape (timing needs no trained weights)."""
-    from kvp_mlx import model_builder as mb
+    from kvp_mlx import testing as mb
 
     directory = Path(directory)
     config = openelm_shape_config(shape, vocab_size, n_layers)
@@ -231,7 +231,7 @@ def run_runahead_bench(
         table.save(table_path)
         out = Path(work) / "result.json"
         argv = python_module_argv(
-            "kvp_mlx.runahead_bench", "--model", str(model_dir), "--prompt-tokens", str(prompt_tokens),
+            "kvp_mlx.runahead.bench", "--model", str(model_dir), "--prompt-tokens", str(prompt_tokens),
             "--repeats", str(repeats), "--variants", ",".join(variants), "--split-table", str(table_path),
             "--out", str(out), "--threads", str(threads), "--timeout", str(timeout_s),
         )

@@ -1,0 +1,101 @@
+"""Test and demo support: tiny configs of every supported architecture, a small byte-level
+tokenizer, and a random-weight demo pair (``python -m kvp_mlx.testing OUT_DIR``).
+
+The model-building functions the tests use live in :mod:`kvp_mlx.building`; they are imported
+here so a test needs one module.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+from kvp_mlx.building import (  # noqa: F401  (re-exported for tests)
+    TOKENIZER_FILES, build_model, layer_pruned, make_predictor, num_layers, save_kvp_dir, save_lm_dir,
+)
+
+
+def tiny_config(arch: str, n_layers: int = 2, vocab_size: int = 512) -> dict:
+    """A small config of each supported architecture (GQA, and each arch's key-norm habit)."""
+    if arch == "openelm":
+        return {
+            "model_type": "openelm", "head_dim": 16, "num_transformer_layers": n_layers,
+            "model_dim": 64, "vocab_size": vocab_size, "ffn_dim_divisor": 32,
+            "num_query_heads": [4] * n_layers, "num_kv_heads": [2] * n_layers,
+            "ffn_multipliers": [1.0] * n_layers, "normalize_qk_projections": True,
+            "share_input_output_layers": True, "rope_freq_constant": 10000, "rms_norm_eps": 1e-6,
+        }
+    common = {
+        "hidden_size": 64, "num_hidden_layers": n_layers, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+        "vocab_size": vocab_size, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+    }
+    if arch in ("llama", "mistral"):
+        return {"model_type": arch, **common, "tie_word_embeddings": False}
+    if arch == "qwen2":
+        return {"model_type": "qwen2", **common, "tie_word_embeddings": True}
+    if arch == "qwen3":
+        return {"model_type": "qwen3", **common, "head_dim": 16, "tie_word_embeddings": True}
+    raise ValueError(f"no tiny config for architecture '{arch}'")
+
+
+def build_byte_tokenizer(directory: str | Path, texts: Iterable[str], vocab_size: int = 512) -> Path:
+    """Train a byte-level BPE tokenizer (BOS ``<s>``, EOS ``</s>``) and save files mlx-lm loads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "model_max_length": 1 << 20, "clean_up_tokenization_spaces": False,
+    }, indent=2))
+    return directory
+
+
+def default_tokenizer_texts() -> list[str]:
+    """Text for the test/demo tokenizer: this package's own sources (always present, offline)."""
+    return [p.read_text() for p in sorted(Path(__file__).parent.glob("*.py"))]
+
+
+def build_random_demo(directory: str | Path, seed: int = 0) -> Path:
+    """A random-weight OpenELM pair big enough to show the TTFT gap (until a trained demo exists).
+
+    Base: 8 layers, dim 512; auxiliary: 2 layers, dim 256; default layer mapping; random predictor.
+    """
+    directory = Path(directory)
+    tok = build_byte_tokenizer(directory / "_tokenizer", default_tokenizer_texts(), 2048)
+    base_cfg = tiny_config("openelm", n_layers=8, vocab_size=2048)
+    base_cfg.update(model_dim=512, head_dim=64, num_query_heads=[8] * 8, num_kv_heads=[2] * 8,
+                    ffn_multipliers=[2.0] * 8, ffn_dim_divisor=256)
+    aux_cfg = tiny_config("openelm", n_layers=2, vocab_size=2048)
+    aux_cfg.update(model_dim=256, head_dim=64, num_query_heads=[4] * 2, num_kv_heads=[1] * 2,
+                   ffn_multipliers=[2.0] * 2, ffn_dim_divisor=256)
+    base, aux = build_model(base_cfg, seed=seed), build_model(aux_cfg, seed=seed + 1)
+    predictor = make_predictor(base, aux, seed=seed + 2)
+    save_kvp_dir(directory, base, base_cfg, aux, aux_cfg, predictor, tok,
+                 source="random-weight demo pair (kvp_mlx.testing.build_random_demo)", random_weights=True)
+    shutil.rmtree(directory / "_tokenizer")
+    return directory
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m kvp_mlx.testing OUT_DIR   (builds the random-weight demo pair)")
+    print(f"random-weight demo model written to {build_random_demo(sys.argv[1])}")
