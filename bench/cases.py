@@ -17,24 +17,27 @@ import numpy as np
 
 from kvp_mlx.bench.models import BenchGroup
 from kvp_mlx.bench.timing import Case, run_interleaved
-from kvp_mlx.flops import (
-    cache_fill_flops, cache_fill_scores, kvp_flops, kvp_scores, model_shape, prefill_flops, prefill_scores,
-    pruned_prefill_flops, pruned_prefill_scores, step_flops,
-)
-from kvp_mlx.methods import available_methods, run_prefill
+from kvp_mlx.flops import cache_fill_flops, cache_fill_scores, model_shape, step_flops
+from kvp_mlx.methods import Cost, PrefillMethod, available_methods, get_method, run_prefill
 from kvp_mlx.methods.base import fill_cache
 from kvp_mlx.methods.kvp import predict_base_cache
 
 ANCHOR = "mlx-lm"  # plain mlx-lm prefill of the base model (generate_step)
-PER_AUX = ("kvp", "aux")  # methods run once per auxiliary model
-# Registered methods that cannot run inside one benchmark process.
-NEEDS_SETUP = {
-    "runahead": "needs several processes (mx.distributed ring); time it with its own launcher",
-}
 # Thresholds of the checks (see the acceptance criteria in the report).
 BASE_VS_ANCHOR = 0.05  # base within 5% of plain mlx-lm
 KVP_VS_PARTS = 0.15  # kvp within 15% of aux prefill (T-1) + one base step
 MIN_REALISED = 0.85  # measured speedup >= 85% of the FLOPs-predicted one
+
+
+def method_listing() -> str:
+    """The methods ``--methods`` accepts, each with its declared options (used with their defaults)."""
+    from kvp_mlx.methods import method_specs
+
+    def one(spec: PrefillMethod) -> str:
+        opts = [f"{o.name}={o.default}" for o in spec.options if o.cli]
+        return spec.name + (f" ({', '.join(opts)})" if opts else "")
+
+    return ", ".join([one(s) for s in method_specs()] + [ANCHOR])
 
 
 def all_method_names() -> list[str]:
@@ -110,62 +113,63 @@ def _time_base_step(model, tokens: mx.array, chunk: int) -> Callable[[], float]:
 def build_cases(
     group: BenchGroup, tokens: mx.array, chunk: int, methods: list[str]
 ) -> tuple[list[Case], list[dict], dict[str, dict]]:
-    """Cases for ``methods`` on ``group``; also the methods skipped up front, and per-case info."""
+    """Cases for ``methods`` on ``group``; also the methods skipped up front, and per-case info.
+
+    Everything about a method comes from its declaration (kvp_mlx.methods): whether it runs in
+    one process, takes a batch, needs an auxiliary (then it runs once per auxiliary model), and
+    its cost model (FLOPs and attention scores, counted after the run for pruning methods).
+    """
     T, B = tokens.shape[1], tokens.shape[0]
-    base_shape = model_shape(group.base)
-    base_flops = prefill_flops(base_shape, T, chunk, B)
-    base_scores = prefill_scores(base_shape, T, chunk, B)
     cases: list[Case] = []
     skipped: list[dict] = []
     infos: dict[str, dict] = {}
     add = cases.append
-    if "base" in methods:
-        infos["base"] = {}
-        add(Case("base", _time_method(group.base_only, tokens, "base", chunk, infos["base"]),
-                 method="base", flops=base_flops, scores=base_scores))
+    base_cost = get_method("base").cost(group.base_only, T, chunk, B, {})
     if ANCHOR in methods:
         if B == 1:
             add(Case(ANCHOR, _time_mlx_lm(group.base, tokens, chunk), kind="anchor", method=ANCHOR,
-                     flops=base_flops, scores=base_scores))
+                     flops=base_cost.flops, scores=base_cost.attention_scores))
         else:
             skipped.append({"label": ANCHOR, "reason": "mlx-lm's stream_generate takes one prompt (batch 1 only)"})
-    for aux_name, model in group.variants.items():
-        aux_shape = model_shape(model.aux)
-        if "kvp" in methods:
-            label = f"kvp[{aux_name}]"
+    for name in methods:
+        if name == ANCHOR:
+            continue
+        spec = get_method(name)
+        caps = spec.capabilities
+        if caps.needs_launch:
+            skipped.append({"label": name, "reason": caps.needs_launch})
+            continue
+        if B > 1 and not caps.batch:
+            skipped.append({"label": name, "reason": "takes one prompt at a time (batch 1 only)"})
+            continue
+        if caps.needs_aux and not group.variants:
+            skipped.append({"label": name, "reason": f"{group.name} has no auxiliary model"})
+            continue
+        hosts = group.variants.items() if caps.needs_aux else [(None, group.base_only)]
+        for aux_name, model in hosts:
+            label = f"{name}[{aux_name}]" if aux_name else name
             infos[label] = {}
-            add(Case(label, _time_method(model, tokens, "kvp", chunk, infos[label]), method="kvp",
-                     aux=aux_name, flops=kvp_flops(base_shape, aux_shape, model.predictor, T, chunk, B),
-                     scores=kvp_scores(base_shape, aux_shape, T, chunk, B)))
-            if T > 1:  # KV Prediction's parts, to compare its TTFT with their sum
-                add(Case(f"aux-prefill[{aux_name}]", _time_fill(model.aux, tokens[:, :-1], chunk),
-                         kind="component", method="aux-prefill", aux=aux_name,
-                         flops=cache_fill_flops(aux_shape, T - 1, chunk, B),
-                         scores=cache_fill_scores(aux_shape, T - 1, chunk, B)))
-        if "aux" in methods:
-            label = f"aux[{aux_name}]"
-            infos[label] = {}
-            add(Case(label, _time_method(model, tokens, "aux", chunk, infos[label]), method="aux",
-                     aux=aux_name, flops=prefill_flops(aux_shape, T, chunk, B),
-                     scores=prefill_scores(aux_shape, T, chunk, B)))
+            add(Case(label, _time_method(model, tokens, name, chunk, infos[label]), method=name, aux=aux_name,
+                     cost=_cost_fn(spec, model, T, chunk, B)))
     if "kvp" in methods and group.variants and T > 1:
+        # KV Prediction's parts, to compare its TTFT with their sum: the auxiliary's cache fill of
+        # T-1 tokens (per auxiliary) and one base step.
+        base_shape = model_shape(group.base)
+        for aux_name, model in group.variants.items():
+            aux_shape = model_shape(model.aux)
+            add(Case(f"aux-prefill[{aux_name}]", _time_fill(model.aux, tokens[:, :-1], chunk),
+                     kind="component", method="aux-prefill", aux=aux_name,
+                     flops=cache_fill_flops(aux_shape, T - 1, chunk, B),
+                     scores=cache_fill_scores(aux_shape, T - 1, chunk, B)))
         first = next(iter(group.variants.values()))
         add(Case("base-step", _time_base_step(first, tokens, chunk), kind="component", method="base-step",
                  flops=step_flops(base_shape, T - 1, B), scores=B * base_shape.chunk_scores(1, T - 1, False)))
-    if not group.variants:
-        for name in PER_AUX:
-            if name in methods:
-                skipped.append({"label": name, "reason": f"{group.name} has no auxiliary model"})
-    host = next(iter(group.variants.values()), group.base_only)
-    for name in methods:
-        if name in ("base", ANCHOR, *PER_AUX):
-            continue
-        if name in NEEDS_SETUP:
-            skipped.append({"label": name, "reason": NEEDS_SETUP[name]})
-            continue
-        infos[name] = {}
-        add(Case(name, _time_method(host, tokens, name, chunk, infos[name]), method=name))
     return cases, skipped, infos
+
+
+def _cost_fn(spec: PrefillMethod, model, T: int, chunk: int, B: int) -> Callable[[dict], Cost | None]:
+    """The method's declared cost for this configuration, given the info of a run."""
+    return lambda info: spec.cost(model, T, chunk, B, info) if spec.cost is not None else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -254,12 +258,11 @@ def benchmark_config(
     tokens = prompt_batch(group.vocab_size, prompt_tokens, batch, seed)
     cases, skipped, infos = build_cases(group, tokens, chunk, methods)
     run_interleaved(cases, warmup, repetitions, log)
-    shape = model_shape(group.base)
-    for c in cases:  # methods that report what they computed (token pruning: lazy, rp)
-        kept = infos.get(c.label, {}).get("tokens_per_layer")
-        if c.flops is None and kept and len(kept) == len(shape.layers):
-            c.flops = pruned_prefill_flops(shape, kept, chunk, batch)
-            c.scores = pruned_prefill_scores(shape, kept, chunk, batch)
+    for c in cases:  # declared costs, with what each run reported (token pruning counts kept tokens)
+        if c.cost is not None:
+            cost = c.cost(infos.get(c.label, {}))
+            if cost is not None:
+                c.flops, c.scores = cost.flops, cost.attention_scores
     timed = [c for c in cases if not c.skipped]
     skipped += [{"label": c.label, "reason": c.skipped} for c in cases if c.skipped]
     base = next((c for c in timed if c.label == "base"), None)

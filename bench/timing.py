@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import mlx.core as mx
 
@@ -24,6 +24,8 @@ class Case:
     aux: str | None = None  # the auxiliary model the case uses
     flops: int | None = None
     scores: int | None = None  # attention scores computed (one softmax exp each)
+    # The method's declared cost given a run's info (fills flops/scores after the runs), if any.
+    cost: Callable[[dict], Any] | None = None
     samples: list[float] = field(default_factory=list)
     skipped: str | None = None  # why it was dropped (it failed in its warm-up)
 

@@ -23,9 +23,6 @@ def stream_tokens(result: PrefillResult, sampler: Sampler, max_tokens: int) -> I
         raise ValueError("stream_tokens decodes one prompt; use decode_greedy for a batch")
     if max_tokens < 1:
         return
-    if result.cache is None:
-        raise ValueError(f"this process does not hold the KV cache ({result.method} prefill, "
-                         f"rank {result.info.get('rank')}); decoding runs on the rank that does")
     first = sampler(_logprobs(result.logits))
     first_id = int(first.item())
     yield first_id
@@ -44,8 +41,6 @@ def stream_tokens(result: PrefillResult, sampler: Sampler, max_tokens: int) -> I
 
 def decode_greedy(result: PrefillResult, max_tokens: int) -> mx.array:
     """Greedy tokens ``[B, max_tokens]`` for a batch, the first being argmax of the prefill logits."""
-    if result.cache is None:
-        raise ValueError(f"this process does not hold the KV cache ({result.method} prefill)")
     y = mx.argmax(result.logits, axis=-1)
     out = [y]
     for _ in range(max_tokens - 1):

@@ -27,6 +27,7 @@ import mlx.nn as nn
 
 from kvp_mlx.adapters import arch_of, kv_shapes
 from kvp_mlx.errors import KVPError
+from kvp_mlx.methods import PrefillResult, run_prefill
 from kvp_mlx.predictor import KVPredictor, load_predictor
 from kvp_mlx.runtime_env import resolve_dtype
 
@@ -50,19 +51,25 @@ class KVPModel:
 
     def prefill(
         self,
-        tokens: mx.array,
+        tokens: mx.array | list,
         method: str = "kvp",
         prefill_step_size: int = 2048,
         **options: Any,
-    ) -> "PrefillResult":  # noqa: F821 - defined in kvp_mlx.methods
+    ) -> PrefillResult:
         """Fill the cache for a prompt ``tokens`` [B, T] with a registered prefill method.
 
         Returns a :class:`kvp_mlx.methods.PrefillResult` with ``.cache`` (the decoder's filled
-        cache) and ``.logits`` ([B, vocab], the logits for the last prompt token).
+        cache) and ``.logits`` ([B, vocab], the logits for the last prompt token). On a rank of a
+        distributed prefill that does not decode, use :func:`kvp_mlx.methods.run_prefill`.
         """
-        from kvp_mlx.methods import run_prefill
-
-        return run_prefill(self, tokens, method, prefill_step_size=prefill_step_size, **options)
+        result = run_prefill(self, tokens, method, prefill_step_size=prefill_step_size, **options)
+        if not isinstance(result, PrefillResult):
+            rank = result.info.get("rank")
+            raise KVPError(
+                f"this process (rank {rank}) helped a distributed '{method}' prefill but holds no cache: "
+                "the last rank decodes (use kvp_mlx.methods.run_prefill on helper ranks)"
+            )
+        return result
 
     @property
     def is_random(self) -> bool:

@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from kvp_mlx.decode import decode_greedy
+from kvp_mlx.methods import run_prefill
 from kvp_mlx.model import load
 
 PROMPTS = [(1, 1, 0), (1, 2, 1), (1, 23, 2), (2, 37, 3)]  # (batch, length, seed)
@@ -33,7 +34,7 @@ def main() -> None:
         vocab = model.base.args.vocab_size
         for index, (batch, length, seed) in enumerate(PROMPTS):
             tokens = mx.random.randint(0, vocab, (batch, length), key=mx.random.key(seed))
-            result = model.prefill(tokens, method="runahead", split=split, prefill_step_size=int(step),
+            result = run_prefill(model, tokens, method="runahead", split=split, prefill_step_size=int(step),
                                    timeout_s=float(timeout), share_logits=index in SHARED)
             rank = result.info["rank"]
             key = f"m{model_index}_b{batch}_t{length}"

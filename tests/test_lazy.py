@@ -211,7 +211,7 @@ def test_batches_and_bad_options_are_refused(identity_dirs):
             model.prefill(two, method=method)
     with pytest.raises(KVPError, match="unknown lazy schedule"):
         model.prefill(prompt(9), method="lazy", schedule="quick")
-    with pytest.raises(KVPError, match="keep rate"):
+    with pytest.raises(KVPError, match="option .keep. of method .rp.: must lie in"):
         model.prefill(prompt(9), method="rp", keep=0.0)
 
 

@@ -86,7 +86,7 @@ def test_single_process_runahead_is_base_prefill(identity_dirs):
     assert ra.info["ranks"] == 1 and ra.info["decodes"] and ra.method == "runahead"
     assert mx.array_equal(base.logits, ra.logits).item()
     assert mx.array_equal(decode_greedy(base, DECODE), decode_greedy(ra, DECODE)).item()
-    with pytest.raises(KVPError, match="unknown runahead split"):
+    with pytest.raises(KVPError, match="option 'split' of method 'runahead' must be one of balanced, even"):
         model.prefill(tokens, method="runahead", split="random")
 
 

@@ -30,6 +30,7 @@ def _names(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvp_mlx.bench.cases import method_listing
     from kvp_mlx.bench.models import PAIRS
     from kvp_mlx.bench.ttft import PROFILES
 
@@ -43,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", default=[],
                         help="a KV Prediction or mlx-lm model directory or repo id (repeatable)")
     parser.add_argument("--methods", type=_names,
-                        help="methods to time, comma-separated (default: all registered ones and mlx-lm)")
+                        help="methods to time, comma-separated (default: all registered ones and plain mlx-lm; "
+                        f"method options take their defaults): {method_listing()}")
     parser.add_argument("--prompt-lengths", type=_ints, help="prompt lengths in tokens, e.g. 128,512")
     parser.add_argument("--batch-sizes", type=_ints, help="batch sizes, e.g. 1,8")
     parser.add_argument("--device", type=_names, default=["cpu"], help="cpu, gpu or cpu,gpu (default: cpu)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvp_mlx.commands.method_flags import method_option, method_options
+
 HELP = "generate text from a prompt, reporting time to first token"
 DESCRIPTION = """\
 Generate a continuation of a prompt. With --method kvp (the default) the auxiliary model
@@ -17,6 +19,7 @@ peak memory. Without --model the embedded default model runs (offline).
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvp_mlx.commands.method_flags import add_method_arguments, method_summaries
     from kvp_mlx.methods import available_methods
 
     parser.description = DESCRIPTION
@@ -24,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the embedded demo model)")
     parser.add_argument("--prompt", "-p", required=True, help="prompt text, or '-' to read standard input")
     parser.add_argument("--method", default="kvp", choices=available_methods(),
-                        help="prefill method (default: kvp)")
+                        help=f"prefill method (default: kvp). {method_summaries()}")
     parser.add_argument("--max-tokens", "-m", type=int, default=100, help="tokens to generate (default: 100)")
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
     parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (default: off)")
@@ -36,25 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                         help="compute dtype (default: float32 on cpu, float16 on gpu)")
     parser.add_argument("--device", choices=["cpu", "gpu"], help="device (default: MLX's)")
-    parser.add_argument("--lazy-schedule", default=None,
-                        help="--method lazy: pruning schedule, a preset (L0.75-0.75 ... L0.75-0.01, "
-                        "L0.50-0.5 ... L0.50-0.01) or 'layer:keep,...' (default: L0.75-0.25)")
-    parser.add_argument("--rp-keep", type=float, default=None,
-                        help="--method rp: fraction of prompt tokens kept (default: 0.5)")
     parser.add_argument("--compare", action="store_true",
                         help="run base and the chosen method (kvp when --method is base) on the same prompt; "
                         "print both TTFTs and whether the first tokens agree")
     parser.add_argument("--verbose", "-v", action="store_true", help="print model and method details")
-    ra = parser.add_argument_group(
-        "runahead", "--method runahead splits the prefill over the ranks of an mx.distributed group; "
-        "launch with e.g. `mlx.launch --backend ring --hosts 127.0.0.1 -n 2 -- kvp-mlx generate "
-        "--method runahead ...`. The last rank decodes and prints; the others print nothing.")
-    ra.add_argument("--runahead-split", choices=["balanced", "even"], default="balanced",
-                    help="prompt split between ranks: balanced by a cost model (default) or even")
-    ra.add_argument("--runahead-split-table", metavar="FILE",
-                    help="split table (JSON, from `kvp-mlx runahead-bench --save-table`) for the balanced split")
-    ra.add_argument("--runahead-timeout", type=float, default=120.0, metavar="SECONDS",
-                    help="give up (exit with an error) when a peer rank sends nothing for this long (default: 120)")
+    add_method_arguments(parser)
 
 
 def _read_prompt(text: str) -> str:
@@ -68,18 +57,6 @@ def _report(last, label: str = "") -> None:
     print(f"{tag}Peak memory: {last.peak_memory_gb:.3f} GB")
 
 
-def method_options(args: argparse.Namespace, method: str) -> dict:
-    """Method-specific options (pruning methods, runahead), passed through to the prefill method."""
-    if method == "lazy" and args.lazy_schedule is not None:
-        return {"schedule": args.lazy_schedule}
-    if method == "rp" and args.rp_keep is not None:
-        return {"keep": args.rp_keep}
-    if method == "runahead":
-        return {"split": args.runahead_split, "split_table": args.runahead_split_table,
-                "timeout_s": args.runahead_timeout}
-    return {}
-
-
 def _stream(model, prompt: str, args: argparse.Namespace, method: str, show: bool):
     from kvp_mlx.generation import stream_generate
 
@@ -87,7 +64,7 @@ def _stream(model, prompt: str, args: argparse.Namespace, method: str, show: boo
     for last in stream_generate(
         model, prompt, method=method, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
         top_k=args.top_k, min_p=args.min_p, seed=args.seed, prefill_step_size=args.prefill_step_size,
-        **method_options(args, method),
+        **(method_options(args, method) if method == args.method else {}),
     ):
         if show:
             print(last.text, end="", flush=True)
@@ -106,12 +83,7 @@ def run(args: argparse.Namespace) -> int:
         raise KVPError("empty prompt")
     if args.max_tokens < 1:
         raise KVPError("--max-tokens must be at least 1")
-    if args.lazy_schedule is not None and args.method != "lazy":
-        raise KVPError("--lazy-schedule applies to --method lazy")
-    if args.rp_keep is not None and args.method != "rp":
-        raise KVPError("--rp-keep applies to --method rp")
-    if args.runahead_timeout <= 0:
-        raise KVPError("--runahead-timeout must be positive")
+    method_options(args, args.method)  # a wrong method option fails here, before any work
     device = set_device(args.device)
     if args.method == "runahead" and not _is_output_rank(args):
         return _help_runahead_prefill(args, prompt)
@@ -156,7 +128,7 @@ def _is_output_rank(args: argparse.Namespace) -> bool:
     from kvp_mlx.errors import KVPError
     from kvp_mlx.runahead.prefill import decoding_rank
 
-    group = join_group(args.runahead_timeout)
+    group = join_group(method_option(args, "runahead", "timeout_s"))
     if args.compare and group.size() > 1:
         raise KVPError("--compare runs in one process; to compare runahead over several ranks with base "
                        "prefill use `kvp-mlx runahead-bench`")
@@ -167,8 +139,8 @@ def _ranks_ready(args: argparse.Namespace) -> None:
     """Runahead: every rank has loaded the model before the timed prefill starts."""
     from kvp_mlx.runahead.group import barrier, join_group
 
-    group = join_group(args.runahead_timeout)
-    barrier(group, args.runahead_timeout)
+    group = join_group(method_option(args, "runahead", "timeout_s"))
+    barrier(group, method_option(args, "runahead", "timeout_s"))
     if args.verbose:
         print(f"runahead: rank {group.rank()} of {group.size()} starts the prefill", file=sys.stderr, flush=True)
 
@@ -176,13 +148,14 @@ def _ranks_ready(args: argparse.Namespace) -> None:
 def _help_runahead_prefill(args: argparse.Namespace, prompt: str) -> int:
     """A rank that does not decode: take part in the prefill, print nothing, exit."""
     from kvp_mlx.generation import encode_prompt
+    from kvp_mlx.methods import run_prefill
     from kvp_mlx.model import load
 
     model = load(args.model, dtype=args.dtype)
     ids = encode_prompt(model, prompt)
     _ranks_ready(args)
-    model.prefill(ids[None], method="runahead", prefill_step_size=args.prefill_step_size,
-                  **method_options(args, "runahead"))
+    run_prefill(model, ids[None], method="runahead", prefill_step_size=args.prefill_step_size,
+                **method_options(args, "runahead"))
     return 0
 
 

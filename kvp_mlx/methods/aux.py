@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from kvp_mlx.methods import PrefillResult, register
-from kvp_mlx.methods.base import plain_prefill
-from kvp_mlx.methods.kvp import require_aux
+from kvp_mlx.methods.base import plain_prefill, plain_prefill_cost
+from kvp_mlx.methods.interface import Capabilities, PrefillMethod, PrefillModel, PrefillResult, register
 
 
-@register("aux")
-def prefill_aux(model, tokens: mx.array, prefill_step_size: int = 2048) -> PrefillResult:
-    require_aux(model, "aux")
+def prefill_aux(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 2048) -> PrefillResult:
+    assert model.aux is not None  # Capabilities.needs_aux: checked by run_prefill
     cache, logits = plain_prefill(model.aux, tokens, prefill_step_size)
     return PrefillResult(cache, logits, model.aux, "aux", {})
+
+
+register(PrefillMethod(
+    name="aux",
+    summary="the auxiliary model alone prefills and decodes (the paper's aux-only baseline)",
+    prefill=prefill_aux,
+    capabilities=Capabilities(needs_aux=True, decoder="aux"),
+    cost=lambda model, tokens, chunk, batch, info: plain_prefill_cost(model.aux, tokens, chunk, batch),
+))

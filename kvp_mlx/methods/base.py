@@ -6,7 +6,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
-from kvp_mlx.methods import PrefillResult, register
+from kvp_mlx.flops import model_shape, prefill_flops, prefill_scores
+from kvp_mlx.methods.interface import Cost, PrefillMethod, PrefillModel, PrefillResult, register
 
 
 def fill_cache(lm: nn.Module, tokens: mx.array, prefill_step_size: int) -> list:
@@ -25,7 +26,19 @@ def plain_prefill(lm: nn.Module, tokens: mx.array, prefill_step_size: int) -> tu
     return cache, logits
 
 
-@register("base")
-def prefill_base(model, tokens: mx.array, prefill_step_size: int = 2048) -> PrefillResult:
+def prefill_base(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 2048) -> PrefillResult:
     cache, logits = plain_prefill(model.base, tokens, prefill_step_size)
     return PrefillResult(cache, logits, model.base, "base", {})
+
+
+def plain_prefill_cost(lm: nn.Module, tokens: int, chunk: int, batch: int) -> Cost:
+    shape = model_shape(lm)
+    return Cost(prefill_flops(shape, tokens, chunk, batch), prefill_scores(shape, tokens, chunk, batch))
+
+
+register(PrefillMethod(
+    name="base",
+    summary="plain base prefill, the reference (what mlx-lm's generate_step does)",
+    prefill=prefill_base,
+    cost=lambda model, tokens, chunk, batch, info: plain_prefill_cost(model.base, tokens, chunk, batch),
+))

@@ -6,29 +6,19 @@ from __future__ import annotations
 import mlx.core as mx
 
 from kvp_mlx.adapters import inject_raw_kv, prefill_capturing_raw_kv
-from kvp_mlx.errors import KVPError
-from kvp_mlx.methods import PrefillResult, register
+from kvp_mlx.flops import kvp_flops, kvp_scores, model_shape
 from kvp_mlx.methods.base import prefill_base
+from kvp_mlx.methods.interface import Capabilities, Cost, PrefillMethod, PrefillModel, PrefillResult, register
 
 
-def require_aux(model, method: str) -> None:
-    if model.aux is None or model.predictor is None:
-        raise KVPError(
-            f"method '{method}' needs an auxiliary model and a predictor; "
-            f"{model.path} is a base-only model (use --method base)"
-        )
-
-
-def predict_base_cache(model, prefix: mx.array, prefill_step_size: int = 2048) -> list:
+def predict_base_cache(model: PrefillModel, prefix: mx.array, prefill_step_size: int = 2048) -> list:
     """Base KV cache for ``prefix`` [B, T-1], predicted from the auxiliary model's prefill."""
     _, aux_keys, aux_values, _ = prefill_capturing_raw_kv(model.aux, prefix, prefill_step_size)
     predicted = model.predictor(aux_keys, aux_values)
     return inject_raw_kv(model.base, predicted, dtype=model.dtype)
 
 
-@register("kvp")
-def prefill_kvp(model, tokens: mx.array, prefill_step_size: int = 2048) -> PrefillResult:
-    require_aux(model, "kvp")
+def prefill_kvp(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 2048) -> PrefillResult:
     if tokens.shape[1] == 1:  # nothing to predict: the base step alone is the whole prefill
         result = prefill_base(model, tokens, prefill_step_size)
         result.method = "kvp"
@@ -36,3 +26,17 @@ def prefill_kvp(model, tokens: mx.array, prefill_step_size: int = 2048) -> Prefi
     cache = predict_base_cache(model, tokens[:, :-1], prefill_step_size)
     logits = model.base(tokens[:, -1:], cache=cache)[:, -1, :]
     return PrefillResult(cache, logits, model.base, "kvp", {})
+
+
+def kvp_cost(model: PrefillModel, tokens: int, chunk: int, batch: int, info: dict) -> Cost:
+    base, aux = model_shape(model.base), model_shape(model.aux)
+    return Cost(kvp_flops(base, aux, model.predictor, tokens, chunk, batch), kvp_scores(base, aux, tokens, chunk, batch))
+
+
+register(PrefillMethod(
+    name="kvp",
+    summary="KV Prediction: auxiliary prefill of tokens[:-1] -> predictor -> base cache -> one base step",
+    prefill=prefill_kvp,
+    capabilities=Capabilities(needs_aux=True),
+    cost=kvp_cost,
+))

@@ -18,11 +18,11 @@ import mlx.core as mx
 import numpy as np
 
 from kvp_mlx.layerwise import check_layerwise_support
-from kvp_mlx.methods import PrefillResult, register
+from kvp_mlx.methods.interface import Capabilities, Option, PrefillMethod, PrefillModel, PrefillResult, register
 from kvp_mlx.methods.lazy_schedule import (  # noqa: F401  (lazy_tokens_per_layer: public)
-    DEFAULT_SCHEDULE, LazySchedule, keep_count, lazy_tokens_per_layer, parse_schedule,
+    DEFAULT_SCHEDULE, PRESETS, LazySchedule, keep_count, lazy_tokens_per_layer, parse_schedule,
 )
-from kvp_mlx.methods.pruning import LazyDecoder, LazyKVCache, PlanFn, StepPlan, forward_step, require_single_prompt
+from kvp_mlx.methods.pruning import LazyDecoder, LazyKVCache, PlanFn, StepPlan, forward_step, pruned_cost
 
 
 def lazy_plan(schedule: LazySchedule, n_layers: int) -> PlanFn:
@@ -36,11 +36,10 @@ def lazy_plan(schedule: LazySchedule, n_layers: int) -> PlanFn:
     return plan
 
 
-@register("lazy")
 def prefill_lazy(
-    model, tokens: mx.array, prefill_step_size: int = 2048, schedule: "str | LazySchedule" = DEFAULT_SCHEDULE
+    model: PrefillModel, tokens: mx.array, prefill_step_size: int = 2048,
+    schedule: "str | LazySchedule" = DEFAULT_SCHEDULE,
 ) -> PrefillResult:
-    require_single_prompt(tokens, "lazy")
     lm = model.base
     check_layerwise_support(lm)
     sched = parse_schedule(schedule)
@@ -50,3 +49,20 @@ def prefill_lazy(
     logits, computed = forward_step(lm, caches, tokens, plan(caches, tokens.shape[1]), prefill_step_size)
     info = {"tokens_per_layer": computed, "schedule": sched.name, "keep_rates": rates}
     return PrefillResult(caches, logits[:, -1, :], LazyDecoder(lm, plan, "lazy"), "lazy", info)
+
+
+def _check_schedule(value: "str | LazySchedule") -> str | None:
+    parse_schedule(value)  # raises a KVPError naming the presets
+    return None
+
+
+register(PrefillMethod(
+    name="lazy",
+    summary="LazyLLM token pruning; an Aux Cache revives pruned tokens while decoding (base model, B=1)",
+    prefill=prefill_lazy,
+    options=(Option("schedule", str, DEFAULT_SCHEDULE,
+                    f"pruning schedule: a preset ({PRESETS[0]} ... {PRESETS[-1]}) or 'layer:keep,...'",
+                    check=_check_schedule),),
+    capabilities=Capabilities(batch=False),
+    cost=pruned_cost,
+))

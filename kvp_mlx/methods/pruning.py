@@ -22,6 +22,8 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 
 from kvp_mlx.errors import KVPError
+from kvp_mlx.flops import model_shape, pruned_prefill_flops, pruned_prefill_scores
+from kvp_mlx.methods.interface import Cost
 from kvp_mlx.layerwise import (
     block_kv, check_layerwise_support, embed, final_logits, last_query_attention, run_block,
 )
@@ -238,9 +240,10 @@ class LazyDecoder(nn.Module):
         return steps[0] if len(steps) == 1 else mx.concatenate(steps, axis=1)
 
 
-def require_single_prompt(tokens: mx.array, method: str) -> None:
-    if tokens.shape[0] != 1:
-        raise KVPError(
-            f"method '{method}' prunes each prompt differently, so it runs one prompt at a time (B=1); "
-            f"got a batch of {tokens.shape[0]}"
-        )
+def pruned_cost(model, tokens: int, chunk: int, batch: int, info: dict) -> Cost | None:
+    """FLOPs and attention scores of a pruned prefill, from what it computed (``info["tokens_per_layer"]``)."""
+    kept = info.get("tokens_per_layer")
+    shape = model_shape(model.base)
+    if not kept or len(kept) != len(shape.layers):
+        return None  # known only after a run
+    return Cost(pruned_prefill_flops(shape, kept, chunk, batch), pruned_prefill_scores(shape, kept, chunk, batch))

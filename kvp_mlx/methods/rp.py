@@ -10,10 +10,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from kvp_mlx.errors import KVPError
 from kvp_mlx.layerwise import check_layerwise_support
-from kvp_mlx.methods import PrefillResult, register
-from kvp_mlx.methods.pruning import LazyDecoder, LazyKVCache, StepPlan, forward_step, require_single_prompt
+from kvp_mlx.methods.interface import Capabilities, Option, PrefillMethod, PrefillModel, PrefillResult, register
+from kvp_mlx.methods.pruning import LazyDecoder, LazyKVCache, StepPlan, forward_step, pruned_cost
 from kvp_mlx.methods.lazy_schedule import keep_count
 
 
@@ -31,12 +30,8 @@ def _decode_plan(caches: list[LazyKVCache], n_new: int) -> StepPlan:
     return StepPlan(np.sort(active), [total] * len(caches))
 
 
-@register("rp")
-def prefill_rp(model, tokens: mx.array, prefill_step_size: int = 2048, keep: float = 0.5,
+def prefill_rp(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 2048, keep: float = 0.5,
                prune_seed: int = 0) -> PrefillResult:
-    require_single_prompt(tokens, "rp")
-    if not 0 < keep <= 1:
-        raise KVPError(f"rp keep rate must lie in (0, 1], got {keep}")
     lm = model.base
     check_layerwise_support(lm)
     T = tokens.shape[1]
@@ -45,3 +40,17 @@ def prefill_rp(model, tokens: mx.array, prefill_step_size: int = 2048, keep: flo
     logits, computed = forward_step(lm, caches, tokens, plan, prefill_step_size)
     info = {"tokens_per_layer": computed, "keep": keep}
     return PrefillResult(caches, logits[:, -1, :], LazyDecoder(lm, _decode_plan, "rp"), "rp", info)
+
+
+register(PrefillMethod(
+    name="rp",
+    summary="random token pruning, the paper's weakest baseline (base model, B=1)",
+    prefill=prefill_rp,
+    options=(
+        Option("keep", float, 0.5, "fraction of prompt tokens kept",
+               check=lambda v: None if 0 < v <= 1 else f"must lie in (0, 1], got {v}"),
+        Option("prune_seed", int, 0, "seed of the random choice of kept tokens", flag="--rp-seed"),
+    ),
+    capabilities=Capabilities(batch=False),
+    cost=pruned_cost,
+))

@@ -152,6 +152,7 @@ def run_rank(model_dir: str, n_tokens: int, repeats: int, variants: Sequence[str
              threads: int, timeout_s: float) -> None:
     """One rank of the benchmark (started by :func:`run_runahead_bench`)."""
     from kvp_mlx.model import load
+    from kvp_mlx.methods import run_prefill
 
     group = join_group(timeout_s)
     last = group.rank() == group.size() - 1
@@ -179,8 +180,8 @@ def run_rank(model_dir: str, n_tokens: int, repeats: int, variants: Sequence[str
                 set_blas_threads(threads)
                 barrier(group, timeout_s)
                 tic = time.perf_counter()
-                result = model.prefill(tokens, method="runahead", split=variant, split_table=table,
-                                       timeout_s=timeout_s)
+                result = run_prefill(model, tokens, method="runahead", split=variant, split_table=table,
+                                     timeout_s=timeout_s)
                 elapsed = time.perf_counter() - tic  # the last rank's logits are evaluated
                 bounds[variant] = result.info["bounds"]
                 done = Path(out).parent / f"{variant}-done-{round_index}"

@@ -45,8 +45,10 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from kvp_mlx.adapters import kv_shapes
 from kvp_mlx.runahead.group import DEFAULT_TIMEOUT_S, guarded, join_group
 from kvp_mlx.errors import KVPError
-from kvp_mlx.methods import PrefillResult, register
-from kvp_mlx.methods.base import prefill_base
+from kvp_mlx.methods.base import plain_prefill_cost, prefill_base
+from kvp_mlx.methods.interface import (
+    Capabilities, Option, PrefillMethod, PrefillModel, PrefillResult, PeerRankResult, register,
+)
 from kvp_mlx.runahead.split import CostModel, SplitTable, balanced_split, even_split
 
 SPLITS = ("balanced", "even")
@@ -185,9 +187,8 @@ def _agree_on_inputs(group: mx.distributed.Group, tokens: mx.array, n_layers: in
                        "same model on the same prompt, with the same split options)")
 
 
-@register("runahead")
 def prefill_runahead(
-    model,
+    model: PrefillModel,
     tokens: mx.array,
     prefill_step_size: int = 2048,
     split: str = "balanced",
@@ -195,7 +196,7 @@ def prefill_runahead(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     group: mx.distributed.Group | None = None,
     share_logits: bool = False,
-) -> PrefillResult:
+) -> PrefillResult | PeerRankResult:
     if split not in SPLITS:
         raise KVPError(f"unknown runahead split '{split}' (one of {', '.join(SPLITS)})")
     if timeout_s <= 0:
@@ -235,9 +236,34 @@ def prefill_runahead(
             logits = mx.distributed.all_sum(logits, group=group)  # one row per prompt, from the last rank
             mx.eval(logits)
     info = {"rank": rank, "ranks": ranks, "bounds": bounds, "split": split, "decodes": stage.last}
-    return PrefillResult(cache if stage.last else None, logits, lm, "runahead", info)
+    if not stage.last:
+        return PeerRankResult("runahead", logits, info)
+    return PrefillResult(cache, logits, lm, "runahead", info)
 
 
 def decoding_rank(group: mx.distributed.Group) -> int:
     """The rank that holds the full cache after a runahead prefill and decodes: the last one."""
     return group.size() - 1
+
+
+register(PrefillMethod(
+    name="runahead",
+    summary="KV-Runahead: the prefill split across the ranks of an mx.distributed group (exact; "
+    "launch with mlx.launch); the last rank decodes",
+    prefill=prefill_runahead,
+    options=(
+        Option("split", str, "balanced", "prompt split between ranks: balanced by a cost model, or even",
+               choices=SPLITS),
+        Option("split_table", str, None,
+               "split table (JSON, from `kvp-mlx runahead-bench --save-table`) for the balanced split"),
+        Option("timeout_s", float, DEFAULT_TIMEOUT_S,
+               "give up with an error when a peer rank sends nothing for this many seconds",
+               check=lambda v: None if v > 0 else "must be positive", flag="--runahead-timeout"),
+        Option("share_logits", bool, False, "every rank gets the first-token logits (one all-sum)"),
+        Option("group", mx.distributed.Group, None, "the process group (default: join the launched one)", cli=False),
+    ),
+    # The same work as a base prefill, split over the ranks.
+    cost=lambda model, tokens, chunk, batch, info: plain_prefill_cost(model.base, tokens, chunk, batch),
+    capabilities=Capabilities(needs_launch="needs several processes (an mx.distributed ring); time it with "
+                              "`kvp-mlx runahead-bench`"),
+))
