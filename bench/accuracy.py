@@ -25,7 +25,8 @@ from pathlib import Path
 import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 
-from kvp_mlx.flops import kvp_flops, model_shape, prefill_flops, pruned_prefill_flops
+from kvp_mlx.errors import KVPError
+from kvp_mlx.methods import get_method
 from kvp_mlx.model import KVPModel, load
 
 PROMPT_TOKENS, CONTINUATION_TOKENS, MAX_WINDOWS = 192, 64, 96
@@ -88,7 +89,7 @@ def score(model: KVPModel, method: str, samples, options: dict, chunk: int = 204
     flops = 0
     for prompt, continuation in samples:
         result = model.prefill(mx.array([prompt]), method=method, prefill_step_size=chunk, **options)
-        flops += ttft_flops(model, method, len(prompt), chunk, result.info.get("tokens_per_layer"))
+        flops += ttft_flops(model, method, len(prompt), chunk, result.info)
         logits = result.logits[:, None, :]
         if len(continuation) > 1:
             rest = result.decoder(mx.array([continuation[:-1]]), cache=result.cache)
@@ -103,12 +104,13 @@ def score(model: KVPModel, method: str, samples, options: dict, chunk: int = 204
             "ttft_flops": flops / len(samples)}
 
 
-def ttft_flops(model: KVPModel, method: str, tokens: int, chunk: int, tokens_per_layer: list[int] | None) -> int:
-    if method == "kvp":
-        return kvp_flops(model_shape(model.base), model_shape(model.aux), model.predictor, tokens, chunk)
-    if tokens_per_layer is not None:  # token pruning: what the method actually computed
-        return pruned_prefill_flops(model_shape(model.base), tokens_per_layer, chunk)
-    return prefill_flops(model_shape(model.base), tokens, chunk)
+def ttft_flops(model: KVPModel, method: str, tokens: int, chunk: int, info: dict) -> int:
+    """The method's declared TTFT FLOPs for one prompt (token pruning: what the run computed)."""
+    spec = get_method(method)
+    cost = spec.cost(model, tokens, chunk, 1, info) if spec.cost is not None else None
+    if cost is None:
+        raise KVPError(f"method '{method}' declares no FLOPs model for this run")
+    return cost.flops
 
 
 def markdown(report: dict) -> str:

@@ -19,14 +19,6 @@ a tensor + sequence parallel baseline, for this machine's model and for Llama-2-
 links (FLOP counts; no measurement). On a machine with fewer cores than ranks the ranks share cores: read the measured speedup
 as an overhead check, not as what separate devices would give."""
 
-# (title, FLOP/s per device, link bytes/s, link latency s): settings for the predictions
-SCENARIOS = [
-    ("A100-class GPUs (150 TFLOP/s fp16), NVLink 3 (300 GB/s)", 150e12, 300e9, 5e-6),
-    ("A100-class GPUs (150 TFLOP/s fp16), PCIe 4 x16 (25 GB/s)", 150e12, 25e9, 10e-6),
-    ("Mac-class GPUs (20 TFLOP/s fp16), Thunderbolt (5 GB/s)", 20e12, 5e9, 50e-6),
-    ("Mac-class GPUs (20 TFLOP/s fp16), 10 Gb Ethernet (1.25 GB/s)", 20e12, 1.25e9, 50e-6),
-]
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
@@ -46,29 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="per-step rank timeout in seconds (default: 600)")
 
 
-def _predictions(cost) -> list[str]:
-    from kvp_mlx.runahead.split import CostModel
-    from kvp_mlx.runahead.bench import llama2_7b_shape, predicted_speedups
-
-    def table(title: str, model_cost) -> list[str]:
-        rows = predicted_speedups(model_cost)
-        out = [title, "  ranks  tokens   balanced/single  even/single  balanced vs TSP"]
-        out += [f"  {r['ranks']:5d}  {r['tokens']:6d}   {r['vs_single']:14.2f}x  {r['even_vs_single']:10.2f}x"
-                f"  {r['vs_tsp']:14.2f}x" for r in rows]
-        return out
-
-    lines = table("Predicted for the benchmarked model, cost model and ring link measured here:", cost)
-    llama = llama2_7b_shape()
-    for title, flops, bandwidth, latency in SCENARIOS:
-        model_cost = CostModel.from_model(llama, flops_per_s=flops, dtype_bytes=2)
-        lines += table(f"Predicted for Llama-2-7B on {title}:", model_cost.with_link(bandwidth, latency))
-    return lines
-
-
 def run(args: argparse.Namespace) -> int:
     from kvp_mlx.errors import KVPError
     from kvp_mlx.runahead.split import CostModel
-    from kvp_mlx.runahead.bench import build_bench_model, run_runahead_bench
+    from kvp_mlx.runahead.bench import build_bench_model, prediction_tables, run_runahead_bench
 
     if args.ranks < 2:
         raise KVPError("--ranks must be at least 2")
@@ -86,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                                     save_table=args.save_table)
     print(result.summary())
     if args.predict:
-        print("\n".join(_predictions(CostModel(**result.cost_model))))
+        print("\n".join(prediction_tables(CostModel(**result.cost_model))))
     if args.json:
         from dataclasses import asdict
 

@@ -274,6 +274,34 @@ def llama2_7b_shape() -> nn.Module:
     ))
 
 
+# Scenarios for the Llama-2-7B prediction: (title, FLOP/s per rank, link bytes/s, link latency s).
+SCENARIOS = [
+    ("A100-class GPUs (150 TFLOP/s fp16), NVLink 3 (300 GB/s)", 150e12, 300e9, 5e-6),
+    ("A100-class GPUs (150 TFLOP/s fp16), PCIe 4 x16 (25 GB/s)", 150e12, 25e9, 10e-6),
+    ("Mac-class GPUs (20 TFLOP/s fp16), Thunderbolt (5 GB/s)", 20e12, 5e9, 50e-6),
+    ("Mac-class GPUs (20 TFLOP/s fp16), 10 Gb Ethernet (1.25 GB/s)", 20e12, 1.25e9, 50e-6),
+]
+
+
+def prediction_tables(cost: CostModel) -> list[str]:
+    """Predicted speedups for the measured model and for Llama-2-7B on Mac-class links (text lines)."""
+
+    def table(title: str, model_cost) -> list[str]:
+        rows = predicted_speedups(model_cost)
+        out = [title, "  ranks  tokens   balanced/single  even/single  balanced vs TSP"]
+        out += [f"  {r['ranks']:5d}  {r['tokens']:6d}   {r['vs_single']:14.2f}x  {r['even_vs_single']:10.2f}x"
+                f"  {r['vs_tsp']:14.2f}x" for r in rows]
+        return out
+
+    lines = table("Predicted for the benchmarked model, cost model and ring link measured here:", cost)
+    llama = llama2_7b_shape()
+    for title, flops, bandwidth, latency in SCENARIOS:
+        model_cost = CostModel.from_model(llama, flops_per_s=flops, dtype_bytes=2)
+        lines += table(f"Predicted for Llama-2-7B on {title}:", model_cost.with_link(bandwidth, latency))
+    return lines
+
+
+
 def _main() -> None:
     parser = argparse.ArgumentParser(description="one rank of kvp-mlx runahead-bench (internal)")
     parser.add_argument("--model", required=True)
