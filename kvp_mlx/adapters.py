@@ -184,7 +184,12 @@ def recording_raw_kv(model: nn.Module) -> Iterator[list[RawKV]]:
             sink = RawKV()
             sinks.append(sink)
             for name, record in arch.raw_kv.taps(attn, sink).items():
-                inner = getattr(attn, name)
+                if name not in attn:
+                    raise KVPError(
+                        f"{model_type_of(model)}: mlx-lm's {type(attn).__name__} has no '{name}', where this "
+                        "runtime captures raw K/V (an mlx-lm release this version does not support?)"
+                    )
+                inner = attn[name]
                 setattr(attn, name, _Tap(inner, record))
                 swapped.append((attn, name, inner))
         yield sinks
