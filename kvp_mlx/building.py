@@ -8,7 +8,6 @@ OpenELM shapes with random weights: timing needs no trained weights and no downl
 from __future__ import annotations
 
 import copy
-import importlib
 import re
 import shutil
 from pathlib import Path
@@ -17,9 +16,9 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import save_config, save_model
+from mlx_lm.utils import _get_classes, save_config, save_model
 
-from kvp_mlx.adapters import kv_shapes
+from kvp_mlx.adapters import kv_shapes, sliding_window_layers
 from kvp_mlx.model import write_kvp_config
 from kvp_mlx.predictor import KVPredictor, PredictorConfig, default_layer_mapping
 
@@ -31,11 +30,15 @@ def num_layers(config: dict) -> int:
 
 
 def build_model(config: dict, seed: int | None = None) -> nn.Module:
-    """An mlx-lm model of ``config``'s architecture with random weights (evaluated)."""
+    """An mlx-lm model of ``config``'s architecture with random weights (evaluated).
+
+    The model class is the one mlx-lm's loader picks for the config (its model-type remapping
+    included: ``mistral`` runs as mlx-lm's ``llama``).
+    """
     if seed is not None:
         mx.random.seed(seed)
-    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
-    model = module.Model(module.ModelArgs.from_dict(config))
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
     mx.eval(model.parameters())
     return model
 
@@ -62,6 +65,13 @@ def layer_pruned(model: nn.Module, config: dict, keep: Sequence[int]) -> tuple[n
             new = f"{m.group(1)}layers.{new_index[int(m.group(2))]}."
             weights.append((name[: m.start()] + new + name[m.end() :], value))
     pruned = build_model(cfg)
+    sliding = set(sliding_window_layers(model))
+    kinds = [i in sliding for i in keep]
+    if kinds != [i in set(sliding_window_layers(pruned)) for i in range(len(keep))]:
+        raise ValueError(
+            f"keeping layers {list(keep)} changes which layers use a sliding window "
+            f"(the config's layer pattern cannot express {['sliding' if k else 'global' for k in kinds]})"
+        )
     pruned.load_weights(weights)
     return pruned, cfg
 

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from kvp_mlx.adapters import Arch, arch_of
+from kvp_mlx.adapters import Arch, arch_of, model_type_of, sliding_window_layers
 from kvp_mlx.errors import KVPError
 
 # attend(queries, keys, values, scale) -> output [B, H, L, D]; all after norm and RoPE.
@@ -23,9 +23,12 @@ Attend = Callable[[mx.array, mx.array, mx.array, float], mx.array]
 
 
 def check_layerwise_support(model: nn.Module) -> Arch:
-    """The model's architecture, refusing what the helpers cannot drive (sliding-window layers)."""
+    """The model's architecture, refusing what the helpers cannot drive: blocks other than the
+    plain pre-norm ones :func:`run_block` assumes, and sliding-window attention layers."""
     arch = arch_of(model)
-    if any(getattr(layer, "use_sliding", False) for layer in model.layers):
+    if arch.not_layerwise:
+        raise KVPError(f"token pruning does not support {model_type_of(model)}: {arch.not_layerwise}")
+    if sliding_window_layers(model):
         raise KVPError("token pruning does not support sliding-window attention layers")
     return arch
 

@@ -18,7 +18,10 @@ from kvp_mlx.building import (  # noqa: F401  (re-exported for tests)
 
 
 def tiny_config(arch: str, n_layers: int = 2, vocab_size: int = 512) -> dict:
-    """A small config of each supported architecture (GQA, and each arch's key-norm habit)."""
+    """A small config of each supported architecture (GQA, and each arch's key-norm habit).
+
+    ``arch`` is a short name: openelm, llama, mistral, qwen2, qwen3, gemma3 (mlx-lm's gemma3_text).
+    """
     if arch == "openelm":
         return {
             "model_type": "openelm", "head_dim": 16, "num_transformer_layers": n_layers,
@@ -38,6 +41,12 @@ def tiny_config(arch: str, n_layers: int = 2, vocab_size: int = 512) -> dict:
         return {"model_type": "qwen2", **common, "tie_word_embeddings": True}
     if arch == "qwen3":
         return {"model_type": "qwen3", **common, "head_dim": 16, "tie_word_embeddings": True}
+    if arch == "gemma3":  # sliding-window layers (window 8) and global ones: S G S G ...
+        return {
+            "model_type": "gemma3_text", **common, "head_dim": 16, "rope_theta": 1_000_000.0,
+            "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 16, "sliding_window": 8,
+            "sliding_window_pattern": 2 if n_layers > 1 else 1,
+        }
     raise ValueError(f"no tiny config for architecture '{arch}'")
 
 

@@ -12,7 +12,9 @@ from mlx.utils import tree_flatten
 
 from kvp_mlx import testing as mb
 
-ARCHS = ["openelm", "llama", "qwen2", "qwen3"]
+ARCHS = ["openelm", "llama", "mistral", "qwen2", "qwen3", "gemma3"]
+# Architectures token pruning (lazy, rp) refuses, with the text its error names.
+NOT_LAYERWISE = {"gemma3": "gemma3_text"}
 VOCAB = 512
 
 

@@ -17,16 +17,28 @@ from kvp_mlx.methods.lazy_schedule import (
 )
 from kvp_mlx.model import load
 
-from conftest import ARCHS, VOCAB
+from conftest import ARCHS, NOT_LAYERWISE, VOCAB
 
 
 def prompt(length: int, seed: int = 0) -> mx.array:
     return mx.random.randint(0, VOCAB, (1, length), key=mx.random.key(seed))
 
 
+def refused(model, arch: str) -> bool:
+    """Architectures token pruning cannot drive: both methods refuse them with a clear error."""
+    if arch not in NOT_LAYERWISE:
+        return False
+    for method, options in (("lazy", {"schedule": "L0.5-0.25"}), ("rp", {"keep": 0.5})):
+        with pytest.raises(KVPError, match=f"token pruning does not support {NOT_LAYERWISE[arch]}"):
+            model.prefill(prompt(21), method=method, **options)
+    return True
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_keep_everything_reproduces_base(identity_dirs, arch):
     model = load(identity_dirs[arch])
+    if refused(model, arch):
+        return
     tokens = prompt(21, seed=1)
     reference = decode_greedy(model.prefill(tokens, method="base"), 16)
     for method, options in (("lazy", {"schedule": "L1.0-1.0"}), ("rp", {"keep": 1.0})):
@@ -66,6 +78,8 @@ def test_pruned_prefill_equals_dense_model_with_pruned_keys_masked(identity_dirs
     """Pruning the tokens outside A_j from layer j on = the dense mlx-lm blocks with those keys
     masked out from layer j on; and A_{j+1} is the top of the last token's attention over A_j."""
     model = load(identity_dirs[arch])
+    if refused(model, arch):
+        return
     lm, T = model.base, 24
     tokens = prompt(T, seed=2)
     res = model.prefill(tokens, method="lazy", schedule="L0.5-0.25", prefill_step_size=7)

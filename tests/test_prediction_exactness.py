@@ -9,9 +9,12 @@ from mlx.utils import tree_flatten
 from kvp_mlx import testing as mb
 from kvp_mlx.adapters import inject_raw_kv, prefill_capturing_raw_kv
 from kvp_mlx.decode import decode_greedy
+from kvp_mlx.errors import KVPError
 from kvp_mlx.methods import PrefillResult
+from kvp_mlx.methods.base import fill_cache
+from kvp_mlx.methods.kvp import predict_base_cache
 from kvp_mlx.model import load
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
 from conftest import ARCHS, VOCAB
 
@@ -35,26 +38,40 @@ def test_identity_predictor_reproduces_base(identity_dirs, arch, batch):
     assert mx.array_equal(base_tokens, kvp_tokens).item()
 
 
-@pytest.mark.parametrize("arch", ["openelm", "qwen3", "llama"])
-def test_layer_pruned_identity_injects_the_kept_layers_cache(identity_dirs, arch):
-    """Aux = base layers {0, 2}; each kept base layer mapped to itself with identity maps ->
-    the injected cache of base layers 0 and 2 equals the cache those same layers (the aux's
-    layers 0 and 1, with the base's weights) hold after a normal mlx-lm prefill."""
+def _same_cache(a, b, what: str, tol: float = 1e-5) -> None:
+    """Two caches of the same classes and sizes holding the same K/V (within ``tol``)."""
+    assert type(a) is type(b), f"{what}: {type(a).__name__} != {type(b).__name__}"
+    assert a.offset == b.offset, f"{what}: offset {a.offset} != {b.offset}"
+    assert a.keys.shape == b.keys.shape, f"{what}: stored {a.keys.shape} != {b.keys.shape}"
+    if isinstance(a, RotatingKVCache):
+        assert a._idx == b._idx, f"{what}: write index {a._idx} != {b._idx}"
+    for x, y in ((a.keys, b.keys), (a.values, b.values)):
+        assert mx.abs(x - y).max().item() <= tol, what
+
+
+@pytest.mark.parametrize("arch,keep", [
+    ("openelm", [0, 2]), ("qwen3", [0, 2]), ("llama", [0, 2]), ("mistral", [0, 2]),
+    ("gemma3", [0, 1]),  # S G S: dropping the middle layer would make the config's pattern S G
+])
+def test_layer_pruned_identity_injects_the_kept_layers_cache(identity_dirs, arch, keep):
+    """Aux = base layers ``keep``; each kept base layer mapped to itself with identity maps ->
+    the injected cache of those base layers equals the cache those same layers (the aux's
+    layers, with the base's weights) hold after mlx-lm's own prefill."""
     model = load(identity_dirs[arch])
     cfg = mb.tiny_config(arch, n_layers=3, vocab_size=VOCAB)
-    aux, _ = mb.layer_pruned(model.base, cfg, [0, 2])
-    pred = mb.make_predictor(model.base, aux, mapping=[0, 0, 1], init="identity")
+    aux, _ = mb.layer_pruned(model.base, cfg, keep)
+    mapping = [max(j for j, k in enumerate(keep) if k <= i) for i in range(3)]
+    pred = mb.make_predictor(model.base, aux, mapping=mapping, init="identity")
     tokens = prompt(2, 13)
     _, keys, values, _ = prefill_capturing_raw_kv(aux, tokens, 2048)
     injected = inject_raw_kv(model.base, pred(keys, values))
-    own = [KVCache() for _ in aux.layers]
+    own = make_prompt_cache(aux)
     aux(tokens, cache=own)
-    for base_layer, aux_layer in ((0, 0), (2, 1)):
-        for a, b in zip(injected[base_layer].state[:2], own[aux_layer].state[:2]):
-            assert mx.abs(a[..., :13, :] - b[..., :13, :]).max().item() <= 1e-5
+    for aux_layer, base_layer in enumerate(keep):
+        _same_cache(injected[base_layer], own[aux_layer], f"{arch} base layer {base_layer}")
 
 
-@pytest.mark.parametrize("arch", ["openelm", "llama"])
+@pytest.mark.parametrize("arch", ["openelm", "llama", "gemma3"])
 def test_layer_pruned_aux_of_prefix_layers_is_exact(identity_dirs, arch):
     """Keeping a prefix of layers {0, 1}: those two base layers' injected caches equal the base's."""
     model = load(identity_dirs[arch])
@@ -64,10 +81,44 @@ def test_layer_pruned_aux_of_prefix_layers_is_exact(identity_dirs, arch):
     tokens = prompt(1, 17, seed=5)
     _, keys, values, _ = prefill_capturing_raw_kv(aux, tokens, 2048)
     injected = inject_raw_kv(model.base, pred(keys, values))
-    reference = model.prefill(mx.concatenate([tokens, tokens[:, :1]], axis=1), method="base").cache
+    reference = fill_cache(model.base, tokens, 2048)
     for layer in (0, 1):
-        for a, b in zip(injected[layer].state[:2], reference[layer].state[:2]):
-            assert mx.abs(a[..., :17, :] - b[..., :17, :]).max().item() <= 1e-5
+        _same_cache(injected[layer], reference[layer], f"{arch} layer {layer}")
+
+
+@pytest.mark.parametrize("step", [8, 5, 3, 2048])
+def test_sliding_window_prediction_has_the_base_cache_layout(identity_dirs, step):
+    """gemma3 (window 8): the kvp-predicted cache of a 20-token prefix has the cache classes,
+    offsets, stored lengths and write positions of the base's own chunked prefill, and (identity
+    predictor) the same K/V; then both decode alike."""
+    model = load(identity_dirs["gemma3"])
+    tokens = prompt(2, 21, seed=4)
+    predicted = predict_base_cache(model, tokens[:, :-1], step)
+    reference = fill_cache(model.base, tokens[:, :-1], step)
+    assert any(isinstance(c, RotatingKVCache) for c in reference)
+    for layer, (a, b) in enumerate(zip(predicted, reference)):
+        _same_cache(a, b, f"gemma3 step {step} layer {layer}")
+    kvp = model.prefill(tokens, method="kvp", prefill_step_size=step)
+    base = model.prefill(tokens, method="base", prefill_step_size=step)
+    assert mx.abs(kvp.logits - base.logits).max().item() <= 1e-5
+    assert mx.array_equal(decode_greedy(kvp, 12), decode_greedy(base, 12)).item()
+
+
+def test_injecting_into_a_warm_cache_extends_it(identity_dirs):
+    """Raw K/V of positions 12..19 written after a cache already holding 0..11 (a RotatingKVCache
+    on gemma3's sliding layers) give the cache the base's own two-chunk prefill leaves."""
+    model = load(identity_dirs["gemma3"])
+    tokens = prompt(1, 21, seed=6)
+    _, keys, values, _ = prefill_capturing_raw_kv(model.base, tokens[:, :20], 12)
+    warm = inject_raw_kv(model.base, [(k[..., :12, :], v[..., :12, :]) for k, v in zip(keys, values)])
+    with pytest.raises(KVPError, match="cache holds 12 positions"):
+        inject_raw_kv(model.base, [(k[..., 12:, :], v[..., 12:, :]) for k, v in zip(keys, values)], cache=warm)
+    inject_raw_kv(model.base, [(k[..., 12:, :], v[..., 12:, :]) for k, v in zip(keys, values)], cache=warm, offset=12)
+    reference = fill_cache(model.base, tokens[:, :20], 12)
+    for layer, (a, b) in enumerate(zip(warm, reference)):
+        _same_cache(a, b, f"layer {layer}", tol=0.0)
+    logits = model.base(tokens[:, 20:], cache=warm)
+    assert mx.array_equal(logits, model.base(tokens[:, 20:], cache=reference)).item()
 
 
 def test_injected_cache_is_used(random_pair_dir):

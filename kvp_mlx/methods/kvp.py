@@ -11,11 +11,20 @@ from kvp_mlx.methods.base import prefill_base
 from kvp_mlx.methods.interface import Capabilities, Cost, PrefillMethod, PrefillModel, PrefillResult, register
 
 
-def predict_base_cache(model: PrefillModel, prefix: mx.array, prefill_step_size: int = 2048) -> list:
-    """Base KV cache for ``prefix`` [B, T-1], predicted from the auxiliary model's prefill."""
-    _, aux_keys, aux_values, _ = prefill_capturing_raw_kv(model.aux, prefix, prefill_step_size)
+def predict_base_cache(
+    model: PrefillModel, prefix: mx.array, prefill_step_size: int = 2048, *, max_kv_size: int | None = None
+) -> list:
+    """Base KV cache for ``prefix`` [B, T-1], predicted from the auxiliary model's prefill.
+
+    Both caches are mlx-lm's own (``make_prompt_cache(..., max_kv_size)``), and the predicted
+    K/V are written in ``prefill_step_size`` chunks: the result has the cache classes and sizes
+    the base's own chunked prefill of ``prefix`` would leave (sliding-window layers included).
+    """
+    _, aux_keys, aux_values, _ = prefill_capturing_raw_kv(model.aux, prefix, prefill_step_size, max_kv_size)
     predicted = model.predictor(aux_keys, aux_values)
-    return inject_raw_kv(model.base, predicted, dtype=model.dtype)
+    return inject_raw_kv(
+        model.base, predicted, dtype=model.dtype, prefill_step_size=prefill_step_size, max_kv_size=max_kv_size
+    )
 
 
 def prefill_kvp(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 2048) -> PrefillResult:

@@ -42,7 +42,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from kvp_mlx.adapters import kv_shapes
+from kvp_mlx.adapters import kv_shapes, model_type_of, sliding_window_layers
 from kvp_mlx.runahead.group import DEFAULT_TIMEOUT_S, guarded, join_group
 from kvp_mlx.errors import KVPError
 from kvp_mlx.methods.base import plain_prefill_cost, prefill_base
@@ -201,6 +201,10 @@ def prefill_runahead(
         raise KVPError(f"unknown runahead split '{split}' (one of {', '.join(SPLITS)})")
     if timeout_s <= 0:
         raise KVPError("the runahead timeout must be positive")
+    sliding = sliding_window_layers(model.base)
+    if sliding:  # ranks pass whole prefixes on; a RotatingKVCache keeps only a window of them
+        raise KVPError(f"runahead does not support sliding-window attention layers "
+                       f"({model_type_of(model.base)} layers {', '.join(map(str, sliding))})")
     group = join_group(timeout_s) if group is None else group
     ranks, rank = group.size(), group.rank()
     if ranks == 1:
