@@ -180,3 +180,14 @@ def test_tokenizer_smaller_than_the_vocabulary(pair_copy, tmp_path):
     check_tokenizer_covers_vocab(32000, 32128, "corenet's LLaMA-2 tokenizer for a padded embedding")
     with pytest.raises(KVPError, match="has 32000 pieces but the model's vocabulary has 32768"):
         check_tokenizer_covers_vocab(32000, 32768, "a tokenizer")
+
+
+def test_random_timing_models_cover_their_vocabulary(tmp_path):
+    """`kvp-mlx runahead-bench` builds an OpenELM-270M-shaped model (32000 rows) with a small test
+    tokenizer, padded so that the loading rule accepts it."""
+    from kvp_mlx.runahead.bench import build_bench_model
+
+    model = load(build_bench_model(tmp_path / "bench", "OpenELM-270M", n_layers=1))
+    assert len(model.tokenizer.get_vocab()) == model.base.args.vocab_size == 32000
+    ids = model.tokenizer.encode("def f(x): return x")
+    assert max(ids) < 512 and model.tokenizer.decode(ids).endswith("def f(x): return x")
