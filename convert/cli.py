@@ -17,7 +17,7 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from kvp_mlx.errors import KVPError
-from kvp_mlx.model import write_kvp_config
+from kvp_mlx.model import check_tokenizer_covers_vocab, write_kvp_config
 from kvp_mlx.predictor import KVPredictor
 from kvp_mlx.tokenizer_files import vocab_size, write_tokenizer_files
 
@@ -108,12 +108,14 @@ def convert_checkpoint(
             single, single_w = openelm_weights(tensors, single, "model")
 
         if tokenizer is not None:
-            model_vocab = min(c.vocab_size for c in ((base, aux) if kvp else (single,)))
+            vocabs = [c.vocab_size for c in ((base, aux) if kvp else (single,))]
             pieces = vocab_size(tokenizer)
-            if pieces > model_vocab:
+            if pieces > min(vocabs):
                 raise KVPError(
-                    f"tokenizer {tokenizer} has {pieces} pieces, more than the model's vocabulary of {model_vocab}"
+                    f"tokenizer {tokenizer} has {pieces} pieces, more than the model's vocabulary of {min(vocabs)}"
                 )
+            # the rule `kvp-mlx generate` applies when loading (padded embeddings are fine)
+            check_tokenizer_covers_vocab(pieces, max(vocabs), f"tokenizer {tokenizer}")
 
         total = sum(t.nbytes for t in tensors.values())
         with atomic_output_dir(out, force) as tmp, tqdm(
@@ -176,7 +178,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.tokenizer is None:
-        print("note: no --tokenizer given; mlx_lm.load needs tokenizer files beside the weights", file=sys.stderr)
+        where = f"{out}/base and {out}/aux" if (Path(out) / "kvp_config.json").is_file() else str(out)
+        print(
+            f"note: no --tokenizer given, so {where} has no tokenizer and cannot be loaded yet: copy the model's "
+            "tokenizer.json and tokenizer_config.json there, or convert again with --tokenizer tokenizer.model",
+            file=sys.stderr,
+        )
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

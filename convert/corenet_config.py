@@ -116,6 +116,9 @@ class OpenELMConfig:
     rope_freq_constant: float = 10000
     rms_norm_eps: float = 1e-6
     model_name: str = field(default="", compare=False)
+    # the context length the model was trained for (corenet's general_gpt.max_context_length), kept
+    # in config.json under Hugging Face OpenELM's name; mlx-lm's openelm ignores it
+    max_context_length: int | None = field(default=None, compare=False)
 
     def ffn_dims(self) -> list[int]:
         return [
@@ -129,6 +132,8 @@ class OpenELMConfig:
         """The ``config.json`` dict for an mlx-lm OpenELM directory."""
         d = asdict(self)
         name = d.pop("model_name")
+        if d["max_context_length"] is None:
+            del d["max_context_length"]
         return {"model_type": "openelm", **d, **({"corenet_model_name": name} if name else {})}
 
 
@@ -216,6 +221,7 @@ def config_from_json(path: str | Path, vocab_size: int | None = None) -> OpenELM
         rope_freq_constant=d.get("rope_freq_constant", 10000),
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         model_name=str(d.get("model_name", "")),
+        max_context_length=_context_length(d.get("max_context_length"), str(path)),
     )
 
 
@@ -229,6 +235,7 @@ class ModelRef:
     lm_name: str  # general_gpt | layer_pruned_general_gpt
     model_name: str
     vocab_size: int | None
+    max_context_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -266,7 +273,16 @@ def _model_ref(opts: dict[str, Any], where: str) -> ModelRef:
     if not model_name:
         raise KVPError(f"{where}: no {_LM}.general_gpt.model_name")
     vocab = opts.get(f"{_LM}.general_gpt.vocab_size")
-    return ModelRef(lm_name, str(model_name), int(vocab) if vocab is not None else None)
+    context = _context_length(opts.get(f"{_LM}.general_gpt.max_context_length"), where)
+    return ModelRef(lm_name, str(model_name), int(vocab) if vocab is not None else None, context)
+
+
+def _context_length(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise KVPError(f"{where}: max_context_length must be a positive integer, got {value!r}")
+    return value
 
 
 def _sub_model_opts(opts: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
@@ -304,10 +320,12 @@ def read_training_yaml(path: str | Path) -> TrainingConfig:
 def resolve_config(ref: ModelRef, role: str, json_path: str | Path | None, flag: str) -> OpenELMConfig:
     """A sub-model's config: from its ``config.json`` when given, else from corenet's tables."""
     if json_path is not None:
-        return config_from_json(json_path, vocab_size=ref.vocab_size)
+        cfg = config_from_json(json_path, vocab_size=ref.vocab_size)
+        # the training YAML's context length is the checkpoint's; the config.json's is a fallback
+        return replace(cfg, max_context_length=ref.max_context_length or cfg.max_context_length)
     if ref.model_name not in known_model_names():
         raise KVPError(
             f"unknown model name {ref.model_name!r} for the {role} model; known names: "
             f"{', '.join(known_model_names())}; for other models pass {flag} with an OpenELM config.json"
         )
-    return named_config(ref.model_name, ref.vocab_size or 32000)
+    return replace(named_config(ref.model_name, ref.vocab_size or 32000), max_context_length=ref.max_context_length)

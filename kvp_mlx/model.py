@@ -106,6 +106,44 @@ def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) ->
         ) from None
 
 
+# Files any of which lets transformers' AutoTokenizer build a tokenizer (fast, SentencePiece,
+# GPT-2-style BPE, WordPiece or tiktoken).
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tiktoken.model")
+
+# A tokenizer must cover at least this fraction of the model's vocabulary (embedding rows).
+# Real checkpoints pad the embedding beyond the tokenizer (Qwen2.5: 151665 pieces for 151936 rows,
+# 99.8%; corenet's OpenELM: 32000 LLaMA pieces for up to 32128 rows, 99.6%); a tokenizer clearly
+# smaller than that (under 99%) is the wrong tokenizer for the model.
+MIN_TOKENIZER_COVERAGE = 0.99
+
+
+def check_tokenizer_covers_vocab(pieces: int, vocab_size: int, what: str) -> None:
+    """Refuse a tokenizer with clearly fewer pieces than the model's vocabulary (see `MIN_TOKENIZER_COVERAGE`)."""
+    if pieces < MIN_TOKENIZER_COVERAGE * vocab_size:
+        raise KVPError(
+            f"{what} has {pieces} pieces but the model's vocabulary has {vocab_size} entries; a tokenizer must "
+            f"cover at least {MIN_TOKENIZER_COVERAGE:.0%} of the vocabulary (is it the model's own tokenizer?)"
+        )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_MARKERS) or any(directory.glob("*.tiktoken"))
+
+
+def _unreadable_weights(directory: Path, what: str, error: Exception) -> KVPError:
+    """The error for weights mlx cannot read, naming the first unreadable ``*.safetensors`` file."""
+    for f in sorted(directory.glob("*.safetensors")):
+        try:
+            mx.load(str(f))  # reads and checks the header and tensor offsets, not the data
+        except Exception as e:  # noqa: BLE001 - mlx raises RuntimeError, but any failure names the file
+            return KVPError(f"{what} model weights {f} are unreadable (corrupt or truncated file?): {_one_line(e)}")
+    return KVPError(f"cannot load {what} model weights from {directory}: {_one_line(error)}")
+
+
 def load_lm(directory: Path, what: str = "base") -> tuple[nn.Module, Any, dict]:
     """An mlx-lm model directory: (model, tokenizer, config), with clear errors."""
     import mlx_lm
@@ -114,16 +152,27 @@ def load_lm(directory: Path, what: str = "base") -> tuple[nn.Module, Any, dict]:
     hf_logging.set_verbosity_error()  # silence "model of type openelm ..." notices from AutoConfig
     if not (directory / "config.json").is_file():
         raise KVPError(f"{what} model directory {directory} has no config.json")
+    if not _has_tokenizer(directory):
+        # mlx-lm / transformers would report this as a missing sentencepiece package
+        raise KVPError(
+            f"{what} model directory {directory} has no tokenizer: copy the model's tokenizer.json and "
+            "tokenizer_config.json into it (for a corenet checkpoint, convert again with --tokenizer tokenizer.model)"
+        )
     try:
         model, tokenizer, config = mlx_lm.load(str(directory), return_config=True)
     except ValueError as e:
-        msg = str(e)
+        msg = _one_line(e)
         if "not supported" in msg or "Model type" in msg:
             raise KVPError(f"{what} model: {msg}") from None
         raise KVPError(f"cannot load {what} model from {directory}: {msg}") from None
     except (FileNotFoundError, OSError) as e:
-        raise KVPError(f"cannot load {what} model from {directory}: {e}") from None
+        raise KVPError(f"cannot load {what} model from {directory}: {_one_line(e)}") from None
+    except RuntimeError as e:  # mlx's safetensors reader: truncated or corrupt weights
+        raise _unreadable_weights(directory, what, e) from None
     arch_of(model)  # raises a clear error for an unsupported architecture
+    vocab_size = config.get("vocab_size")
+    if isinstance(vocab_size, int):
+        check_tokenizer_covers_vocab(len(tokenizer.get_vocab()), vocab_size, f"the {what} model's tokenizer in {directory}")
     return model, tokenizer, config
 
 

@@ -154,3 +154,22 @@ def write_tokenizer_files(model_path: str | Path, out_dir: str | Path) -> dict[s
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     (out_dir / "special_tokens_map.json").write_text(json.dumps(names, indent=2, ensure_ascii=False))
     return {f"{role}_token_id": idx for role, (_, idx) in special.items() if role in ("bos", "eos")}
+
+
+def pad_vocabulary(directory: str | Path, size: int) -> None:
+    """Grow ``directory/tokenizer.json`` (a BPE or WordLevel model) to ``size`` pieces with unused
+    ``<unused{i}>`` pieces that encoding never produces.
+
+    For random-weight timing models: their embedding has a real model's size, which a small test
+    tokenizer would not cover (see `kvp_mlx.model.MIN_TOKENIZER_COVERAGE`).
+    """
+    path = Path(directory) / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    if not isinstance(vocab, dict):
+        raise KVPError(f"{path}: only BPE and WordLevel tokenizers can be padded")
+    used = set(vocab.values()) | {t["id"] for t in data.get("added_tokens", [])}
+    for i in range(size):
+        if i not in used:
+            vocab[f"<unused{i}>"] = i
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")

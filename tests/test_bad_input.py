@@ -13,7 +13,7 @@ import pytest
 
 from kvp_mlx import testing as mb
 from kvp_mlx.errors import KVPError
-from kvp_mlx.model import load
+from kvp_mlx.model import MIN_TOKENIZER_COVERAGE, check_tokenizer_covers_vocab, load
 
 from conftest import VOCAB
 
@@ -72,7 +72,8 @@ def test_missing_aux_dir(pair_copy):
 
 
 def test_tokenizer_mismatch(pair_copy, tmp_path):
-    other = mb.build_byte_tokenizer(tmp_path / "other", ["completely different text " * 50], VOCAB - 100)
+    # as many pieces as the model's vocabulary, trained on other text: a different tokenizer
+    other = mb.build_byte_tokenizer(tmp_path / "other", mb.default_tokenizer_texts()[::-1][:3], VOCAB)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(other / name, pair_copy / "aux" / name)
     assert_one_line_error(run_cli("generate", "--model", str(pair_copy), "--prompt", "hi"), "tokenizers differ")
@@ -131,3 +132,62 @@ def test_base_only_directory_refuses_kvp(tmp_path, tokenizer_dir):
     assert model.prefill(mx.array([[1, 2, 3]]), method="base").logits.shape == (1, VOCAB)
     with pytest.raises(KVPError, match="base-only"):
         model.prefill(mx.array([[1, 2, 3]]), method="kvp")
+
+
+TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def test_corrupt_or_truncated_weights_name_the_file(pair_copy, random_pair_dir):
+    weights = pair_copy / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # truncated: tensor data runs past the end
+    assert_one_line_error(run_cli("generate", "--model", str(pair_copy), "--prompt", "hi"),
+                          f"base model weights {weights} are unreadable", "truncated")
+    shutil.copy(random_pair_dir / "base" / "model.safetensors", weights)
+    aux_weights = pair_copy / "aux" / "model.safetensors"
+    aux_weights.write_bytes(b"\x00garbage")
+    with pytest.raises(KVPError, match=f"auxiliary model weights {aux_weights} are unreadable"):
+        load(pair_copy)
+
+
+def test_missing_tokenizer_says_how_to_give_one(pair_copy):
+    for name in TOKENIZER_NAMES:
+        (pair_copy / "aux" / name).unlink(missing_ok=True)
+    assert_one_line_error(run_cli("generate", "--model", str(pair_copy), "--prompt", "hi"),
+                          f"auxiliary model directory {pair_copy / 'aux'} has no tokenizer",
+                          "tokenizer.json", "--tokenizer")
+
+
+def _replace_tokenizer(model_dir: Path, tokenizer_dir: Path) -> None:
+    for role in ("base", "aux"):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer_dir / name, model_dir / role / name)
+
+
+def test_tokenizer_smaller_than_the_vocabulary(pair_copy, tmp_path):
+    """Refused below 99% of the model's vocabulary; a padded embedding (the tokenizer a little
+    smaller, as Qwen2.5's 151665 pieces for 151936 rows) loads."""
+    limit = MIN_TOKENIZER_COVERAGE * VOCAB  # 506.88 for VOCAB 512
+    small = mb.build_byte_tokenizer(tmp_path / "small", mb.default_tokenizer_texts(), int(limit))
+    _replace_tokenizer(pair_copy, small)
+    assert_one_line_error(run_cli("generate", "--model", str(pair_copy), "--prompt", "hi"),
+                          f"has {int(limit)} pieces", f"vocabulary has {VOCAB} entries", "at least 99%")
+    enough = mb.build_byte_tokenizer(tmp_path / "enough", mb.default_tokenizer_texts(), int(limit) + 1)
+    _replace_tokenizer(pair_copy, enough)
+    model = load(pair_copy)
+    assert len(model.tokenizer.get_vocab()) == int(limit) + 1
+    assert model.prefill(mx.array([[1, 2, 3]]), method="kvp").logits.shape == (1, VOCAB)
+    check_tokenizer_covers_vocab(151665, 151936, "Qwen2.5's tokenizer")
+    check_tokenizer_covers_vocab(32000, 32128, "corenet's LLaMA-2 tokenizer for a padded embedding")
+    with pytest.raises(KVPError, match="has 32000 pieces but the model's vocabulary has 32768"):
+        check_tokenizer_covers_vocab(32000, 32768, "a tokenizer")
+
+
+def test_random_timing_models_cover_their_vocabulary(tmp_path):
+    """`kvp-mlx runahead-bench` builds an OpenELM-270M-shaped model (32000 rows) with a small test
+    tokenizer, padded so that the loading rule accepts it."""
+    from kvp_mlx.runahead.bench import build_bench_model
+
+    model = load(build_bench_model(tmp_path / "bench", "OpenELM-270M", n_layers=1))
+    assert len(model.tokenizer.get_vocab()) == model.base.args.vocab_size == 32000
+    ids = model.tokenizer.encode("def f(x): return x")
+    assert max(ids) < 512 and model.tokenizer.decode(ids).endswith("def f(x): return x")

@@ -35,6 +35,8 @@ from convert_helpers import (
 from kvp_mlx.convert import cli
 from kvp_mlx.convert.cli import convert_checkpoint, main
 from kvp_mlx.convert.writer import Quantization
+from kvp_mlx.errors import KVPError
+from kvp_mlx.model import load
 
 TOL = 1e-4
 
@@ -118,6 +120,7 @@ def test_layout_and_configs(converted, case):
         assert [s["heads"] for s in predictor[f"{role}_kv"]] == arch[role]["num_kv_heads"]
         for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
             assert (out / role / name).is_file()
+        assert cfg["max_context_length"] == 64  # the YAML's general_gpt.max_context_length (HF OpenELM's name)
     assert sorted(mx.load(str(out / "predictor.safetensors"))) == sorted(
         f"{kind}.{i}.{p}" for kind in ("key_transforms", "value_transforms")
         for i in range(len(arch["mapping"])) for p in ("weight", "bias")
@@ -235,6 +238,7 @@ def test_untied_embeddings_without_qk_norm_and_padded_vocab(tmp_path):
     config = json.loads((out / "config.json").read_text())
     model, _ = mlx_lm.utils.load_model(out)
     assert config["vocab_size"] == 40 and not config["share_input_output_layers"]
+    assert "max_context_length" not in config  # neither the YAML nor cfg.json gives one
     assert model(mx.array([[1, 2, 39]])).shape == (1, 3, 40)
 
 
@@ -376,3 +380,18 @@ def test_progress_bar_on_large_checkpoints(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_PROGRESS_MIN_BYTES", 0)
     assert main(cli_args("pub_kvpc_gpt_test", tmp_path, tmp_path / "out")) == 0
     assert "converting" in capsys.readouterr().err
+
+
+def test_tokenizer_must_cover_the_vocabulary_and_a_missing_one_is_noted(tmp_path, capsys):
+    case = "pub_kvpc_gpt_test"  # vocabulary of 64
+    out = tmp_path / "out"
+    (tmp_path / "sp48").mkdir()
+    small = fixture_tokenizer(tmp_path / "sp48", 48)
+    fails(capsys, cli_args(case, tmp_path, out, "--tokenizer", str(small)),
+          "has 48 pieces but the model's vocabulary has 64 entries", out)
+    assert main(cli_args(case, tmp_path, out)) == 0
+    note = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
+    assert len(note) == 1 and "no tokenizer" in note[0] and "tokenizer.json" in note[0], note
+    assert f"{out}/base" in note[0] and "--tokenizer" in note[0]
+    with pytest.raises(KVPError, match="has no tokenizer"):
+        load(out)

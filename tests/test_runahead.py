@@ -192,3 +192,35 @@ def test_missing_rank_times_out_while_joining(tmp_path):
     (r,) = launch_local(2, [sys.executable, "-c", code], tmp_path, env=ENV, timeout_s=60, ranks=[0])
     assert r.returncode == -signal.SIGTERM, r.stderr
     assert "error: joining the distributed group" in r.stderr and "nothing happened for 2 s" in r.stderr
+
+
+def test_prompt_from_a_standard_input_that_never_ends(identity_dirs, tmp_path):
+    """Under mlx.launch every rank's standard input is a pipe from the launcher that is never
+    closed. `--prompt -` must neither hang nor need an end of input: nothing arriving is a one-line
+    error on every rank; a prompt that arrives is used (rank 0 reads it and shares it)."""
+    argv = _generate_argv(identity_dirs["openelm"], "--method", "runahead", "--runahead-timeout", "2", prompt="-")
+    read_end, write_end = os.pipe()
+    try:
+        results = launch_local(2, argv, tmp_path, env=ENV, timeout_s=90, stdin=read_end)
+    finally:
+        os.close(read_end)
+    for r in results:
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert r.returncode == 1 and "Traceback" not in r.stderr and len(errors) == 1, (r.rank, r.stderr)
+        assert "--prompt TEXT" in errors[0], errors[0]
+    assert "no prompt arrived on standard input within 2 s" in results[0].stderr
+    assert "rank 0 received no prompt on standard input" in results[1].stderr
+    os.close(write_end)
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, PROMPT.encode())  # and left open, as the launcher does
+    try:
+        results = launch_local(2, argv, tmp_path, env=ENV, timeout_s=120, stdin=read_end)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    for r in results:
+        assert r.returncode == 0, (r.rank, r.stderr[-2000:])
+    expected = generate(load(identity_dirs["openelm"]), PROMPT, method="base", max_tokens=6)
+    assert results[0].stdout == ""
+    assert "method runahead" in results[1].stdout and results[1].stdout.split("=" * 10)[1] == "\n" + expected + "\n"

@@ -119,3 +119,80 @@ def test_data_readers(tmp_path):
     assert seqs.shape == (3, 7) and seqs[1, 0] == 6
     batches = Batches(seqs, 2, seed=1)
     assert mx.array_equal(batches.batch(3), batches.batch(3)).item()
+
+
+def _strict_json(text: str):
+    """Parse JSON, refusing NaN / Infinity (which json.dumps writes by default and JSON lacks)."""
+    def refuse(name):
+        raise AssertionError(f"{name} in JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+    ("--steps", "-3", "--steps must be 0 (calibration only) or more, got -3"),
+    ("--learning-rate", "0", "--learning-rate must be a positive number"),
+    ("--lr", "-0.001", "--learning-rate must be a positive number, got -0.001"),
+    ("--lr", "nan", "--learning-rate must be a positive number, got nan"),
+    ("--seq-len", "0", "--seq-len must be at least 1, got 0"),
+    ("--heldout-fraction", "1", "--heldout-fraction must be in [0, 1), got 1.0"),
+    ("--heldout-fraction", "-0.1", "--heldout-fraction must be in [0, 1)"),
+])
+def test_bad_training_options_fail_before_any_work(tmp_path, capsys, option, value, message):
+    """One-line errors before anything is read: the base model and the data do not even exist."""
+    from kvp_mlx.cli import main
+
+    out = tmp_path / "out"
+    code = main(["train", "--base", str(tmp_path / "no-base"), "--aux-layers", "0", "--data", str(tmp_path / "no-data"),
+                 "--out", str(out), option, value])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not (tmp_path / "out.train").exists()
+
+
+def test_bad_training_option_from_the_command_line(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_bad_input import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli("train", "--base", str(tmp_path / "b"), "--aux-layers", "0", "--data",
+                                  str(tmp_path), "--out", str(tmp_path / "o"), "--batch-size", "0"),
+                          "--batch-size must be at least 1")
+
+
+def test_single_document_trains_without_heldout_and_writes_no_nan(pair, tmp_path, capsys):
+    """One input file cannot be split by document: a note, no held-out eval (null, never NaN)."""
+    from kvp_mlx.cli import main
+
+    single = pair["data"] / "testing.py"
+    out = tmp_path / "single"
+    cfg = KVPRunConfig(base=str(pair["base"]), aux=str(pair["aux"]), data=[str(single)], out=str(out),
+                       seq_len=32, batch_size=4, calibration_batches=2, init="random",
+                       train=TrainConfig(steps=3, learning_rate=3e-3, warmup_steps=1, save_every=1))
+    partial = run_kvp_training(cfg, stop_after=2)
+    assert partial["heldout_sequences"] == 0 and partial["eval_ce_before"] is None
+    state = _strict_json((tmp_path / "single.train" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2
+    note = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
+    assert len(note) == 1 and "single document" in note[0] and "without held-out evaluation" in note[0], note
+
+    code = main(["train", "--base", str(pair["base"]), "--aux", str(pair["aux"]), "--data", str(single),
+                 "--out", str(out), "--seq-len", "32", "--batch-size", "4", "--steps", "3", "--init", "random",
+                 "--calibration-batches", "2", "--warmup-steps", "1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = _strict_json(captured.out[: captured.out.rindex("}") + 1])
+    assert summary["eval_ce_before"] is None and summary["eval_ce_after"] is None
+    assert "single document" in captured.err
+    training = _strict_json((out / "training.json").read_text())
+    assert training["summary"]["eval_ce_after"] is None
+    assert len(_strict_json((out / "train_history.json").read_text())) == 3
+    load(out)
+
+
+def test_json_writers_never_write_nan():
+    from kvp_mlx.training.jsonsafe import dumps_json
+
+    text = dumps_json({"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}})
+    assert _strict_json(text) == {"a": None, "b": [1.5, None], "c": {"d": None}}

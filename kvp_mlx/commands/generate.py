@@ -46,8 +46,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_method_arguments(parser)
 
 
-def _read_prompt(text: str) -> str:
-    return sys.stdin.read() if text == "-" else text
+STDIN_QUIET_S = 1.0  # under a launch, the prompt on standard input ends after this long without data
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    """``--prompt``, or standard input for ``-``.
+
+    Under a distributed launch standard input cannot be read to its end: mlx.launch forwards its
+    own input to every rank but never closes theirs. So rank 0 alone reads it, waiting at most
+    ``--runahead-timeout`` for the first data and ending the prompt once input has been quiet for
+    ``STDIN_QUIET_S``, and shares it with the other ranks (MPI gives standard input to rank 0 only).
+    """
+    from kvp_mlx.errors import KVPError
+    from kvp_mlx.runahead.group import join_group, launched_as_ranks, share_text
+
+    if args.prompt != "-":
+        return args.prompt
+    if not launched_as_ranks():
+        return sys.stdin.read()
+    group = join_group(method_option(args, "runahead", "timeout_s"))
+    prompt, error = None, None
+    if group.rank() == 0:
+        try:
+            prompt = _read_launched_stdin(method_option(args, "runahead", "timeout_s"))
+        except KVPError as e:
+            error = e
+    # rank 0 may spend the whole timeout waiting for input, then the quiet period
+    prompt = share_text(group, prompt, 2 * method_option(args, "runahead", "timeout_s") + STDIN_QUIET_S + 10)
+    if error is not None:
+        raise error
+    if prompt is None:
+        raise KVPError("rank 0 received no prompt on standard input; pass the prompt as --prompt TEXT, "
+                       'e.g. --prompt "$(cat FILE)"')
+    return prompt
+
+
+def _read_launched_stdin(timeout_s: float) -> str:
+    import os
+    import select
+
+    from kvp_mlx.errors import KVPError
+
+    nothing = (f"no prompt arrived on standard input within {timeout_s:g} s (--runahead-timeout); under "
+               "mlx.launch standard input is the launcher's and never ends: pass the prompt as --prompt TEXT, "
+               'e.g. --prompt "$(cat FILE)"')
+    if sys.stdin is None:
+        raise KVPError(nothing)
+    fd, chunks, wait = sys.stdin.fileno(), [], timeout_s
+    while True:
+        if not select.select([fd], [], [], wait)[0]:
+            if chunks:
+                break  # quiet after some input: the launcher never closes it, take what came
+            raise KVPError(nothing)
+        data = os.read(fd, 1 << 16)
+        if not data:
+            break
+        chunks.append(data)
+        wait = STDIN_QUIET_S
+    return b"".join(chunks).decode("utf-8", errors="replace")
 
 
 def _report(last, label: str = "") -> None:
@@ -78,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     from kvp_mlx.model import load
     from kvp_mlx.runtime_env import dtype_name, set_device
 
-    prompt = _read_prompt(args.prompt)
+    method_option(args, "runahead", "timeout_s")  # checked before the prompt is read (it bounds the wait)
+    prompt = _read_prompt(args)
     if not prompt:
         raise KVPError("empty prompt")
     if args.max_tokens < 1:
@@ -87,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     device = set_device(args.device)
     if args.method == "runahead" and not _is_output_rank(args):
         return _help_runahead_prefill(args, prompt)
-    model = load(args.model, dtype=args.dtype)
+    model = _load_runahead_rank(args) if args.method == "runahead" else load(args.model, dtype=args.dtype)
     if model.is_random:
         print("note: this model has RANDOM weights (a demo/timing model, not trained): "
               "expect meaningless text", file=sys.stderr)
@@ -149,14 +206,24 @@ def _help_runahead_prefill(args: argparse.Namespace, prompt: str) -> int:
     """A rank that does not decode: take part in the prefill, print nothing, exit."""
     from kvp_mlx.generation import encode_prompt
     from kvp_mlx.methods import run_prefill
-    from kvp_mlx.model import load
 
-    model = load(args.model, dtype=args.dtype)
+    model = _load_runahead_rank(args)
     ids = encode_prompt(model, prompt)
     _ranks_ready(args)
     run_prefill(model, ids[None], method="runahead", prefill_step_size=args.prefill_step_size,
                 **method_options(args, "runahead"))
     return 0
+
+
+def _load_runahead_rank(args: argparse.Namespace):
+    """Load the model under the watchdog: a rank never hangs in set-up (its peers wait in a barrier)."""
+    from kvp_mlx.model import load
+    from kvp_mlx.runahead.group import join_group, watchdog
+
+    rank = join_group(method_option(args, "runahead", "timeout_s")).rank()
+    with watchdog.guard(f"runahead rank {rank}: loading the model", method_option(args, "runahead", "timeout_s"),
+                        cause="loading is stuck or slow (raise --runahead-timeout for a slow disk)"):
+        return load(args.model, dtype=args.dtype)
 
 
 def _first_token(model, prompt: str, args: argparse.Namespace, method: str) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 HELP = "train a KV predictor (and optionally the auxiliary model) for a base model"
 DESCRIPTION = """\
@@ -75,12 +74,13 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvp_mlx.training.jsonsafe import dumps_json
     from kvp_mlx.training.kvp_run import run_kvp_training
 
     summary = run_kvp_training(config_from_args(args), force=args.force, resume=args.resume)
     history = summary.pop("history")
     if history:
         summary["final_loss"] = history[-1]["loss"]
-    print(json.dumps(summary, indent=2, default=str))
+    print(dumps_json(summary, indent=2, default=str))
     print(f"KV Prediction directory written to {args.out}")
     return 0

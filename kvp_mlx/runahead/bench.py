@@ -103,7 +103,10 @@ def build_bench_model(directory: str | Path, shape: str = "OpenELM-270M", n_laye
 
     directory = Path(directory)
     config = openelm_shape_config(shape, vocab_size, n_layers)
+    from kvp_mlx.tokenizer_files import pad_vocabulary
+
     tok = mb.build_byte_tokenizer(directory / "_tokenizer", mb.default_tokenizer_texts()[:4], 512)
+    pad_vocabulary(tok, vocab_size)  # the embedding is the real model's size: cover it (loading checks)
     mb.save_lm_dir(directory, mb.build_model(config, seed=seed), config, tok)
     return directory
 

@@ -77,9 +77,9 @@ class Watchdog:
             self._child = None
 
     @contextlib.contextmanager
-    def guard(self, what: str, timeout_s: float) -> Iterator[None]:
-        self._send(f"arm {timeout_s} error: {what}: nothing happened for {timeout_s:g} s; a peer rank has "
-                   "probably died or hangs (terminating this rank)")
+    def guard(self, what: str, timeout_s: float, cause: str = "a peer rank has probably died or hangs") -> Iterator[None]:
+        self._send(f"arm {timeout_s} error: {what}: nothing happened for {timeout_s:g} s; {cause} "
+                   "(terminating this rank)")
         try:
             yield
         finally:
@@ -97,6 +97,35 @@ def guarded(what: str, timeout_s: float) -> Iterator[None]:
             yield
         except RuntimeError as e:  # MLX reports a lost peer as RuntimeError ("[ring] connection ... lost")
             raise KVPError(f"{what} failed: {e} (a peer rank probably exited or crashed)") from None
+
+
+# Set by the launchers that start ranks: mlx.launch (ring, jaccl) and MPI implementations.
+LAUNCH_VARIABLES = ("MLX_RANK", "MLX_HOSTFILE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+
+
+def launched_as_ranks() -> bool:
+    """True when this process was started as one rank of a distributed launch."""
+    return any(name in os.environ for name in LAUNCH_VARIABLES)
+
+
+def share_text(group: mx.distributed.Group, text: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> str | None:
+    """Rank 0's ``text`` on every rank (the others' ``text`` is ignored); None everywhere when rank 0 has none.
+
+    The other ranks wait for rank 0 under the watchdog, ``timeout_s`` at most.
+    """
+    if group.size() == 1:
+        return text
+    first = group.rank() == 0
+    data = text.encode("utf-8") if first and text is not None else b""
+    length = (len(data) if text is not None else -1) if first else 0
+    with guarded(f"rank {group.rank()}: waiting for rank 0 to share the prompt", timeout_s):
+        total = int(mx.distributed.all_sum(mx.array([length], dtype=mx.int32), group=group).item())
+        if total <= 0:
+            return None if total < 0 else ""
+        mine = mx.array(list(data), dtype=mx.int32) if first else mx.zeros((total,), dtype=mx.int32)
+        shared = mx.distributed.all_sum(mine, group=group)
+        mx.eval(shared)
+    return bytes(shared.tolist()).decode("utf-8")
 
 
 def join_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> mx.distributed.Group:
@@ -150,12 +179,14 @@ def launch_local(
     env: dict[str, str] | None = None,
     timeout_s: float = 600.0,
     ranks: Sequence[int] | None = None,
+    stdin: int | None = None,
 ) -> list[RankResult]:
     """Run ``argv`` as ``n`` ranks of a local ring (``MLX_HOSTFILE`` + ``MLX_RANK``) and wait.
 
     ``ranks`` starts only some of them (tests use it to leave a rank missing). The BLAS threads are
     split between the ranks (``OPENBLAS_NUM_THREADS``) unless ``env`` sets them. Ranks still running
-    after ``timeout_s`` are killed (return code -9).
+    after ``timeout_s`` are killed (return code -9). ``stdin`` (a file descriptor) is every rank's
+    standard input, as mlx.launch gives each rank a pipe of its own input; by default they inherit ours.
     """
     hostfile = write_local_hostfile(Path(workdir) / "hosts.json", n)
     threads = max(1, (os.cpu_count() or 1) // n)
@@ -164,7 +195,7 @@ def launch_local(
     for rank in ranks if ranks is not None else range(n):
         out = open(Path(workdir) / f"rank{rank}.out", "w+")
         err = open(Path(workdir) / f"rank{rank}.err", "w+")
-        p = subprocess.Popen(list(argv), env={**base_env, "MLX_RANK": str(rank)}, stdout=out, stderr=err)
+        p = subprocess.Popen(list(argv), env={**base_env, "MLX_RANK": str(rank)}, stdin=stdin, stdout=out, stderr=err)
         procs.append((rank, p, out, err))
     deadline = time.monotonic() + timeout_s
     results = []

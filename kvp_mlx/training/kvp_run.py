@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
@@ -17,6 +20,7 @@ from kvp_mlx.errors import KVPError
 from kvp_mlx.model import check_same_tokenizer, load_lm, resolve_model_path
 from kvp_mlx.predictor import default_layer_mapping
 from kvp_mlx.training.data import Batches, pack, read_documents, split_documents, tokenize_documents
+from kvp_mlx.training.jsonsafe import dumps_json
 from kvp_mlx.training.loop import TrainConfig, train
 from kvp_mlx.training.losses import KVPTrainable, LossWeights, kvp_eval_ce, kvp_loss
 from kvp_mlx.training.ridge import ridge_init
@@ -41,6 +45,44 @@ class KVPRunConfig:
     text_field: str = "text"
     loss: LossWeights = field(default_factory=LossWeights)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def check_run_config(cfg: KVPRunConfig) -> None:
+    """Refuse settings that cannot train, before any model or data is read (CLI option names)."""
+
+    def positive_int(value: int, option: str) -> None:
+        if value < 1:
+            raise KVPError(f"{option} must be at least 1, got {value}")
+
+    positive_int(cfg.batch_size, "--batch-size")
+    positive_int(cfg.seq_len, "--seq-len")
+    positive_int(cfg.calibration_batches, "--calibration-batches")
+    positive_int(cfg.lora_rank, "--lora-rank")
+    positive_int(cfg.train.eval_every, "--eval-every")
+    positive_int(cfg.train.save_every, "--save-every")
+    positive_int(cfg.train.eval_batches, "eval_batches")
+    if cfg.train.steps < 0:
+        raise KVPError(f"--steps must be 0 (calibration only) or more, got {cfg.train.steps}")
+    if cfg.train.warmup_steps < 0:
+        raise KVPError(f"--warmup-steps must be 0 or more, got {cfg.train.warmup_steps}")
+    if not (math.isfinite(cfg.train.learning_rate) and cfg.train.learning_rate > 0):
+        raise KVPError(f"--learning-rate must be a positive number, got {cfg.train.learning_rate}")
+    if not (math.isfinite(cfg.train.grad_clip) and cfg.train.grad_clip > 0):
+        raise KVPError(f"--grad-clip must be a positive number, got {cfg.train.grad_clip}")
+    if not (math.isfinite(cfg.train.weight_decay) and cfg.train.weight_decay >= 0):
+        raise KVPError(f"--weight-decay must be 0 or more, got {cfg.train.weight_decay}")
+    if not (math.isfinite(cfg.ridge_lambda) and cfg.ridge_lambda >= 0):
+        raise KVPError(f"--ridge-lambda must be 0 or more, got {cfg.ridge_lambda}")
+    if not (0 <= cfg.heldout_fraction < 1):  # also refuses NaN
+        raise KVPError(f"--heldout-fraction must be in [0, 1), got {cfg.heldout_fraction}")
+    for name, value in (("--lambda-aux", cfg.loss.aux_ce), ("--lambda-consistency", cfg.loss.consistency),
+                        ("--z-loss", cfg.loss.z_loss)):
+        if not (math.isfinite(value) and value >= 0):
+            raise KVPError(f"{name} must be 0 or more, got {value}")
+
+
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr, flush=True)
 
 
 def _fuse_lora(model: nn.Module) -> None:
@@ -72,13 +114,19 @@ def load_data(cfg: KVPRunConfig, tokenizer) -> tuple[Batches, Batches | None]:
         try:
             held = Batches(pack(tokenize_documents(tokenizer, held_docs), cfg.seq_len), cfg.batch_size, cfg.train.seed)
         except KVPError:
-            held = None  # too little held-out text for one sequence
+            _note(f"the held-out documents hold less than one sequence of {cfg.seq_len} tokens; "
+                  "training without held-out evaluation (give more documents or a larger --heldout-fraction)")
+    elif cfg.heldout_fraction > 0:
+        # documents are never split, so one document leaves nothing to hold out
+        _note(f"the training data is a single document ({docs[0][0]}); training without held-out evaluation "
+              "(give several files, a directory or a .jsonl file for a held-out loss)")
     return Batches(train_seqs, cfg.batch_size, cfg.train.seed), held
 
 
 def run_kvp_training(cfg: KVPRunConfig, force: bool = False, resume: bool = False,
                      stop_after: int | None = None) -> dict:
     """Train and write the KV Prediction directory ``cfg.out`` (atomically). Returns a summary."""
+    check_run_config(cfg)
     out = Path(cfg.out)
     work = out.with_name(out.name + ".train")  # checkpoints live here, beside the output
     if out.exists() and not force:
@@ -114,9 +162,9 @@ def run_kvp_training(cfg: KVPRunConfig, force: bool = False, resume: bool = Fals
         raise KVPError(f"unknown --aux-train '{cfg.aux_train}' (full, lora or none)")
     trainable = KVPTrainable(aux, predictor)
 
-    def eval_ce() -> float:
+    def eval_ce() -> float | None:
         if held is None:
-            return float("nan")
+            return None  # no held-out set (noted when the data was read)
         values = [kvp_eval_ce(base, trainable, b).item() for b in held.in_order(cfg.train.eval_batches)]
         return sum(values) / len(values)
 
@@ -134,7 +182,7 @@ def run_kvp_training(cfg: KVPRunConfig, force: bool = False, resume: bool = Fals
         _fuse_lora(aux)
     write_kvp_dir_atomically(out, base, base_config, aux, aux_config, predictor, base_path, source, force,
                              training={"config": _jsonable(cfg), "summary": {k: v for k, v in summary.items() if k != "history"}})
-    (out / "train_history.json").write_text(json.dumps(history))
+    (out / "train_history.json").write_text(dumps_json(history))
     shutil.rmtree(work, ignore_errors=True)
     return summary
 
@@ -146,7 +194,7 @@ def write_kvp_dir_atomically(out: Path, base, base_config, aux, aux_config, pred
     try:
         mb.save_kvp_dir(tmp, base, base_config, aux, aux_config, predictor, tokenizer_dir, source)
         if training is not None:
-            (tmp / "training.json").write_text(json.dumps(training, indent=2, default=str))
+            (tmp / "training.json").write_text(dumps_json(training, indent=2, default=str))
         if out.exists():
             if not force:
                 raise KVPError(f"output {out} exists (use --force to replace it)")

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from kvp_mlx.errors import KVPError
 from kvp_mlx.training.data import Batches
+from kvp_mlx.training.jsonsafe import dumps_json
 
 LossFn = Callable[[mx.array], tuple[mx.array, dict]]
 
@@ -57,7 +58,7 @@ def save_checkpoint(directory: Path, module: nn.Module, optimizer: optim.Optimiz
     tmp.mkdir(parents=True)
     mx.save_safetensors(str(tmp / "trainable.safetensors"), dict(tree_flatten(module.trainable_parameters())))
     mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
+    (tmp / "state.json").write_text(dumps_json({"step": step, "history": history}))
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
         os.replace(directory, old)
