@@ -111,7 +111,8 @@ def is_repo_id(text: str) -> bool:
     return bool(REPO_ID.fullmatch(text)) and not text.startswith((".", "/"))
 
 
-def _hub_snapshot(text: str, revision: str | None) -> Path:
+def _hub_snapshot(text: str, revision: str | None, not_found: str | None = None) -> Path:
+    """Download (or find in the cache) repo ``text``; ``not_found`` begins the error message."""
     from huggingface_hub import snapshot_download
 
     try:
@@ -119,9 +120,9 @@ def _hub_snapshot(text: str, revision: str | None) -> Path:
     except Exception as e:  # hub errors have many types; all mean "not available"
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        not_found = not_found or f"'{text}' is not a local directory and"
         raise KVPError(
-            f"'{text}' is not a local directory and could not be fetched from the Hugging Face hub{hint}: "
-            f"{type(e).__name__}"
+            f"{not_found} could not be fetched from the Hugging Face hub{hint}: {type(e).__name__}"
         ) from None
 
 
@@ -258,10 +259,7 @@ def resolve_entry(root: Path, config: dict, key: str) -> Path:
         raise KVPError(f"{where}: not a directory")
     if not is_repo_id(entry):
         raise KVPError(f"{where}: not found (no directory {root / entry})")
-    try:
-        return _hub_snapshot(entry, revision)
-    except KVPError as e:
-        raise KVPError(f"{where}: not found (no directory {local}, and {e})") from None
+    return _hub_snapshot(entry, revision, not_found=f"{where}: not found (no directory {local}) and")
 
 
 def _layer_pruned_aux(base: nn.Module, base_config: dict, keep: Any, cfg_path: Path) -> nn.Module:
