@@ -72,6 +72,10 @@ def layer_pruned(model: nn.Module, config: dict, keep: Sequence[int]) -> tuple[n
             f"keeping layers {list(keep)} changes which layers use a sliding window "
             f"(the config's layer pattern cannot express {['sliding' if k else 'global' for k in kinds]})"
         )
+    if "quantization" in cfg:  # a quantized base (e.g. an mlx-community 4-bit model): same modules quantized
+        q, names = cfg["quantization"], {name for name, _ in weights}
+        nn.quantize(pruned, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
+                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in names)
     pruned.load_weights(weights)
     return pruned, cfg
 

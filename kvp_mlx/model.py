@@ -11,6 +11,13 @@ Directory layout (written by the converter and the trainer, read by :func:`load`
 
 A plain mlx-lm directory (no ``kvp_config.json``) loads as a base-only model: the ``base``
 method works, ``kvp`` and ``aux`` raise a clear error.
+
+Predictor-only directories (format_version 2) hold just the predictor and name the models:
+"base" and "aux" may each be a path relative to DIR, an absolute path (``~`` expanded), a Hugging
+Face repo id, or ``{"path": PATH_OR_REPO, "revision": REV}``; "aux" may also be
+``{"base_layers": [0, 2, 4]}``, a layer-pruned copy of the base built at load time (KVP-LP).
+Each entry resolves to, in order: a directory relative to DIR, an absolute/expanded directory,
+a repo id through :func:`resolve_model_path` (HF_HUB_OFFLINE honoured).
 """
 
 from __future__ import annotations
@@ -33,7 +40,10 @@ from kvp_mlx.runtime_env import resolve_dtype
 
 KVP_CONFIG = "kvp_config.json"
 FORMAT_NAME = "kvp-mlx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # a self-contained directory: base/ and aux/ inside it
+REFERENCE_FORMAT_VERSION = 2  # names models outside itself; version-1-only readers refuse it cleanly
+READABLE_VERSIONS = (FORMAT_VERSION, REFERENCE_FORMAT_VERSION)
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 
 
@@ -77,8 +87,15 @@ class KVPModel:
         return bool(self.config.get("random_weights"))
 
 
-def write_kvp_config(directory: str | Path, source: str, **extra: Any) -> None:
-    cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "base": "base", "aux": "aux"}
+def write_kvp_config(
+    directory: str | Path, source: str, *, base: str | dict = "base", aux: str | dict = "aux", **extra: Any
+) -> None:
+    """Write ``kvp_config.json``. ``base``/``aux``: the subdirectories of a self-contained directory
+    (the default), or references to models elsewhere (see the module docstring), which makes it a
+    format_version 2 (predictor-only) directory."""
+    self_contained = (base, aux) == ("base", "aux")
+    version = FORMAT_VERSION if self_contained else REFERENCE_FORMAT_VERSION
+    cfg = {"format": FORMAT_NAME, "format_version": version, "base": base, "aux": aux}
     cfg.update(source=source, **extra)
     Path(directory, KVP_CONFIG).write_text(json.dumps(cfg, indent=2))
 
@@ -91,8 +108,18 @@ def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) ->
             raise KVPError(f"model path is not a directory: {path}")
         return path
     text = str(path_or_repo)
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) or text.startswith((".", "/")):
+    if not is_repo_id(text):
         raise KVPError(f"model directory not found: {text}")
+    return _hub_snapshot(text, revision)
+
+
+def is_repo_id(text: str) -> bool:
+    """True for text shaped like a Hugging Face repo id ("owner/name")."""
+    return bool(REPO_ID.fullmatch(text)) and not text.startswith((".", "/"))
+
+
+def _hub_snapshot(text: str, revision: str | None, not_found: str | None = None) -> Path:
+    """Download (or find in the cache) repo ``text``; ``not_found`` begins the error message."""
     from huggingface_hub import snapshot_download
 
     try:
@@ -100,9 +127,9 @@ def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) ->
     except Exception as e:  # hub errors have many types; all mean "not available"
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        not_found = not_found or f"'{text}' is not a local directory and"
         raise KVPError(
-            f"'{text}' is not a local directory and could not be fetched from the Hugging Face hub{hint}: "
-            f"{type(e).__name__}"
+            f"{not_found} could not be fetched from the Hugging Face hub{hint}: {type(e).__name__}"
         ) from None
 
 
@@ -236,13 +263,19 @@ def load(
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise KVPError(f"{cfg_path} is not valid JSON: {e}") from None
-    if config.get("format") != FORMAT_NAME or config.get("format_version") != FORMAT_VERSION:
+    if config.get("format") != FORMAT_NAME or config.get("format_version") not in READABLE_VERSIONS:
+        newer = config.get("format") == FORMAT_NAME and isinstance(config.get("format_version"), int)
+        hint = " (written by a newer kvp-mlx; upgrade kvp-mlx)" if newer and config["format_version"] > max(READABLE_VERSIONS) else ""
         raise KVPError(
-            f"{cfg_path}: unsupported format {config.get('format')!r} version {config.get('format_version')!r}"
+            f"{cfg_path}: unsupported format {config.get('format')!r} version {config.get('format_version')!r}{hint}"
         )
-    base, tokenizer, _ = load_lm(root / config.get("base", "base"), "base")
-    aux, aux_tokenizer, _ = load_lm(root / config.get("aux", "aux"), "auxiliary")
-    check_same_tokenizer(tokenizer, aux_tokenizer)
+    base, tokenizer, base_config = load_lm(resolve_entry(root, config, "base"), "base")
+    aux_entry = config.get("aux", "aux")
+    if isinstance(aux_entry, dict) and "base_layers" in aux_entry:
+        aux = _layer_pruned_aux(base, base_config, aux_entry["base_layers"], cfg_path)
+    else:
+        aux, aux_tokenizer, _ = load_lm(resolve_entry(root, config, "aux"), "auxiliary")
+        check_same_tokenizer(tokenizer, aux_tokenizer)
     predictor = load_predictor(root)
     check_predictor_fits(predictor, base, aux)
     for m in (base, aux, predictor):
@@ -251,6 +284,52 @@ def load(
         base=base, aux=aux, predictor=predictor, tokenizer=tokenizer,
         path=root, config=config, dtype=compute_dtype,
     )
+
+
+ENTRY_NAMES = {"base": "base model", "aux": "auxiliary model"}
+
+
+def resolve_entry(root: Path, config: dict, key: str) -> Path:
+    """The directory of ``config[key]`` ("base" or "aux"): relative to ``root``, then an absolute
+    or ``~`` path, then a Hugging Face repo id (optionally at ``{"revision": ...}``)."""
+    entry = config.get(key, key)
+    shown = f"'{entry}'" if isinstance(entry, str) else json.dumps(entry)
+    where = f"{ENTRY_NAMES[key]} {shown} named in {root / KVP_CONFIG}"
+    revision = None
+    if isinstance(entry, dict):
+        unknown = set(entry) - {"path", "revision"}
+        if unknown or not isinstance(entry.get("path"), str):
+            forms = '"DIR", "owner/repo" or {"path": ..., "revision": ...}'
+            if key == "aux":
+                forms += ' or {"base_layers": [...]}'
+            raise KVPError(f"{where}: expected {forms}")
+        entry, revision = entry["path"], entry.get("revision")
+    if not isinstance(entry, str) or not entry:
+        raise KVPError(f"{where}: expected a path or a Hugging Face repo id")
+    local, expanded = root / entry, Path(entry).expanduser()  # an absolute entry stays absolute
+    candidates = [local] + ([expanded] if expanded.is_absolute() else [])  # never relative to the cwd
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    if any(c.exists() for c in candidates):
+        raise KVPError(f"{where}: not a directory")
+    if not is_repo_id(entry):
+        raise KVPError(f"{where}: not found (no directory {root / entry})")
+    return _hub_snapshot(entry, revision, not_found=f"{where}: not found (no directory {local}) and")
+
+
+def _layer_pruned_aux(base: nn.Module, base_config: dict, keep: Any, cfg_path: Path) -> nn.Module:
+    """KVP-LP: the auxiliary is the base keeping layers ``keep``, built here rather than stored."""
+    from kvp_mlx.building import layer_pruned  # building imports this module
+
+    if not isinstance(keep, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
+        raise KVPError(f"auxiliary model named in {cfg_path}: base_layers must be a list of layer indices")
+    try:
+        aux, _ = layer_pruned(base, base_config, keep)
+    except ValueError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KVPError(f"auxiliary model named in {cfg_path}: {first_line}") from None
+    return aux
 
 
 def _cast(module: nn.Module, dtype: mx.Dtype) -> None:

@@ -13,7 +13,9 @@ auxiliary + lambda_C L1 consistency of the predicted K/V (+ z-loss). --aux takes
 smaller model with the same tokenizer (KVP-C); --aux-layers derives a layer-pruned auxiliary
 from the base (KVP-LP). --init ridge fits every map in closed form first; --steps 0 then gives a
 calibration-only predictor in minutes. Writes a KV Prediction directory to --out; checkpoints
-go to OUT.train/ (--resume continues from there)."""
+go to OUT.train/ (--resume continues from there). With --aux-train none, --predictor-only writes
+just the predictor (a few MB) and names --base and --aux (or --aux-layers) in kvp_config.json
+instead of copying the models."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="jsonl field holding the text (default: text)")
     parser.add_argument("--out", required=True, help="output KV Prediction directory")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    parser.add_argument("--predictor-only", action="store_true",
+                        help="write only the predictor and name --base/--aux (absolute path or repo id as given) "
+                             "instead of copying them; loading then needs those models; requires --aux-train none")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT.train/")
     parser.add_argument("--mapping", help="layer mapping, one aux layer per base layer (default: the paper's rule)")
     parser.add_argument("--aux-train", choices=["full", "lora", "none"], default="full",
@@ -64,7 +69,7 @@ def config_from_args(args: argparse.Namespace):
         mapping=parse_int_list(args.mapping), aux_train=args.aux_train, lora_rank=args.lora_rank,
         init=args.init, ridge_lambda=args.ridge_lambda, calibration_batches=args.calibration_batches,
         batch_size=args.batch_size, seq_len=args.seq_len, heldout_fraction=args.heldout_fraction,
-        text_field=args.text_field,
+        text_field=args.text_field, predictor_only=args.predictor_only,
         loss=LossWeights(aux_ce=args.lambda_aux, consistency=args.lambda_consistency,
                          average_layers=args.consistency_reduce == "mean", z_loss=args.z_loss),
         train=TrainConfig(steps=args.steps, learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,

@@ -17,7 +17,7 @@ from mlx.utils import tree_unflatten
 
 from kvp_mlx import building as mb
 from kvp_mlx.errors import KVPError
-from kvp_mlx.model import check_same_tokenizer, load_lm, resolve_model_path
+from kvp_mlx.model import check_same_tokenizer, load_lm, resolve_model_path, write_kvp_config
 from kvp_mlx.predictor import default_layer_mapping
 from kvp_mlx.training.data import Batches, pack, read_documents, split_documents, tokenize_documents
 from kvp_mlx.training.jsonsafe import dumps_json
@@ -43,6 +43,7 @@ class KVPRunConfig:
     seq_len: int = 256
     heldout_fraction: float = 0.05
     text_field: str = "text"
+    predictor_only: bool = False  # write the predictor and name --base/--aux instead of copying them
     loss: LossWeights = field(default_factory=LossWeights)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -131,6 +132,11 @@ def run_kvp_training(cfg: KVPRunConfig, force: bool = False, resume: bool = Fals
     work = out.with_name(out.name + ".train")  # checkpoints live here, beside the output
     if out.exists() and not force:
         raise KVPError(f"output {out} exists (use --force to replace it)")
+    if cfg.predictor_only and cfg.aux_train != "none":
+        raise KVPError(
+            f"--predictor-only needs --aux-train none: with --aux-train {cfg.aux_train} the auxiliary model "
+            "changes in training and must be saved with the predictor (drop --predictor-only for a self-contained directory)"
+        )
     base_path = resolve_model_path(cfg.base)
     base, tokenizer, base_config = load_lm(base_path, "base")
     base.set_dtype(mx.float32)
@@ -180,19 +186,42 @@ def run_kvp_training(cfg: KVPRunConfig, force: bool = False, resume: bool = Fals
         return summary  # interrupted on purpose: checkpoint written, no output
     if cfg.aux_train == "lora":
         _fuse_lora(aux)
+    references = (model_reference(cfg.base), aux_reference(cfg)) if cfg.predictor_only else None
     write_kvp_dir_atomically(out, base, base_config, aux, aux_config, predictor, base_path, source, force,
-                             training={"config": _jsonable(cfg), "summary": {k: v for k, v in summary.items() if k != "history"}})
+                             training={"config": _jsonable(cfg), "summary": {k: v for k, v in summary.items() if k != "history"}},
+                             references=references)
     (out / "train_history.json").write_text(dumps_json(history))
     shutil.rmtree(work, ignore_errors=True)
     return summary
 
 
+def model_reference(given: str) -> str:
+    """How a predictor-only directory names a model: a local directory by its absolute path, a
+    Hugging Face repo id as given."""
+    path = Path(given).expanduser()
+    return str(path.resolve()) if path.exists() else given
+
+
+def aux_reference(cfg: KVPRunConfig) -> str | dict:
+    if cfg.aux_layers is not None:
+        return {"base_layers": list(cfg.aux_layers)}  # rebuilt from the base at load time (KVP-LP)
+    assert cfg.aux is not None
+    return model_reference(cfg.aux)
+
+
 def write_kvp_dir_atomically(out: Path, base, base_config, aux, aux_config, predictor, tokenizer_dir: Path,
-                             source: str, force: bool, training: dict | None = None) -> None:
+                             source: str, force: bool, training: dict | None = None,
+                             references: tuple[str, str | dict] | None = None) -> None:
+    """Write ``out`` via a temporary sibling. ``references`` = (base, aux) entries for
+    kvp_config.json: write a predictor-only directory naming those models instead of copies."""
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        mb.save_kvp_dir(tmp, base, base_config, aux, aux_config, predictor, tokenizer_dir, source)
+        if references is None:
+            mb.save_kvp_dir(tmp, base, base_config, aux, aux_config, predictor, tokenizer_dir, source)
+        else:
+            predictor.save(tmp)
+            write_kvp_config(tmp, source, base=references[0], aux=references[1], random_weights=False)
         if training is not None:
             (tmp / "training.json").write_text(dumps_json(training, indent=2, default=str))
         if out.exists():
