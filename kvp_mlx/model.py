@@ -36,7 +36,7 @@ from kvp_mlx.adapters import arch_of, kv_shapes
 from kvp_mlx.errors import KVPError
 from kvp_mlx.methods import PrefillResult, run_prefill
 from kvp_mlx.predictor import KVPredictor, load_predictor
-from kvp_mlx.runtime_env import resolve_dtype
+from kvp_mlx.runtime_env import checkpoint_dtype, resolve_dtype
 
 KVP_CONFIG = "kvp_config.json"
 FORMAT_NAME = "kvp-mlx"
@@ -244,7 +244,9 @@ def load(
     """Load a KV Prediction directory (or a plain mlx-lm directory as base-only).
 
     ``path_or_repo``: a local directory or a Hugging Face repo id; None loads the embedded default
-    model. ``dtype``: "float32", "float16" or "bfloat16" (default: float32 on CPU, float16 on GPU).
+    model. ``dtype``: "float32", "float16" or "bfloat16"; default: float32 on the CPU, the
+    checkpoint's own dtype on a GPU (for a KV Prediction directory, the base's: the auxiliary and
+    the predictor are cast to it). Only floating parameters are cast: quantized weights stay packed.
     """
     if path_or_repo is None:
         if not (DEFAULT_MODEL_DIR / KVP_CONFIG).is_file():
@@ -253,10 +255,10 @@ def load(
             )
         path_or_repo = DEFAULT_MODEL_DIR
     root = resolve_model_path(path_or_repo, revision)
-    compute_dtype = resolve_dtype(dtype)
     cfg_path = root / KVP_CONFIG
     if not cfg_path.is_file():
         base, tokenizer, _ = load_lm(root, "base")
+        compute_dtype = resolve_dtype(dtype, checkpoint_dtype(base))
         _cast(base, compute_dtype)
         return KVPModel(base=base, tokenizer=tokenizer, path=root, dtype=compute_dtype)
     try:
@@ -278,6 +280,7 @@ def load(
         check_same_tokenizer(tokenizer, aux_tokenizer)
     predictor = load_predictor(root)
     check_predictor_fits(predictor, base, aux)
+    compute_dtype = resolve_dtype(dtype, checkpoint_dtype(base))
     for m in (base, aux, predictor):
         _cast(m, compute_dtype)
     return KVPModel(
@@ -333,5 +336,7 @@ def _layer_pruned_aux(base: nn.Module, base_config: dict, keep: Any, cfg_path: P
 
 
 def _cast(module: nn.Module, dtype: mx.Dtype) -> None:
+    """Cast the floating parameters (set_dtype's default predicate): packed quantized weights
+    (uint32) stay as they are, their scales and biases follow ``dtype``."""
     module.set_dtype(dtype)
     mx.eval(module.parameters())

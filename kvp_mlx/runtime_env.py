@@ -6,6 +6,8 @@ import os
 import platform
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from kvp_mlx import _blas
 from kvp_mlx.errors import KVPError
@@ -31,17 +33,42 @@ def set_device(name: str | None) -> str:
     return "gpu" if mx.default_device() == mx.gpu else "cpu"
 
 
-def default_dtype() -> mx.Dtype:
-    """float32 on the CPU (fp16/bf16 matmuls never use BLAS there); float16 on a GPU."""
-    return mx.float16 if mx.default_device() == mx.gpu else mx.float32
+def on_gpu() -> bool:
+    """True when MLX computes on a GPU (the default device)."""
+    return mx.default_device() == mx.gpu
 
 
-def resolve_dtype(name: str | None) -> mx.Dtype:
+def default_dtype(checkpoint: mx.Dtype | None = None) -> mx.Dtype:
+    """The compute dtype when none is asked for.
+
+    CPU: float32 (half types have no BLAS there and run 4-5x slower). GPU: the checkpoint's own
+    dtype, as mlx-lm loads it (a bfloat16 model is never cast to float16, which would overflow);
+    float16 when there is no checkpoint (random-weight benchmark models).
+    """
+    if not on_gpu():
+        return mx.float32
+    return checkpoint if checkpoint is not None else mx.float16
+
+
+def resolve_dtype(name: str | None, checkpoint: mx.Dtype | None = None) -> mx.Dtype:
+    """``name`` ("float32", "float16", "bfloat16") when given, else :func:`default_dtype`."""
     if name is None:
-        return default_dtype()
+        return default_dtype(checkpoint)
     if name not in DTYPES:
         raise KVPError(f"unknown dtype '{name}' (one of {', '.join(DTYPES)})")
     return DTYPES[name]
+
+
+def checkpoint_dtype(module: nn.Module) -> mx.Dtype | None:
+    """The floating dtype holding most of ``module``'s parameters as loaded (None: no floats).
+
+    Quantized layers count through their scales and biases (the dtype they were quantized from).
+    """
+    sizes: dict[mx.Dtype, int] = {}
+    for _, value in tree_flatten(module.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating):
+            sizes[value.dtype] = sizes.get(value.dtype, 0) + value.size
+    return max(sizes, key=sizes.get) if sizes else None
 
 
 def dtype_name(dtype: mx.Dtype) -> str:
@@ -65,7 +92,8 @@ def env_report() -> dict[str, str]:
         except PackageNotFoundError:
             return "not installed"
 
-    device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    device = "gpu" if on_gpu() else "cpu"
+    now = "the checkpoint's dtype" if on_gpu() else dtype_name(default_dtype())
     return {
         "kvp-mlx": ver("kvp-mlx"),
         "mlx": mx.__version__,
@@ -76,6 +104,6 @@ def env_report() -> dict[str, str]:
         "device": device,
         "gpu available": "yes" if gpu_available() else "no",
         "blas": blas_in_use(),
-        "dtype policy": f"{dtype_name(default_dtype())} on {device} "
-        "(float32 on cpu, float16 on gpu; override with --dtype)",
+        "dtype policy": f"{now} on {device} "
+        "(float32 on cpu, the checkpoint's own dtype on gpu; override with --dtype)",
     }

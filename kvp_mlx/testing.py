@@ -50,6 +50,33 @@ def tiny_config(arch: str, n_layers: int = 2, vocab_size: int = 512) -> dict:
     raise ValueError(f"no tiny config for architecture '{arch}'")
 
 
+def convert_kvp_dir(
+    src: str | Path, dst: str | Path, *, q_bits: int | None = None, q_group_size: int | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """A KV Prediction directory ``dst`` whose base and auxiliary are ``src``'s put through
+    mlx-lm's own converter (``mlx_lm.convert``): quantized to ``q_bits`` (with ``q_group_size``)
+    and/or cast to ``dtype``; the predictor and kvp_config.json are copied unchanged."""
+    import contextlib
+    import io
+
+    from mlx_lm.convert import convert
+
+    from kvp_mlx.model import KVP_CONFIG
+    from kvp_mlx.predictor import PREDICTOR_CONFIG, PREDICTOR_WEIGHTS
+
+    src, dst = Path(src), Path(dst)
+    config = json.loads((src / KVP_CONFIG).read_text())
+    dst.mkdir(parents=True, exist_ok=True)
+    for part in (config.get("base", "base"), config.get("aux", "aux")):
+        with contextlib.redirect_stdout(io.StringIO()):  # mlx_lm.convert prints [INFO] lines
+            convert(str(src / part), str(dst / part), quantize=q_bits is not None, q_bits=q_bits,
+                    q_group_size=q_group_size, dtype=dtype)
+    for name in (KVP_CONFIG, PREDICTOR_CONFIG, PREDICTOR_WEIGHTS):
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
 def build_byte_tokenizer(directory: str | Path, texts: Iterable[str], vocab_size: int = 512) -> Path:
     """Train a byte-level BPE tokenizer (BOS ``<s>``, EOS ``</s>``) and save files mlx-lm loads."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

@@ -18,6 +18,12 @@ NOT_LAYERWISE = {"gemma3": "gemma3_text"}
 VOCAB = 512
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: the longer cases (half precision on the CPU); CI runs them, -m 'not slow' skips them"
+    )
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     return mb.build_byte_tokenizer(tmp_path_factory.mktemp("tok"), mb.default_tokenizer_texts(), VOCAB)

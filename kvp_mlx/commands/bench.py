@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", type=_ints, help="batch sizes, e.g. 1,8")
     parser.add_argument("--device", type=_names, default=["cpu"], help="cpu, gpu or cpu,gpu (default: cpu)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                        help="compute dtype (default: float32 on cpu, float16 on gpu)")
+                        help="compute dtype (default: float32 on cpu; on gpu float16 for the random-weight pairs, "
+                             "the checkpoint's own dtype for --model)")
     parser.add_argument("--repetitions", "-n", type=int, help="timed repetitions per case (default: 5)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up runs per case (default: 1; at least 1)")
     parser.add_argument("--prefill-step-size", type=int, default=256,

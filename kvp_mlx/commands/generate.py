@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-step-size", type=int, default=2048,
                         help="prompt tokens per prefill chunk (default: 2048)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                        help="compute dtype (default: float32 on cpu, float16 on gpu)")
+                        help="compute dtype (default: float32 on cpu, the checkpoint's own dtype on gpu)")
     parser.add_argument("--device", choices=["cpu", "gpu"], help="device (default: MLX's)")
     parser.add_argument("--compare", action="store_true",
                         help="run base and the chosen method (kvp when --method is base) on the same prompt; "
