@@ -70,7 +70,7 @@ def kv_shapes(model: nn.Module) -> list[KVShape]:
     """Per layer: number of KV heads and head dim, read from the key projection's output size."""
     shapes = []
     for attn in attention_modules(model):
-        n_kv = getattr(attn, "n_kv_heads")
+        n_kv = attn.n_kv_heads
         if hasattr(attn, "head_dim"):
             head_dim = attn.head_dim
         elif hasattr(attn, "k_proj"):
@@ -161,6 +161,7 @@ def prefill_capturing_raw_kv(
             logits = model(tokens[:, start : start + prefill_step_size], cache=cache)
             mx.eval([c.state for c in cache], [chunks[-1] for chunks in key_chunks])
     keys = [_concat_chunks(chunks) for chunks in key_chunks]
+    assert logits is not None, "empty prompt"
     return cache, keys, cache_values(cache), logits[:, -1, :]
 
 
@@ -219,7 +220,7 @@ def forward_raw_kv(model: nn.Module, tokens: mx.array) -> tuple[mx.array, list[m
     caches = [SequenceCache() for _ in model.layers]
     with recording_raw_keys(model) as key_sinks:
         logits = model(tokens, cache=caches)
-    return logits, [sink[0] for sink in key_sinks], [c.values for c in caches]
+    return logits, [sink[0] for sink in key_sinks], [c.values for c in caches]  # type: ignore[misc]  # all set
 
 
 def forward_with_predicted_kv(

@@ -19,15 +19,15 @@ def _logprobs(logits: mx.array) -> mx.array:
 
 def stream_tokens(result: PrefillResult, sampler: Sampler, max_tokens: int) -> Iterator[int]:
     """Yield up to ``max_tokens`` token ids for a single prompt (B=1) from a prefill result."""
-    if result.logits.shape[0] != 1:
+    if result.logits is not None and result.logits.shape[0] != 1:
         raise ValueError("stream_tokens decodes one prompt; use decode_greedy for a batch")
     if max_tokens < 1:
         return
-    if result.cache is None:
+    if result.cache is None or result.logits is None:
         raise ValueError(f"this process does not hold the KV cache ({result.method} prefill, "
                          f"rank {result.info.get('rank')}); decoding runs on the rank that does")
     first = sampler(_logprobs(result.logits))
-    first_id = int(first.item())
+    first_id = int(first)
     yield first_id
     if max_tokens == 1:
         return
@@ -44,7 +44,7 @@ def stream_tokens(result: PrefillResult, sampler: Sampler, max_tokens: int) -> I
 
 def decode_greedy(result: PrefillResult, max_tokens: int) -> mx.array:
     """Greedy tokens ``[B, max_tokens]`` for a batch, the first being argmax of the prefill logits."""
-    if result.cache is None:
+    if result.cache is None or result.logits is None:
         raise ValueError(f"this process does not hold the KV cache ({result.method} prefill)")
     y = mx.argmax(result.logits, axis=-1)
     out = [y]

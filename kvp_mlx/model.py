@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,6 +29,9 @@ from kvp_mlx.adapters import arch_of, kv_shapes
 from kvp_mlx.errors import KVPError
 from kvp_mlx.predictor import KVPredictor, load_predictor
 from kvp_mlx.runtime_env import resolve_dtype
+
+if TYPE_CHECKING:  # kvp_mlx.methods imports this module
+    from kvp_mlx.methods import PrefillResult
 
 KVP_CONFIG = "kvp_config.json"
 FORMAT_NAME = "kvp-mlx"
@@ -54,7 +57,7 @@ class KVPModel:
         method: str = "kvp",
         prefill_step_size: int = 2048,
         **options: Any,
-    ) -> "PrefillResult":  # noqa: F821 - defined in kvp_mlx.methods
+    ) -> PrefillResult:
         """Fill the cache for a prompt ``tokens`` [B, T] with a registered prefill method.
 
         Returns a :class:`kvp_mlx.methods.PrefillResult` with ``.cache`` (the decoder's filled
@@ -108,7 +111,7 @@ def load_lm(directory: Path, what: str = "base") -> tuple[nn.Module, Any, dict]:
     if not (directory / "config.json").is_file():
         raise KVPError(f"{what} model directory {directory} has no config.json")
     try:
-        model, tokenizer, config = mlx_lm.load(str(directory), return_config=True)
+        model, tokenizer, config = mlx_lm.load(str(directory), return_config=True)  # type: ignore[misc]  # 3 with return_config
     except ValueError as e:
         msg = str(e)
         if "not supported" in msg or "Model type" in msg:
@@ -166,7 +169,8 @@ def load(
     if path_or_repo is None:
         if not (DEFAULT_MODEL_DIR / KVP_CONFIG).is_file():
             raise KVPError(
-                "this install has no embedded default model (kvp_mlx/default_model; rebuild it with make toyworld); pass --model DIR"
+                "this install has no embedded default model (kvp_mlx/default_model; rebuild it with make toyworld); "
+                "pass --model DIR"
             )
         path_or_repo = DEFAULT_MODEL_DIR
     root = resolve_model_path(path_or_repo, revision)

@@ -68,7 +68,7 @@ def env_report() -> dict[str, str]:
     device = "gpu" if mx.default_device() == mx.gpu else "cpu"
     return {
         "kvp-mlx": ver("kvp-mlx"),
-        "mlx": mx.__version__,
+        "mlx": mx.__version__,  # type: ignore[attr-defined]  # missing from mlx's stubs
         "mlx-lm": ver("mlx-lm"),
         "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.machine()}",

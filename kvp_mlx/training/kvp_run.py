@@ -56,6 +56,7 @@ def _prepare_aux(cfg: KVPRunConfig, base: nn.Module, base_config: dict, base_tok
         aux, aux_tok, aux_config = load_lm(resolve_model_path(cfg.aux), "auxiliary")
         check_same_tokenizer(base_tok, aux_tok)
         return aux, aux_config, f"KVP-C with auxiliary {cfg.aux}"
+    assert cfg.aux_layers is not None  # exactly one of the two, checked above
     try:
         aux, aux_config = mb.layer_pruned(base, base_config, cfg.aux_layers)
     except ValueError as e:
@@ -117,7 +118,7 @@ def run_kvp_training(cfg: KVPRunConfig, force: bool = False, resume: bool = Fals
     def eval_ce() -> float:
         if held is None:
             return float("nan")
-        values = [kvp_eval_ce(base, trainable, b).item() for b in held.in_order(cfg.train.eval_batches)]
+        values = [float(kvp_eval_ce(base, trainable, b)) for b in held.in_order(cfg.train.eval_batches)]
         return sum(values) / len(values)
 
     summary["eval_ce_before"] = eval_ce()
@@ -133,7 +134,8 @@ def run_kvp_training(cfg: KVPRunConfig, force: bool = False, resume: bool = Fals
     if cfg.aux_train == "lora":
         _fuse_lora(aux)
     write_kvp_dir_atomically(out, base, base_config, aux, aux_config, predictor, base_path, source, force,
-                             training={"config": _jsonable(cfg), "summary": {k: v for k, v in summary.items() if k != "history"}})
+                             training={"config": _jsonable(cfg),
+                                       "summary": {k: v for k, v in summary.items() if k != "history"}})
     (out / "train_history.json").write_text(json.dumps(history))
     shutil.rmtree(work, ignore_errors=True)
     return summary
