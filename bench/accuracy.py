@@ -97,8 +97,8 @@ def score(model: KVPModel, method: str, samples, options: dict, chunk: int = 204
         logits = logits[0].astype(mx.float32)
         targets = mx.array(continuation)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        loglik += mx.take_along_axis(logprobs, targets[:, None], axis=-1).sum().item()
-        correct += (mx.argmax(logits, axis=-1) == targets).sum().item()
+        loglik += float(mx.take_along_axis(logprobs, targets[:, None], axis=-1).sum())
+        correct += int((mx.argmax(logits, axis=-1) == targets).sum())
         total += len(continuation)
     return {"accuracy": correct / total, "mean_loglik": loglik / total, "tokens": total, "samples": len(samples),
             "ttft_flops": flops / len(samples)}
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "held-out stdlib files": stdlib_samples(root / "corpus" / "heldout.jsonl", reference.tokenizer),
         "HumanEval (prompt -> canonical solution)": humaneval_samples(reference.tokenizer),
     }
-    report = {"sets": {}, "mean_prompt_tokens": {}}
+    report: dict = {"sets": {}, "mean_prompt_tokens": {}}
     models = {e.directory: load(root / e.directory) for e in ENTRIES}
     for set_name, samples in sets.items():
         mean_len = sum(len(p) for p, _ in samples) / len(samples)
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             row = {"model": e.label, "directory": e.directory, "method": e.method, "options": dict(e.options),
                    **score(models[e.directory], e.method, samples, dict(e.options))}
             rows.append(row)
-            print(f"{set_name:45s} {e.label:32s} acc {row['accuracy']:.4f}  loglik {row['mean_loglik']:.4f}", flush=True)
+            print(f"{set_name:45s} {e.label:32s} acc {row['accuracy']:.4f}  loglik {row['mean_loglik']:.4f}",
+                  flush=True)
         report["sets"][set_name] = rows
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(report, indent=2))

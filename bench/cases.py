@@ -61,6 +61,7 @@ def _time_method(model, tokens: mx.array, method: str, chunk: int, info: dict) -
     def measure() -> float:
         tic = time.perf_counter()
         result = run_prefill(model, tokens, method, prefill_step_size=chunk)
+        assert result.logits is not None  # one process: the logits are here
         mx.eval(_greedy(result.logits))
         seconds = time.perf_counter() - tic
         info.update(result.info)
@@ -183,7 +184,7 @@ def paired_ratio(records: list[dict], num: list[str], den: list[str]) -> float |
     machine's load adds to the samples; the ratio of medians is reported beside it.
     """
     samples = {r["label"]: r["samples_s"] for r in records}
-    rows = [samples.get(label) for label in num + den]
+    rows = [samples.get(label) or [] for label in num + den]
     if any(not row for row in rows) or len({len(row) for row in rows}) != 1:
         return None
     n = len(num)

@@ -61,6 +61,7 @@ def _logprobs(logits: mx.array) -> np.ndarray:
 def run_case(case: Case, tokens: mx.array, chunk: int) -> tuple[float, mx.array]:
     tic = time.perf_counter()
     res = case.model.prefill(tokens, method=case.method, prefill_step_size=chunk, **case.options)
+    assert res.logits is not None  # one process: the logits are here
     first = mx.argmax(res.logits, axis=-1)
     mx.eval(first, res.logits)
     seconds = time.perf_counter() - tic
@@ -96,9 +97,9 @@ def build_cases(
         return cases
     # Random pruning with the same token-layers as the middle L0.75 preset, for a matched comparison.
     match = lazy_tokens_per_layer("L0.75-0.25", n, T)
-    keep = round(sum(match) / (n * T), 2)
-    tpl = rp_tokens_per_layer(keep, n, T)
-    cases.append(Case(f"rp keep {keep}", plain, "rp", {"keep": keep},
+    keep_fraction = round(sum(match) / (n * T), 2)
+    tpl = rp_tokens_per_layer(keep_fraction, n, T)
+    cases.append(Case(f"rp keep {keep_fraction}", plain, "rp", {"keep": keep_fraction},
                       pruned_prefill_flops(costs, tpl, chunk), sum(tpl) / (n * T),
                       "token-layers matched to L0.75-0.25"))
     return cases

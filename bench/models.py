@@ -82,7 +82,8 @@ def build_pairs(pair_names: list[str], dtype: mx.Dtype = mx.float32, seed: int =
         else:
             aux = build_model(openelm_config(aux_name), seed=seed + 1 + n)
         aux = _cast(aux, dtype)
-        predictor = _cast(make_predictor(base, aux, init="random", seed=seed + 100 + n), dtype)
+        predictor = make_predictor(base, aux, init="random", seed=seed + 100 + n)
+        _cast(predictor, dtype)
         group.variants[aux_name] = KVPModel(
             base=base, tokenizer=None, aux=aux, predictor=predictor,
             config={"random_weights": True}, dtype=dtype,

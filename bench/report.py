@@ -95,7 +95,7 @@ def markdown(result: dict) -> str:
     if skipped:
         lines += ["", "## Skipped", ""]
         seen = set()
-        for run, s in skipped:
+        for _run, s in skipped:
             key = (s["label"], s["reason"])
             if key not in seen:
                 seen.add(key)
@@ -167,17 +167,17 @@ def write_plots(result: dict, out_dir: Path, name: str) -> tuple[list[Path], str
     plt.close(fig)
     files.append(path)
 
-    points = [
+    speedups = [
         (run, c) for run in result["runs"] for c in run["cases"]
         if c["speedup_measured"] is not None and c["speedup_flops"] is not None and c["label"] != "base"
     ]
-    if points:
+    if speedups:
         fig, ax = plt.subplots(figsize=(6.5, 5.5))
-        hi = max(max(c["speedup_flops"], c["speedup_measured"]) for _, c in points) * 1.15
+        hi = max(max(c["speedup_flops"], c["speedup_measured"]) for _, c in speedups) * 1.15
         ax.plot([0, hi], [0, hi], "k-", lw=1, label="measured = FLOPs-predicted")
         ax.plot([0, hi], [0, 0.85 * hi], "k:", lw=1, label="85% of FLOPs-predicted")
-        for label in dict.fromkeys(c["label"] for _, c in points):
-            sel = [(run, c) for run, c in points if c["label"] == label]
+        for label in dict.fromkeys(c["label"] for _, c in speedups):
+            sel = [(run, c) for run, c in speedups if c["label"] == label]
             ax.scatter([c["speedup_flops"] for _, c in sel], [c["speedup_measured"] for _, c in sel], label=label,
                        color=color[label])
             for run, c in sel:

@@ -69,7 +69,7 @@ def check_composite() -> float:
     keys = [mx.random.normal(shape, key=mx.random.key(i)) for i, shape in
             enumerate([(1, 4, 8, 64), (1, 2, 24, 64), (1, 2, 24, 64)])]
     fast = mx.fast.scaled_dot_product_attention(*keys, scale=0.125, mask="causal")
-    return mx.abs(composite_attention(*keys, None, 0.125, "causal") - fast).max().item()
+    return float(mx.abs(composite_attention(keys[0], keys[1], keys[2], None, 0.125, "causal") - fast).max())
 
 
 def time_fill(lm, tokens: mx.array, kernel: str) -> float:
@@ -92,13 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     if diff > 1e-4:
         raise SystemExit(f"composite attention differs from mx.fast's by {diff:.2e}")
     (group,) = build_pairs(["kvp-c-270m"])
-    models = {"base (OpenELM-1.1B)": group.base, "aux (OpenELM-270M)": group.variants["OpenELM-270M"].aux}
+    aux_lm = group.variants["OpenELM-270M"].aux
+    assert aux_lm is not None
+    models = {"base (OpenELM-1.1B)": group.base, "aux (OpenELM-270M)": aux_lm}
     T = args.prompt_length
     tokens = mx.random.randint(0, group.vocab_size, (1, T - 1), key=mx.random.key(0))
     keys = [(m, k) for m in models for k in KERNELS]
-    cases = [Case(f"{m} {k}", lambda m=m, k=k: time_fill(models[m], tokens, k)) for m, k in keys]
+    # mypy cannot infer a lambda with default arguments
+    cases = [Case(f"{m} {k}", lambda m=m, k=k: time_fill(models[m], tokens, k)) for m, k in keys]  # type: ignore[misc]
     run_interleaved(cases, warmup=1, repetitions=args.repetitions)
-    med = {key: case.median for key, case in zip(keys, cases)}
+    med: dict[tuple[str, str], float] = {key: case.median for key, case in zip(keys, cases)}  # type: ignore[misc]  # all ran
     shapes = {m: model_shape(lm) for m, lm in models.items()}
     base, aux = list(models)
     lines = [

@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
-import mlx.core as mx
 
 from kvp_mlx import building as mb
 from kvp_mlx.cli import main as kvp_cli
-from kvp_mlx.model import DEFAULT_MODEL_DIR, load, load_lm, write_kvp_config
+from kvp_mlx.model import DEFAULT_MODEL_DIR, load, load_lm
 from kvp_mlx.training.data import Batches, pack, read_documents, tokenize_documents
 from kvp_mlx.training.loop import TrainConfig, train
 from kvp_mlx.training.losses import cross_entropy, lm_loss
@@ -137,7 +136,7 @@ def packed(jsonl: Path, tokenizer) -> Batches:
 
 
 def heldout_ce(model, held: Batches, max_batches: int = 8) -> float:
-    values = [cross_entropy(model(b[:, :-1]), b[:, 1:]).item() for b in held.in_order(max_batches)]
+    values = [float(cross_entropy(model(b[:, :-1]), b[:, 1:])) for b in held.in_order(max_batches)]
     return sum(values) / len(values)
 
 
@@ -166,7 +165,8 @@ def kvp_train(base: Path, out: Path, data: Path, steps: int, init: str = "ridge"
             "--init", init, "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN), "--learning-rate", "1e-3",
             "--warmup-steps", str(min(20, max(steps, 1))), "--heldout-fraction", "0", "--seed", str(SEED),
             "--save-every", "50", "--eval-every", str(max(steps, 1))]
-    args += ["--aux", str(aux)] if aux is not None else ["--aux-layers", ",".join(map(str, aux_layers))]
+    # one of aux and aux_layers is given
+    args += ["--aux", str(aux)] if aux is not None else ["--aux-layers", ",".join(map(str, aux_layers))]  # type: ignore[arg-type]
     if (out.with_name(out.name + ".train") / "checkpoint" / "state.json").is_file():
         args.append("--resume")
     if kvp_cli(args) != 0:
@@ -177,14 +177,16 @@ def kvp_heldout_ce(directory: Path, held: Batches, max_batches: int = 8) -> floa
     from kvp_mlx.training.losses import KVPTrainable, kvp_eval_ce
 
     model = load(directory)
+    assert model.aux is not None and model.predictor is not None  # a KV Prediction directory
     trainable = KVPTrainable(model.aux, model.predictor)
-    values = [kvp_eval_ce(model.base, trainable, b).item() for b in held.in_order(max_batches)]
+    values = [float(kvp_eval_ce(model.base, trainable, b)) for b in held.in_order(max_batches)]
     return sum(values) / len(values)
 
 
 def export_demo(kvp_dir: Path, dest: Path) -> None:
     """The KVP-C model in float16 (cast back to float32 on CPU at load): the embedded default."""
     model = load(kvp_dir, dtype="float16")
+    assert model.aux is not None and model.predictor is not None  # a KV Prediction directory
     _, _, base_cfg = load_lm(kvp_dir / "base")
     _, _, aux_cfg = load_lm(kvp_dir / "aux")
     tmp = dest.with_name(dest.name + ".tmp")

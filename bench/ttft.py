@@ -1,4 +1,5 @@
-"""The TTFT benchmark behind `kvp-mlx bench`: wall-clock TTFT of every prefill method beside plain mlx-lm, with FLOPs."""
+"""The TTFT benchmark behind `kvp-mlx bench`: wall-clock TTFT of every prefill method beside plain mlx-lm,
+with FLOPs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-PROFILES = {
+PROFILES: dict[str, dict] = {
     # quick: `make bench`, at most 15 minutes on a 2-core CPU
     "quick": dict(pairs=["kvp-c-270m"], prompt_lengths=[128, 512], batch_sizes=[1], repetitions=5, warmup=1),
     "full": dict(pairs=["kvp-c-270m", "kvp-c-450m", "kvp-lp-0.50", "kvp-lp-0.25"],
@@ -46,7 +47,7 @@ def make_settings(
     bad_devices = [d for d in devices if d not in ("cpu", "gpu")]
     if bad_devices:
         raise KVPError(f"unknown device(s) {', '.join(bad_devices)} (cpu or gpu)")
-    settings = {
+    settings: dict = {
         "profile": profile,
         "pairs": pairs if pairs is not None else ([] if models else prof["pairs"]),
         "models": list(models or []),

@@ -146,7 +146,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), help="weight dtype (default: the checkpoint's)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize base and aux linear layers")
     parser.add_argument("--q-bits", type=int, choices=(4, 8), help="bits per weight with -q (default 4)")
-    parser.add_argument("--q-group-size", type=int, choices=(32, 64, 128), help="quantization group size with -q (default 64)")
+    parser.add_argument("--q-group-size", type=int, choices=(32, 64, 128),
+                        help="quantization group size with -q (default 64)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--base-config", help="OpenELM config.json for a base model not in corenet's tables")
     parser.add_argument("--aux-config", help="OpenELM config.json for an auxiliary model not in corenet's tables")

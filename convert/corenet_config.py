@@ -47,12 +47,12 @@ class _Arch:
     tied: bool = True
 
 
-_GPT_TEST = dict(model_dim=128, gqa_groups=1, ffn=(0.25, 0.75), qkv=(0.25, 0.5))
-_ELM_1_1B = dict(layers=28, model_dim=2048, head_dim=64, gqa_groups=4, ffn=(0.5, 4.0), qkv=(0.5, 1.0))
-_ELM_3B = dict(layers=36, model_dim=3072, head_dim=128, gqa_groups=4, ffn=(0.5, 4.0), qkv=(0.5, 1.0))
+_GPT_TEST: dict[str, Any] = dict(model_dim=128, gqa_groups=1, ffn=(0.25, 0.75), qkv=(0.25, 0.5))
+_ELM_1_1B: dict[str, Any] = dict(layers=28, model_dim=2048, head_dim=64, gqa_groups=4, ffn=(0.5, 4.0), qkv=(0.5, 1.0))
+_ELM_3B: dict[str, Any] = dict(layers=36, model_dim=3072, head_dim=128, gqa_groups=4, ffn=(0.5, 4.0), qkv=(0.5, 1.0))
 
 
-def _half_depth(arch: dict, full_layers: int) -> dict:
+def _half_depth(arch: dict[str, Any], full_layers: int) -> dict[str, Any]:
     # corenet's "-0.50l" models: half the layers, the multiplier ramps stopping one full-depth step short.
     step = 1 / (full_layers - 1)
     return dict(
@@ -139,7 +139,7 @@ class OpenELMConfig:
 
 def _expand(mult: float | Sequence[float], layers: int, what: str) -> list[Any]:
     """corenet's per-layer multipliers: a scalar repeats, a pair is a linspace rounded to 2 places."""
-    if isinstance(mult, Number):
+    if isinstance(mult, (float, Number)):  # float: lets mypy narrow the pair branch to Sequence[float]
         return [mult] * layers
     if len(mult) == 2:
         # round() on numpy float64s, as corenet does (numpy rounds half to even on the scaled value)

@@ -81,7 +81,7 @@ def write_mlx_model(
     fails here. Quantization uses mlx-lm's `quantize_model`, which skips layers whose input
     dimension is not a multiple of the group size; the count is reported on stderr.
     """
-    model = openelm.Model(openelm.ModelArgs.from_dict(config))
+    model: nn.Module = openelm.Model(openelm.ModelArgs.from_dict(config))
     model.load_weights(list(weights.items()), strict=True)
     if quantization is not None:
         with contextlib.redirect_stdout(sys.stderr):  # mlx-lm prints its bits-per-weight line

@@ -143,7 +143,7 @@ def kv_shapes(model: nn.Module) -> list[KVShape]:
     """Per layer: number of KV heads and head dim, read from the key projection's output size."""
     shapes = []
     for attn in attention_modules(model):
-        n_kv = getattr(attn, "n_kv_heads")
+        n_kv = attn.n_kv_heads
         if hasattr(attn, "head_dim"):
             head_dim = attn.head_dim
         elif hasattr(attn, "k_proj"):

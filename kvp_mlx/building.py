@@ -56,8 +56,8 @@ def layer_pruned(model: nn.Module, config: dict, keep: Sequence[int]) -> tuple[n
     else:
         cfg["num_hidden_layers"] = len(keep)
     new_index = {old: new for new, old in enumerate(keep)}
-    weights = []
-    for name, value in tree_flatten(model.parameters()):
+    weights: list = []
+    for name, value in tree_flatten(model.parameters()):  # type: ignore[str-unpack]  # a list (typed list | dict)
         m = re.search(r"(^|\.)layers\.(\d+)\.", name)
         if m is None:
             weights.append((name, value))

@@ -19,12 +19,12 @@ def _logprobs(logits: mx.array) -> mx.array:
 
 def stream_tokens(result: PrefillResult, sampler: Sampler, max_tokens: int) -> Iterator[int]:
     """Yield up to ``max_tokens`` token ids for a single prompt (B=1) from a prefill result."""
-    if result.logits.shape[0] != 1:
+    if result.logits is not None and result.logits.shape[0] != 1:
         raise ValueError("stream_tokens decodes one prompt; use decode_greedy for a batch")
     if max_tokens < 1:
         return
     first = sampler(_logprobs(result.logits))
-    first_id = int(first.item())
+    first_id = int(first)
     yield first_id
     if max_tokens == 1:
         return

@@ -36,7 +36,8 @@ def encode_prompt(model: KVPModel, prompt: str | Sequence[int] | mx.array) -> mx
         add_special = tok.bos_token is None or not prompt.startswith(tok.bos_token)
         ids = tok.encode(prompt, add_special_tokens=add_special)
         return mx.array(ids, dtype=mx.int32)
-    ids = mx.array(prompt) if not isinstance(prompt, mx.array) else prompt
+    # mlx's stubs take lists and tuples, not any Sequence (numpy arrays work too)
+    ids = mx.array(prompt) if not isinstance(prompt, mx.array) else prompt  # type: ignore[arg-type]
     if ids.size == 0:
         raise KVPError("empty prompt")
     return ids.reshape(-1).astype(mx.int32)

@@ -27,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,6 +37,9 @@ from kvp_mlx.errors import KVPError
 from kvp_mlx.methods import PrefillResult, run_prefill
 from kvp_mlx.predictor import KVPredictor, load_predictor
 from kvp_mlx.runtime_env import checkpoint_dtype, resolve_dtype
+
+if TYPE_CHECKING:  # kvp_mlx.methods imports this module
+    from kvp_mlx.methods import PrefillResult
 
 KVP_CONFIG = "kvp_config.json"
 FORMAT_NAME = "kvp-mlx"
@@ -186,7 +189,7 @@ def load_lm(directory: Path, what: str = "base") -> tuple[nn.Module, Any, dict]:
             "tokenizer_config.json into it (for a corenet checkpoint, convert again with --tokenizer tokenizer.model)"
         )
     try:
-        model, tokenizer, config = mlx_lm.load(str(directory), return_config=True)
+        model, tokenizer, config = mlx_lm.load(str(directory), return_config=True)  # type: ignore[misc]  # 3 with return_config
     except ValueError as e:
         msg = _one_line(e)
         if "not supported" in msg or "Model type" in msg:
@@ -251,7 +254,8 @@ def load(
     if path_or_repo is None:
         if not (DEFAULT_MODEL_DIR / KVP_CONFIG).is_file():
             raise KVPError(
-                "this install has no embedded default model (kvp_mlx/default_model; rebuild it with make toyworld); pass --model DIR"
+                "this install has no embedded default model (kvp_mlx/default_model; rebuild it with make toyworld); "
+                "pass --model DIR"
             )
         path_or_repo = DEFAULT_MODEL_DIR
     root = resolve_model_path(path_or_repo, revision)

@@ -174,6 +174,8 @@ def load_predictor(directory: str | Path) -> KVPredictor:
         weights = mx.load(str(w_path))
     except Exception as e:  # mlx raises RuntimeError/ValueError on corrupt files
         raise KVPError(f"cannot read {w_path}: {e}") from None
+    if not isinstance(weights, dict):  # a .npy file loads as one array
+        raise KVPError(f"{w_path} is not a safetensors file")
     expected = dict(tree_flatten(predictor.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))

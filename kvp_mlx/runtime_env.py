@@ -96,7 +96,7 @@ def env_report() -> dict[str, str]:
     now = "the checkpoint's dtype" if on_gpu() else dtype_name(default_dtype())
     return {
         "kvp-mlx": ver("kvp-mlx"),
-        "mlx": mx.__version__,
+        "mlx": mx.__version__,  # type: ignore[attr-defined]  # missing from mlx's stubs
         "mlx-lm": ver("mlx-lm"),
         "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.machine()}",

@@ -36,7 +36,7 @@ def _read_proto(path: Path):
         from sentencepiece import sentencepiece_model_pb2 as pb
     except ImportError as e:  # needs the sentencepiece and protobuf packages
         raise KVPError(f"reading {path} needs the sentencepiece and protobuf packages: {e}") from None
-    proto = pb.ModelProto()
+    proto = pb.ModelProto()  # type: ignore[attr-defined]  # protobuf creates the class at import time
     try:
         proto.ParseFromString(path.read_bytes())
     except FileNotFoundError:
@@ -93,7 +93,7 @@ def build_tokenizer(model_path: str | Path) -> tuple[Tokenizer, dict]:
     vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
     if trainer.model_type == _BPE:
         normal = [(p.piece, p.score) for p in proto.pieces if p.type == _NORMAL]
-        model = BPE(
+        model: BPE | Unigram = BPE(
             vocab=vocab,
             merges=_bpe_merges(normal, vocab),
             unk_token=trainer.unk_piece,

@@ -116,7 +116,8 @@ def test_yaml_errors_and_single_models(tmp_path):
         resolve_config(train.models["base"], "base", None, "--base-config")
 
     def other_type(cfg):
-        cfg["model"]["language_modeling"]["kv_prediction"]["base_model"][0]["model"]["language_modeling"]["name"] = "vit"
+        base = cfg["model"]["language_modeling"]["kv_prediction"]["base_model"][0]
+        base["model"]["language_modeling"]["name"] = "vit"
 
     with pytest.raises(KVPError, match="model type 'vit' is not supported"):
         read_training_yaml(edit_yaml("pub_kvpc_elm", tmp_path / "t.yaml", other_type))

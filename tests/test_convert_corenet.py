@@ -177,7 +177,8 @@ def test_quantized_output_loads_and_generates(tmp_path, tokenizers, capsys):
     case = "pub_kvpc_elm"
     ref = reference(case)
     out = tmp_path / "q4"
-    assert main(cli_args(case, tmp_path, out, "--tokenizer", str(tokenizers[case]), "-q", "--q-bits", "4", "--q-group-size", "32")) == 0
+    q_args = ("-q", "--q-bits", "4", "--q-group-size", "32")
+    assert main(cli_args(case, tmp_path, out, "--tokenizer", str(tokenizers[case]), *q_args)) == 0
     assert "quantized" in capsys.readouterr().err
     cfg = json.loads((out / "base" / "config.json").read_text())
     assert cfg["quantization"]["bits"] == 4 and cfg["quantization"]["group_size"] == 32
@@ -273,10 +274,14 @@ def test_corrupt_storage_fails_mid_write_and_cleans_up(tmp_path, capsys):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda d: d.pop("base.layers.1.ffn.proj_2.weight"), "missing keys in checkpoint: base.layers.1.ffn.proj_2.weight"),
-        (lambda d: d.pop("predicter.auxkv_to_basekv.value_transforms.2.bias"), "missing keys in checkpoint: predicter.auxkv_to_basekv.value_transforms.2.bias"),
-        (lambda d: d.update({"auxiliary.extra.weight": np.zeros(3, np.float32)}), "unexpected keys in checkpoint: auxiliary.extra.weight"),
-        (lambda d: d.update({"base.norm.weight": np.zeros(7, np.float32)}), "shape mismatch for base.norm.weight: expected (128,), found (7,)"),
+        (lambda d: d.pop("base.layers.1.ffn.proj_2.weight"),
+         "missing keys in checkpoint: base.layers.1.ffn.proj_2.weight"),
+        (lambda d: d.pop("predicter.auxkv_to_basekv.value_transforms.2.bias"),
+         "missing keys in checkpoint: predicter.auxkv_to_basekv.value_transforms.2.bias"),
+        (lambda d: d.update({"auxiliary.extra.weight": np.zeros(3, np.float32)}),
+         "unexpected keys in checkpoint: auxiliary.extra.weight"),
+        (lambda d: d.update({"base.norm.weight": np.zeros(7, np.float32)}),
+         "shape mismatch for base.norm.weight: expected (128,), found (7,)"),
     ],
 )
 def test_missing_unexpected_and_misshapen_tensors(tmp_path, capsys, edit, message):
@@ -308,7 +313,8 @@ def test_bad_layer_mapping(tmp_path, capsys, mapping, message):
 
 def test_unknown_model_name_and_malicious_checkpoint(tmp_path, capsys):
     out = tmp_path / "out"
-    args = ["--checkpoint", str(FIXTURES / "pub_kvpc_elm.pt"), "--config", str(FIXTURES / "pub_kvpc_elm.yaml"), "--out", str(out)]
+    args = ["--checkpoint", str(FIXTURES / "pub_kvpc_elm.pt"), "--config", str(FIXTURES / "pub_kvpc_elm.yaml"),
+            "--out", str(out)]
     fails(capsys, args, "unknown model name 'pub-elm-base' for the base model; known names: gpt-test,", out)
 
     import pickle

@@ -62,7 +62,8 @@ def test_round_trip_with_views_offsets_and_shared_storage(tmp_path):
 
 def test_big_endian_archive(tmp_path):
     a = np.arange(12, dtype=np.float32).reshape(3, 4) - 5.5
-    path = write_torch_zip(tmp_path / "be.pt", OrderedDict(w=tensor(a), n=tensor(np.arange(3), "int64")), byteorder="big")
+    path = write_torch_zip(tmp_path / "be.pt", OrderedDict(w=tensor(a), n=tensor(np.arange(3), "int64")),
+                           byteorder="big")
     got = load(path)
     np.testing.assert_array_equal(got["w"], a)
     np.testing.assert_array_equal(got["n"], np.arange(3))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from mlx.utils import tree_flatten
 
 from kvp_mlx import testing as mb
 from kvp_mlx.adapters import inject_raw_kv, prefill_capturing_raw_kv

@@ -15,7 +15,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kvp_mlx import testing as mb
 from kvp_mlx.decode import decode_greedy
 from kvp_mlx.runahead.group import launch_local, write_local_hostfile
 from kvp_mlx.errors import KVPError

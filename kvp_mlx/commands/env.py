@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.matmul:
         fast, slow = time_matmul(False), time_matmul(True)
         for label, r in (("optimized", fast), ("reference", slow)):
-            print(f"matmul 1024^2 fp32, {label:<9}  {r['median_s'] * 1000:8.2f} ms  {r['gflops']:7.1f} GFLOP/s  ({r['blas']})")
+            print(f"matmul 1024^2 fp32, {label:<9}  {r['median_s'] * 1000:8.2f} ms  {r['gflops']:7.1f} GFLOP/s  "
+                  f"({r['blas']})")
         print(f"speedup from the optimized BLAS: {slow['median_s'] / fast['median_s']:.1f}x")
     return 0

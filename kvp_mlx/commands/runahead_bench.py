@@ -16,8 +16,8 @@ interleaved, after a warm-up (median of --repeats rounds). The balanced split co
 model measured on this machine first. Without --model a random-weight model of --shape is built.
 --predict prints the cost model's speedups for 2, 4 and 8 ranks on 2k-16k-token prompts, beside
 a tensor + sequence parallel baseline, for this machine's model and for Llama-2-7B on A100-class
-links (FLOP counts; no measurement). On a machine with fewer cores than ranks the ranks share cores: read the measured speedup
-as an overhead check, not as what separate devices would give."""
+links (FLOP counts; no measurement). On a machine with fewer cores than ranks the ranks share cores: read the
+measured speedup as an overhead check, not as what separate devices would give."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -91,7 +91,8 @@ def parse_schedule(spec: "str | LazySchedule") -> LazySchedule:
             points.append((int(layer), float(rate)))
     except ValueError:
         raise KVPError(
-            f"unknown lazy schedule '{text}' (presets: {', '.join(PRESETS)}; or 'layer:keep,...' such as '8:0.5,16:0.25')"
+            f"unknown lazy schedule '{text}' (presets: {', '.join(PRESETS)}; "
+            "or 'layer:keep,...' such as '8:0.5,16:0.25')"
         ) from None
     layers = [j for j, _ in points]
     rates = [r for _, r in points]

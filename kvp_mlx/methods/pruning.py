@@ -70,6 +70,7 @@ class LazyKVCache(KVCache):
 
     def rows(self, rows: np.ndarray | None) -> tuple[mx.array, mx.array]:
         """Keys and values of cache ``rows`` (all rows, in order, when None)."""
+        assert self.keys is not None and self.values is not None, "rows() before append()"
         keys, values = self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
         if rows is None:
             return keys, values
@@ -87,6 +88,7 @@ class LazyKVCache(KVCache):
         rows = self._lookup(self._aux_row, positions)
         if (rows < 0).any():
             raise RuntimeError(f"tokens {positions[rows < 0].tolist()} have no Aux Cache entry at this layer")
+        assert self.aux_hidden is not None  # rows were found, so states were stored
         return mx.take(self.aux_hidden, mx.array(rows, dtype=mx.int32), axis=1)
 
 
@@ -144,12 +146,12 @@ def _compute_layer(layer, arch, cache: LazyKVCache, h_in, missing, active, step_
         pos = missing[start : start + step_size]
         final = start + step_size >= n_full
 
-        def attend(q, k, v, scale):
+        def attend(q, k, v, scale, pos=pos, final=final):  # binds this step's pos and final
             nonlocal scores
             cache.append(k, v, pos)
             if fresh:
                 keys, values = cache.rows(None)
-                mask = "causal" if q.shape[2] > 1 else None
+                mask: str | mx.array | None = "causal" if q.shape[2] > 1 else None
             else:
                 rows = cache.rows_of(active)
                 present = rows >= 0
@@ -160,7 +162,8 @@ def _compute_layer(layer, arch, cache: LazyKVCache, h_in, missing, active, step_
                     mask = None  # one query at the largest position sees every active key
             if final and want_scores:
                 scores = last_query_attention(q[:, :, -1:, :], keys, scale)
-            return scaled_dot_product_attention(q, keys, values, cache=None, scale=scale, mask=mask)
+            # mlx-lm annotates mask as an array; it also takes "causal"
+            return scaled_dot_product_attention(q, keys, values, cache=None, scale=scale, mask=mask)  # type: ignore[arg-type]
 
         h = run_block(layer, arch, h_in[:, start : start + step_size], pos, attend)
         mx.eval(h, cache.keys, cache.values, scores if final and want_scores else [])

@@ -87,7 +87,7 @@ def openelm_shape_config(name: str, vocab_size: int = 32000, n_layers: int | Non
     try:
         from kvp_mlx.convert.corenet_config import named_config
     except ImportError:  # running from a source checkout without the package installed
-        from convert.corenet_config import named_config
+        from convert.corenet_config import named_config  # type: ignore[import-not-found, no-redef]
     config = named_config(name, vocab_size).to_mlx_config()
     if n_layers is not None:
         config["num_transformer_layers"] = n_layers

@@ -70,6 +70,7 @@ class Watchdog:
         if self._child is None or self._child.poll() is not None:
             self._child = subprocess.Popen([sys.executable, "-S", "-c", _WATCHDOG_PROGRAM, str(os.getpid())],
                                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        assert self._child.stdin is not None  # stdin=PIPE
         try:
             self._child.stdin.write(line.replace("\n", " ").encode() + b"\n")
             self._child.stdin.flush()

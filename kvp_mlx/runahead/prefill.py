@@ -117,6 +117,7 @@ class _RunaheadLayer:
         return getattr(self.inner, name)
 
     def __call__(self, x: mx.array, mask=None, cache: KVCache | None = None) -> mx.array:
+        assert cache is not None  # the model passes each layer its cache
         stage, index = self._stage, self._index
         received = stage.receive(index, x.shape[0])
         if received is not None:
@@ -129,6 +130,7 @@ class _RunaheadLayer:
             if start + stage.step < x.shape[1]:
                 stage.evaluate(index, [outputs[-1], cache.keys, cache.values])
         out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
+        assert cache.keys is not None and cache.values is not None
         keys, values = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
         sent = stage.send(mx.concatenate([keys, values], axis=-1))
         stage.evaluate(index, [out, keys, values, sent])
@@ -236,6 +238,7 @@ def prefill_runahead(
     if share_logits:
         if not stage.last:
             logits = mx.zeros((batch, lm.args.vocab_size), dtype=model.dtype)
+        assert logits is not None  # the last rank computed them, the others hold zeros
         with guarded(f"runahead rank {rank}: sharing the first-token logits", timeout_s):
             logits = mx.distributed.all_sum(logits, group=group)  # one row per prompt, from the last rank
             mx.eval(logits)

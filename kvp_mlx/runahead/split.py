@@ -52,7 +52,8 @@ class CostModel:
         from kvp_mlx.adapters import attention_modules, kv_shapes
 
         layers = lm.layers
-        weights = sum(v.size for layer in layers for _, v in tree_flatten(layer.parameters()) if v.ndim == 2)
+        # tree_flatten returns a list here (mlx annotates list | dict)
+        weights = sum(v.size for layer in layers for _, v in tree_flatten(layer.parameters()) if v.ndim == 2)  # type: ignore[str-unpack, union-attr]
         heads_dims = [a.n_heads * s.head_dim for a, s in zip(attention_modules(lm), kv_shapes(lm))]
         kv = sum(2 * s.heads * s.head_dim for s in kv_shapes(lm)) / len(layers)
         return cls(
@@ -228,7 +229,7 @@ def measure_cost_model(
     from kvp_mlx.adapters import kv_shapes
 
     analytic = CostModel.from_model(lm)
-    dtype = next(v.dtype for _, v in tree_flatten(lm.layers[0].parameters()))
+    dtype = next(v.dtype for _, v in tree_flatten(lm.layers[0].parameters()))  # type: ignore[str-unpack, union-attr]  # a list
     dim = hidden_size(lm)
     picked = sorted({round(x) for x in np.linspace(0, len(lm.layers) - 1, min(max_layers, len(lm.layers)))})
     layers = [lm.layers[i] for i in picked]

@@ -99,6 +99,7 @@ def _prepare_aux(cfg: KVPRunConfig, base: nn.Module, base_config: dict, base_tok
         aux, aux_tok, aux_config = load_lm(resolve_model_path(cfg.aux), "auxiliary")
         check_same_tokenizer(base_tok, aux_tok)
         return aux, aux_config, f"KVP-C with auxiliary {cfg.aux}"
+    assert cfg.aux_layers is not None  # exactly one of the two, checked above
     try:
         aux, aux_config = mb.layer_pruned(base, base_config, cfg.aux_layers)
     except ValueError as e:

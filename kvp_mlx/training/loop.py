@@ -69,8 +69,10 @@ def save_checkpoint(directory: Path, module: nn.Module, optimizer: optim.Optimiz
 def load_checkpoint(directory: Path, module: nn.Module, optimizer: optim.Optimizer) -> tuple[int, list]:
     try:
         state = json.loads((directory / "state.json").read_text())
-        module.load_weights(list(mx.load(str(directory / "trainable.safetensors")).items()), strict=False)
-        optimizer.state = tree_unflatten(list(mx.load(str(directory / "optimizer.safetensors")).items()))
+        trainable = mx.load(str(directory / "trainable.safetensors"))
+        module.load_weights(list(trainable.items()), strict=False)  # type: ignore[union-attr]  # a dict
+        opt_state = mx.load(str(directory / "optimizer.safetensors"))
+        optimizer.state = tree_unflatten(list(opt_state.items()))  # type: ignore[union-attr]  # a dict
     except (OSError, ValueError, KeyError) as e:
         raise KVPError(f"cannot resume from {directory}: {e}") from None
     return int(state["step"]), list(state["history"])
@@ -92,7 +94,7 @@ def train(
     ``stop_after`` ends the run early at that step (as an interruption would), for tests.
     """
     optimizer = make_optimizer(cfg)
-    step, history = 0, []
+    step, history = 0, list[dict]()  # typed empty list
     ckpt = checkpoint_dir / "checkpoint" if checkpoint_dir else None
     if resume:
         if ckpt is None or not (ckpt / "state.json").is_file():

@@ -66,7 +66,7 @@ def kvp_loss(
     ce_base = cross_entropy(base_logits, targets)
     ce_aux = cross_entropy(aux_logits, targets)
     loss = ce_base + weights.aux_ce * ce_aux
-    metrics = {"ce": ce_base, "ce_aux": ce_aux}
+    metrics: dict = {"ce": ce_base, "ce_aux": ce_aux}
     if weights.consistency:
         target_k, target_v = base_targets(base, inputs)
         attns = attention_modules(base)

@@ -45,8 +45,8 @@ def ridge_init(
     """
     mapping = predictor.mapping
     n_aux = len(aux.layers)
-    xtx = {kind: [None] * n_aux for kind in ("k", "v")}
-    xty = {kind: [None] * len(mapping) for kind in ("k", "v")}
+    xtx: dict[str, list] = {kind: [None] * n_aux for kind in ("k", "v")}  # per kind: X^T X per aux layer
+    xty: dict[str, list] = {kind: [None] * len(mapping) for kind in ("k", "v")}
     tokens = 0
     for batch in tqdm(list(batches), desc="ridge calibration", disable=not progress, leave=False):
         inputs = batch[:, :-1] if batch.shape[1] > 1 else batch
