@@ -37,7 +37,9 @@ demo: setup
 random-demo: demo-model
 	head -c 6000 $(DEMO_PROMPT_FILE) | $(VENV)/bin/kvp-mlx generate --model $(DEMO_MODEL) --prompt - --compare --max-tokens 20
 
+# Lint (ruff) and type check (mypy) first, then the test suite: what CI runs through .ci/run.
 test: setup
+	VENV=$(abspath $(VENV)) bash .ci/lint
 	$(PY) -m pytest -q tests
 
 setup-bench: setup

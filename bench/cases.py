@@ -125,7 +125,10 @@ def build_cases(
     skipped: list[dict] = []
     infos: dict[str, dict] = {}
     add = cases.append
-    base_cost = get_method("base").cost(group.base_only, T, chunk, B, {})
+    base_spec = get_method("base")
+    assert base_spec.cost is not None
+    base_cost = base_spec.cost(group.base_only, T, chunk, B, {})
+    assert base_cost is not None
     if ANCHOR in methods:
         if B == 1:
             add(Case(ANCHOR, _time_mlx_lm(group.base, tokens, chunk), kind="anchor", method=ANCHOR,
@@ -157,6 +160,7 @@ def build_cases(
         # T-1 tokens (per auxiliary) and one base step.
         base_shape = model_shape(group.base)
         for aux_name, model in group.variants.items():
+            assert model.aux is not None
             aux_shape = model_shape(model.aux)
             add(Case(f"aux-prefill[{aux_name}]", _time_fill(model.aux, tokens[:, :-1], chunk),
                      kind="component", method="aux-prefill", aux=aux_name,

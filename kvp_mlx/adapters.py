@@ -219,6 +219,7 @@ def prefill_capturing_raw_kv(
             mx.eval([(c.keys, c.values) for c in cache], [(s.keys[-1], s.values[-1]) for s in sinks])
     keys = [_concat_chunks(s.keys) for s in sinks]
     values = [_concat_chunks(s.values) for s in sinks]
+    assert logits is not None  # at least one chunk ran
     return cache, keys, values, logits[:, -1, :]
 
 

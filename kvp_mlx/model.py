@@ -156,7 +156,7 @@ def check_tokenizer_covers_vocab(pieces: int, vocab_size: int, what: str) -> Non
         )
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
@@ -202,7 +202,9 @@ def load_lm(directory: Path, what: str = "base") -> tuple[nn.Module, Any, dict]:
     arch_of(model)  # raises a clear error for an unsupported architecture
     vocab_size = config.get("vocab_size")
     if isinstance(vocab_size, int):
-        check_tokenizer_covers_vocab(len(tokenizer.get_vocab()), vocab_size, f"the {what} model's tokenizer in {directory}")
+        check_tokenizer_covers_vocab(
+            len(tokenizer.get_vocab()), vocab_size, f"the {what} model's tokenizer in {directory}"
+        )
     return model, tokenizer, config
 
 
@@ -271,7 +273,8 @@ def load(
         raise KVPError(f"{cfg_path} is not valid JSON: {e}") from None
     if config.get("format") != FORMAT_NAME or config.get("format_version") not in READABLE_VERSIONS:
         newer = config.get("format") == FORMAT_NAME and isinstance(config.get("format_version"), int)
-        hint = " (written by a newer kvp-mlx; upgrade kvp-mlx)" if newer and config["format_version"] > max(READABLE_VERSIONS) else ""
+        newer = newer and config["format_version"] > max(READABLE_VERSIONS)
+        hint = " (written by a newer kvp-mlx; upgrade kvp-mlx)" if newer else ""
         raise KVPError(
             f"{cfg_path}: unsupported format {config.get('format')!r} version {config.get('format_version')!r}{hint}"
         )

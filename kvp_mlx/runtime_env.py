@@ -65,10 +65,11 @@ def checkpoint_dtype(module: nn.Module) -> mx.Dtype | None:
     Quantized layers count through their scales and biases (the dtype they were quantized from).
     """
     sizes: dict[mx.Dtype, int] = {}
-    for _, value in tree_flatten(module.parameters()):
+    for _, value in tree_flatten(module.parameters()):  # type: ignore[str-unpack]  # a list (typed list | dict)
+        assert isinstance(value, mx.array)
         if mx.issubdtype(value.dtype, mx.floating):
             sizes[value.dtype] = sizes.get(value.dtype, 0) + value.size
-    return max(sizes, key=sizes.get) if sizes else None
+    return max(sizes, key=lambda d: sizes[d]) if sizes else None
 
 
 def dtype_name(dtype: mx.Dtype) -> str:

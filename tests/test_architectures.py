@@ -78,7 +78,7 @@ def test_hook_works_inside_value_and_grad(arch):
 
     loss, grads = nn.value_and_grad(model, loss_fn)(model.trainable_parameters())
     hook = arch_of(model).raw_kv
-    proj = getattr(hook, "attr", None) or getattr(hook, "keys")
+    proj = getattr(hook, "attr", None) or hook.keys
     suffix = f"layers.2.{arch_of(model).attention_attr}.{proj}.weight"
     (g,) = [v for k, v in tree_flatten(grads) if k.endswith(suffix)]
     assert mx.isfinite(loss).item()
@@ -125,7 +125,8 @@ def test_runahead_refuses_sliding_windows_before_any_work(identity_dirs):
     model = load(identity_dirs["gemma3"])
     tokens = mx.random.randint(0, VOCAB, (1, 12), key=mx.random.key(2))
     # no group is given: refusing before joining one means nothing waits for peers
-    with pytest.raises(KVPError, match=r"runahead does not support sliding-window attention layers \(gemma3_text layers 0, 2\)"):
+    message = r"runahead does not support sliding-window attention layers \(gemma3_text layers 0, 2\)"
+    with pytest.raises(KVPError, match=message):
         model.prefill(tokens, method="runahead")
 
 

@@ -34,7 +34,6 @@ from convert_helpers import (
 )
 from kvp_mlx.convert import cli
 from kvp_mlx.convert.cli import convert_checkpoint, main
-from kvp_mlx.convert.writer import Quantization
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import load
 

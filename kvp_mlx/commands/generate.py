@@ -92,7 +92,8 @@ def _read_launched_stdin(timeout_s: float) -> str:
                'e.g. --prompt "$(cat FILE)"')
     if sys.stdin is None:
         raise KVPError(nothing)
-    fd, chunks, wait = sys.stdin.fileno(), [], timeout_s
+    fd, wait = sys.stdin.fileno(), timeout_s
+    chunks: list[bytes] = []
     while True:
         if not select.select([fd], [], [], wait)[0]:
             if chunks:

@@ -20,6 +20,7 @@ def predict_base_cache(
     K/V are written in ``prefill_step_size`` chunks: the result has the cache classes and sizes
     the base's own chunked prefill of ``prefix`` would leave (sliding-window layers included).
     """
+    assert model.aux is not None and model.predictor is not None  # Capabilities.needs_aux
     _, aux_keys, aux_values, _ = prefill_capturing_raw_kv(model.aux, prefix, prefill_step_size, max_kv_size)
     predicted = model.predictor(aux_keys, aux_values)
     return inject_raw_kv(
@@ -38,8 +39,10 @@ def prefill_kvp(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 
 
 
 def kvp_cost(model: PrefillModel, tokens: int, chunk: int, batch: int, info: dict) -> Cost:
+    assert model.aux is not None and model.predictor is not None  # Capabilities.needs_aux
     base, aux = model_shape(model.base), model_shape(model.aux)
-    return Cost(kvp_flops(base, aux, model.predictor, tokens, chunk, batch), kvp_scores(base, aux, tokens, chunk, batch))
+    flops = kvp_flops(base, aux, model.predictor, tokens, chunk, batch)
+    return Cost(flops, kvp_scores(base, aux, tokens, chunk, batch))
 
 
 register(PrefillMethod(

@@ -78,7 +78,9 @@ class Watchdog:
             self._child = None
 
     @contextlib.contextmanager
-    def guard(self, what: str, timeout_s: float, cause: str = "a peer rank has probably died or hangs") -> Iterator[None]:
+    def guard(
+        self, what: str, timeout_s: float, cause: str = "a peer rank has probably died or hangs"
+    ) -> Iterator[None]:
         self._send(f"arm {timeout_s} error: {what}: nothing happened for {timeout_s:g} s; {cause} "
                    "(terminating this rank)")
         try:
@@ -120,13 +122,13 @@ def share_text(group: mx.distributed.Group, text: str | None, timeout_s: float =
     data = text.encode("utf-8") if first and text is not None else b""
     length = (len(data) if text is not None else -1) if first else 0
     with guarded(f"rank {group.rank()}: waiting for rank 0 to share the prompt", timeout_s):
-        total = int(mx.distributed.all_sum(mx.array([length], dtype=mx.int32), group=group).item())
+        total = int(mx.distributed.all_sum(mx.array([length], dtype=mx.int32), group=group).item())  # type: ignore[arg-type]  # an int32 scalar
         if total <= 0:
             return None if total < 0 else ""
         mine = mx.array(list(data), dtype=mx.int32) if first else mx.zeros((total,), dtype=mx.int32)
         shared = mx.distributed.all_sum(mine, group=group)
         mx.eval(shared)
-    return bytes(shared.tolist()).decode("utf-8")
+    return bytes(shared.tolist()).decode("utf-8")  # type: ignore[arg-type]  # a 1-D int32 array: list[int]
 
 
 def join_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> mx.distributed.Group:

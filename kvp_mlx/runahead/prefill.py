@@ -245,6 +245,7 @@ def prefill_runahead(
     info = {"rank": rank, "ranks": ranks, "bounds": bounds, "split": split, "decodes": stage.last}
     if not stage.last:
         return PeerRankResult("runahead", logits, info)
+    assert logits is not None  # the last rank computes the first-token logits
     return PrefillResult(cache, logits, lm, "runahead", info)
 
 

@@ -136,7 +136,8 @@ def run_kvp_training(cfg: KVPRunConfig, force: bool = False, resume: bool = Fals
     if cfg.predictor_only and cfg.aux_train != "none":
         raise KVPError(
             f"--predictor-only needs --aux-train none: with --aux-train {cfg.aux_train} the auxiliary model "
-            "changes in training and must be saved with the predictor (drop --predictor-only for a self-contained directory)"
+            "changes in training and must be saved with the predictor "
+            "(drop --predictor-only for a self-contained directory)"
         )
     base_path = resolve_model_path(cfg.base)
     base, tokenizer, base_config = load_lm(base_path, "base")
@@ -172,7 +173,7 @@ def run_kvp_training(cfg: KVPRunConfig, force: bool = False, resume: bool = Fals
     def eval_ce() -> float | None:
         if held is None:
             return None  # no held-out set (noted when the data was read)
-        values = [kvp_eval_ce(base, trainable, b).item() for b in held.in_order(cfg.train.eval_batches)]
+        values = [float(kvp_eval_ce(base, trainable, b)) for b in held.in_order(cfg.train.eval_batches)]
         return sum(values) / len(values)
 
     summary["eval_ce_before"] = eval_ce()
@@ -189,7 +190,8 @@ def run_kvp_training(cfg: KVPRunConfig, force: bool = False, resume: bool = Fals
         _fuse_lora(aux)
     references = (model_reference(cfg.base), aux_reference(cfg)) if cfg.predictor_only else None
     write_kvp_dir_atomically(out, base, base_config, aux, aux_config, predictor, base_path, source, force,
-                             training={"config": _jsonable(cfg), "summary": {k: v for k, v in summary.items() if k != "history"}},
+                             training={"config": _jsonable(cfg),
+                                       "summary": {k: v for k, v in summary.items() if k != "history"}},
                              references=references)
     (out / "train_history.json").write_text(dumps_json(history))
     shutil.rmtree(work, ignore_errors=True)

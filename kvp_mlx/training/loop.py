@@ -83,7 +83,7 @@ def train(
     loss_fn: LossFn,
     data: Batches,
     cfg: TrainConfig,
-    eval_fn: Callable[[], float] | None = None,
+    eval_fn: Callable[[], float | None] | None = None,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     desc: str = "train",
