@@ -59,8 +59,9 @@ class KVPModel:
     aux: nn.Module | None = None
     predictor: KVPredictor | None = None
     path: Path | None = None
-    config: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)  # kvp_config.json ({} for a plain mlx-lm directory)
     dtype: mx.Dtype = mx.float32
+    base_config: dict = field(default_factory=dict)  # the base's config.json (context length, ...)
 
     def prefill(
         self,
@@ -263,10 +264,10 @@ def load(
     root = resolve_model_path(path_or_repo, revision)
     cfg_path = root / KVP_CONFIG
     if not cfg_path.is_file():
-        base, tokenizer, _ = load_lm(root, "base")
+        base, tokenizer, base_config = load_lm(root, "base")
         compute_dtype = resolve_dtype(dtype, checkpoint_dtype(base))
         _cast(base, compute_dtype)
-        return KVPModel(base=base, tokenizer=tokenizer, path=root, dtype=compute_dtype)
+        return KVPModel(base=base, tokenizer=tokenizer, path=root, dtype=compute_dtype, base_config=base_config)
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
@@ -292,7 +293,7 @@ def load(
         _cast(m, compute_dtype)
     return KVPModel(
         base=base, aux=aux, predictor=predictor, tokenizer=tokenizer,
-        path=root, config=config, dtype=compute_dtype,
+        path=root, config=config, dtype=compute_dtype, base_config=base_config,
     )
 
 

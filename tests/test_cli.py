@@ -24,7 +24,7 @@ def test_generate_streams_and_reports_ttft(random_pair_dir):
     proc = cli("generate", "--model", str(random_pair_dir), "--prompt", "hello", "--max-tokens", "5")
     assert proc.returncode == 0, proc.stderr
     assert "TTFT" in proc.stdout and "method kvp" in proc.stdout
-    assert "Prompt:" in proc.stdout and "tokens/s" in proc.stdout and "Peak memory" in proc.stdout
+    assert "Prompt:" in proc.stdout and "tokens-per-sec" in proc.stdout and "Peak memory" in proc.stdout
     assert "RANDOM weights" in proc.stderr
 
 

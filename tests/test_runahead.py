@@ -146,7 +146,7 @@ def test_survivor_exits_with_a_clear_error_when_a_rank_dies(identity_dirs, tmp_p
     hostfile = write_local_hostfile(tmp_path / "hosts.json", 2)
     # a long prompt in small steps: rank 0 is still sending when it is stopped (it needs seconds)
     argv = _generate_argv(identity_dirs["openelm"], "--method", "runahead", "--runahead-timeout", "3",
-                          "--prefill-step-size", "4", "--verbose", prompt=PROMPT * 5)
+                          "--prefill-step-size", "4", prompt=PROMPT * 5)  # verbose (default): ranks say when they start
     env = {**os.environ, **ENV, "MLX_HOSTFILE": str(hostfile), "OPENBLAS_NUM_THREADS": "1"}
     logs = [tmp_path / f"rank{r}.err" for r in range(2)]
     procs = [subprocess.Popen(argv, env={**env, "MLX_RANK": str(r)}, stdout=subprocess.DEVNULL,

@@ -1,232 +1,247 @@
-"""`kvp-mlx generate`: prefill a prompt with a method (kvp by default), then decode with the base."""
+"""`kvp-mlx generate`: prefill a prompt with a method (kvp by default), then decode with mlx-lm's loop."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from kvp_mlx.commands.method_flags import method_option, method_options
+from kvp_mlx.commands.method_flags import add_method_arguments, method_option, method_options, method_summaries
 
 HELP = "generate text from a prompt, reporting time to first token"
 DESCRIPTION = """\
-Generate a continuation of a prompt. With --method kvp (the default) the auxiliary model
-processes the prompt, the predictor fills the base model's KV cache, and the base model
-produces the first token and decodes on its own. Prints the text as it streams, then the
-prompt length, TTFT (prompt token ids ready -> first token available), generation speed and
-peak memory. Without --model the embedded default model runs (offline).
---method lazy (LazyLLM token pruning, --lazy-schedule) and --method rp (random token pruning,
---rp-keep) use the base model alone and process one prompt at a time."""
+Generate a continuation of a prompt, as mlx_lm.generate does (chat template by default, the same
+sampling, penalty, KV-cache and speculative-decoding options), with a prefill method in front:
+with --method kvp (the default for a KV Prediction directory) the auxiliary model processes the
+prompt, the predictor fills the base model's KV cache, and the base model produces the first token
+and decodes on its own. A plain mlx-lm directory runs --method base (with a note). Prints the text
+as it streams, then mlx-lm's statistics and the time to first token (prompt token ids ready ->
+first token available, in seconds). --verbose False prints the generated text alone. Without
+--model the embedded demo model runs (offline)."""
+
+
+def _str2bool(text: str) -> bool:
+    if text.lower() in ("true", "t", "1", "yes"):
+        return True
+    if text.lower() in ("false", "f", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got '{text}'")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from kvp_mlx.commands.method_flags import add_method_arguments, method_summaries
     from kvp_mlx.methods import available_methods
 
     parser.description = DESCRIPTION
-    parser.add_argument("--model", help="KV Prediction directory, mlx-lm directory or Hugging Face repo id "
-                        "(default: the embedded demo model)")
-    parser.add_argument("--prompt", "-p", required=True, help="prompt text, or '-' to read standard input")
-    parser.add_argument("--method", default="kvp", choices=available_methods(),
-                        help=f"prefill method (default: kvp). {method_summaries()}")
-    parser.add_argument("--max-tokens", "-m", type=int, default=100, help="tokens to generate (default: 100)")
-    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
-    parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (default: off)")
-    parser.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: off)")
-    parser.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (default: off)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument("--prefill-step-size", type=int, default=2048,
-                        help="prompt tokens per prefill chunk (default: 2048)")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                        help="compute dtype (default: float32 on cpu, the checkpoint's own dtype on gpu)")
-    parser.add_argument("--device", choices=["cpu", "gpu"], help="device (default: MLX's)")
-    parser.add_argument("--compare", action="store_true",
-                        help="run base and the chosen method (kvp when --method is base) on the same prompt; "
-                        "print both TTFTs and whether the first tokens agree")
-    parser.add_argument("--verbose", "-v", action="store_true", help="print model and method details")
+    add = parser.add_argument
+    add("--model", help="KV Prediction directory, mlx-lm directory or Hugging Face repo id "
+        "(default: the embedded demo model)")
+    add("--prompt", "-p", required=True, help="the message (or raw prompt with --ignore-chat-template); "
+        "'-' reads standard input")
+    add("--method", default=None, choices=available_methods(),
+        help=f"prefill method (default: kvp, or base for a plain mlx-lm directory). {method_summaries()}")
+    add("--max-tokens", "-m", type=int, default=100, help="maximum number of tokens to generate (default: 100)")
+    s = parser.add_argument_group("sampling (as mlx_lm.generate)")
+    s.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    s.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling top-p in [0, 1] (default: 0, off)")
+    s.add_argument("--min-p", type=float, default=0.0, help="min-p sampling in [0, 1] (default: 0, off)")
+    s.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: 0, off)")
+    s.add_argument("--min-tokens-to-keep", type=int, default=1, help="minimum tokens kept by min-p (default: 1)")
+    s.add_argument("--xtc-probability", type=float, default=0.0, help="probability of XTC sampling per token")
+    s.add_argument("--xtc-threshold", type=float, default=0.1, help="probability threshold of XTC candidates")
+    s.add_argument("--seed", type=int, default=None, help="PRNG seed")
+    s.add_argument("--repetition-penalty", type=float, default=None, help="multiplicative penalty for repeated "
+                   "tokens (1: off)")
+    s.add_argument("--repetition-context-size", type=int, default=20, help="tokens the repetition penalty sees")
+    s.add_argument("--presence-penalty", type=float, default=None, help="additive penalty for present tokens")
+    s.add_argument("--frequency-penalty", type=float, default=None, help="additive penalty proportional to counts")
+    s.add_argument("--logit-bias", default=None, metavar="JSON", help='additive logit bias, e.g. \'{"13": -5.0}\'')
+    c = parser.add_argument_group("chat template (as mlx_lm.generate)")
+    c.add_argument("--system-prompt", default=None, help="system prompt for the chat template")
+    c.add_argument("--ignore-chat-template", action="store_true", help="use the raw prompt without the template")
+    c.add_argument("--chat-template-config", default=None, metavar="JSON",
+                   help="extra arguments of apply_chat_template, as a JSON object")
+    c.add_argument("--prefill-response", default=None, help="start of the assistant's response (chat template)")
+    c.add_argument("--extra-eos-token", nargs="+", default=(), help="more tokens that end generation")
+    k = parser.add_argument_group("KV cache and speculative decoding (as mlx_lm.generate)")
+    k.add_argument("--max-kv-size", type=int, default=None, help="maximum KV cache size (a rotating cache)")
+    k.add_argument("--kv-bits", type=int, default=None, help="bits of KV cache quantization (default: none)")
+    k.add_argument("--kv-group-size", type=int, default=64, help="group size of KV cache quantization")
+    k.add_argument("--quantized-kv-start", type=int, default=5000,
+                   help="with --kv-bits, quantize the cache from this many tokens on (default: 5000)")
+    k.add_argument("--prefill-step-size", type=int, default=2048, help="prompt tokens per prefill chunk")
+    k.add_argument("--draft", choices=["aux"], default=None,
+                   help="speculative decoding with the auxiliary model as the draft (after a kvp prefill it "
+                   "already holds the prompt's cache: no extra prefill)")
+    k.add_argument("--draft-model", default=None, help="an mlx-lm model directory to draft with")
+    k.add_argument("--num-draft-tokens", type=int, default=3, help="tokens drafted per step (default: 3)")
+    o = parser.add_argument_group("output and checks")
+    o.add_argument("--verbose", type=_str2bool, default=True, metavar="BOOL",
+                   help="True (default): the text between separators, then statistics; False: the text alone")
+    o.add_argument("--quiet", "-q", action="store_true", help="the same as --verbose False")
+    o.add_argument("--strict-context", action="store_true",
+                   help="refuse a prompt longer than the model's context (default: a warning)")
+    o.add_argument("--compare", action="store_true",
+                   help="run base and the chosen method (kvp when --method is base) greedily on the same prompt: "
+                   "TTFT, prompt tokens/s, whether the first tokens agree and where the continuations diverge")
+    o.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="compute dtype (default: float32 on cpu, the checkpoint's own dtype on gpu)")
+    o.add_argument("--device", choices=["cpu", "gpu"], help="device (default: MLX's)")
     add_method_arguments(parser)
 
 
-STDIN_QUIET_S = 1.0  # under a launch, the prompt on standard input ends after this long without data
-
-
-def _read_prompt(args: argparse.Namespace) -> str:
-    """``--prompt``, or standard input for ``-``.
-
-    Under a distributed launch standard input cannot be read to its end: mlx.launch forwards its
-    own input to every rank but never closes theirs. So rank 0 alone reads it, waiting at most
-    ``--runahead-timeout`` for the first data and ending the prompt once input has been quiet for
-    ``STDIN_QUIET_S``, and shares it with the other ranks (MPI gives standard input to rank 0 only).
-    """
-    from kvp_mlx.errors import KVPError
-    from kvp_mlx.runahead.group import join_group, launched_as_ranks, share_text
-
-    if args.prompt != "-":
-        return args.prompt
-    if not launched_as_ranks():
-        return sys.stdin.read()
-    group = join_group(method_option(args, "runahead", "timeout_s"))
-    prompt, error = None, None
-    if group.rank() == 0:
-        try:
-            prompt = _read_launched_stdin(method_option(args, "runahead", "timeout_s"))
-        except KVPError as e:
-            error = e
-    # rank 0 may spend the whole timeout waiting for input, then the quiet period
-    prompt = share_text(group, prompt, 2 * method_option(args, "runahead", "timeout_s") + STDIN_QUIET_S + 10)
-    if error is not None:
-        raise error
-    if prompt is None:
-        raise KVPError("rank 0 received no prompt on standard input; pass the prompt as --prompt TEXT, "
-                       'e.g. --prompt "$(cat FILE)"')
-    return prompt
-
-
-def _read_launched_stdin(timeout_s: float) -> str:
-    import os
-    import select
-
+def _json_arg(text: str | None, flag: str) -> dict | None:
     from kvp_mlx.errors import KVPError
 
-    nothing = (f"no prompt arrived on standard input within {timeout_s:g} s (--runahead-timeout); under "
-               "mlx.launch standard input is the launcher's and never ends: pass the prompt as --prompt TEXT, "
-               'e.g. --prompt "$(cat FILE)"')
-    if sys.stdin is None:
-        raise KVPError(nothing)
-    fd, wait = sys.stdin.fileno(), timeout_s
-    chunks: list[bytes] = []
-    while True:
-        if not select.select([fd], [], [], wait)[0]:
-            if chunks:
-                break  # quiet after some input: the launcher never closes it, take what came
-            raise KVPError(nothing)
-        data = os.read(fd, 1 << 16)
-        if not data:
-            break
-        chunks.append(data)
-        wait = STDIN_QUIET_S
-    return b"".join(chunks).decode("utf-8", errors="replace")
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise KVPError(f"{flag} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise KVPError(f"{flag} must be a JSON object")
+    return value
 
 
-def _report(last, label: str = "") -> None:
-    tag = f"[{label}] " if label else ""
-    print(f"{tag}Prompt: {last.prompt_tokens} tokens, TTFT {last.ttft_s * 1000:.1f} ms (method {last.method})")
-    print(f"{tag}Generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s")
-    print(f"{tag}Peak memory: {last.peak_memory_gb:.3f} GB")
+def generation_kwargs(args: argparse.Namespace) -> dict:
+    """Everything ``kvp_mlx.generation.stream_generate`` takes from the command line, checked."""
+    from kvp_mlx.errors import KVPError
 
-
-def _stream(model, prompt: str, args: argparse.Namespace, method: str, show: bool):
-    from kvp_mlx.generation import stream_generate
-
-    last = None
-    for last in stream_generate(
-        model, prompt, method=method, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
-        top_k=args.top_k, min_p=args.min_p, seed=args.seed, prefill_step_size=args.prefill_step_size,
-        **(method_options(args, method) if method == args.method else {}),
-    ):
-        if show:
-            print(last.text, end="", flush=True)
-    if show:
-        print()
-    return last
+    bias = _json_arg(args.logit_bias, "--logit-bias") or {}
+    try:
+        logit_bias = {int(k): float(v) for k, v in bias.items()}
+    except (TypeError, ValueError):
+        raise KVPError("--logit-bias maps token ids to numbers, e.g. '{\"13\": -5.0}'") from None
+    return dict(
+        max_tokens=args.max_tokens, seed=args.seed, prefill_step_size=args.prefill_step_size,
+        max_kv_size=args.max_kv_size, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+        quantized_kv_start=args.quantized_kv_start, num_draft_tokens=args.num_draft_tokens,
+        system_prompt=args.system_prompt, use_chat_template=False if args.ignore_chat_template else None,
+        chat_template_config=_json_arg(args.chat_template_config, "--chat-template-config"),
+        prefill_response=args.prefill_response, strict_context=args.strict_context,
+        temp=args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k,
+        min_tokens_to_keep=args.min_tokens_to_keep, xtc_probability=args.xtc_probability,
+        xtc_threshold=args.xtc_threshold, repetition_penalty=args.repetition_penalty,
+        repetition_context_size=args.repetition_context_size, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, logit_bias=logit_bias,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from kvp_mlx.errors import KVPError
-    from kvp_mlx.model import load
-    from kvp_mlx.runtime_env import dtype_name, set_device
+    from kvp_mlx.generation import default_method
+    from kvp_mlx.prompting import read_prompt_arg
+    from kvp_mlx.runtime_env import set_device
+    from kvp_mlx.sampling import sampling_options
 
-    method_option(args, "runahead", "timeout_s")  # checked before the prompt is read (it bounds the wait)
-    prompt = _read_prompt(args)
+    verbose = args.verbose and not args.quiet
+    kwargs = generation_kwargs(args)
+    sampling_keys = set(sampling_options().__dataclass_fields__)
+    sampling_options(**{k: v for k, v in kwargs.items() if k in sampling_keys}).check()  # before any work
+    if args.method is not None:
+        method_options(args, args.method)  # a wrong method option fails here, before any work
+    if args.method == "runahead":
+        return _run_runahead(args, kwargs, verbose)
+    prompt = read_prompt_arg(args.prompt)
     if not prompt:
         raise KVPError("empty prompt")
-    if args.max_tokens < 1:
-        raise KVPError("--max-tokens must be at least 1")
-    method_options(args, args.method)  # a wrong method option fails here, before any work
-    device = set_device(args.device)
-    if args.method == "runahead" and not _is_output_rank(args):
-        return _help_runahead_prefill(args, prompt)
-    model = _load_runahead_rank(args) if args.method == "runahead" else load(args.model, dtype=args.dtype)
-    if model.is_random:
-        print("note: this model has RANDOM weights (a demo/timing model, not trained): "
-              "expect meaningless text", file=sys.stderr)
-    if args.verbose:
-        print(f"model: {model.path} ({model.config.get('source', 'mlx-lm directory')}), device {device}, "
-              f"dtype {dtype_name(model.dtype)}", file=sys.stderr)
-    if not args.compare:
-        if args.method == "runahead":
-            _ranks_ready(args)
-        print("=" * 10)
-        last = _stream(model, prompt, args, args.method, show=True)
-        print("=" * 10)
-        _report(last)
-        return 0
-    # Warm up once so the first timed run does not pay for one-time setup.
-    _stream(model, prompt, argparse.Namespace(**{**vars(args), "max_tokens": 1}), "base", show=False)
-    other = args.method if args.method != "base" else "kvp"
-    results = {}
-    for method in ("base", other):
-        print(f"========== {method}")
-        results[method] = _stream(model, prompt, args, method, show=True)
-    print("=" * 10)
-    firsts = {}
-    for method, last in results.items():
-        _report(last, method)
-    for method in results:  # first token of each method (greedy unless --temp)
-        firsts[method] = _first_token(model, prompt, args, method)
-    speedup = results["base"].ttft_s / results[other].ttft_s
-    agree = "yes" if firsts["base"] == firsts[other] else "no"
-    print(f"TTFT base {results['base'].ttft_s * 1000:.1f} ms, {other} {results[other].ttft_s * 1000:.1f} ms "
-          f"(speedup {speedup:.2f}x); first tokens agree: {agree}")
-    return 0
-
-
-def _is_output_rank(args: argparse.Namespace) -> bool:
-    """Under mlx.launch only the rank that decodes (the last) prints; alone, this process does."""
-    from kvp_mlx.runahead.group import join_group
-    from kvp_mlx.errors import KVPError
-    from kvp_mlx.runahead.prefill import decoding_rank
-
-    group = join_group(method_option(args, "runahead", "timeout_s"))
-    if args.compare and group.size() > 1:
-        raise KVPError("--compare runs in one process; to compare runahead over several ranks with base "
-                       "prefill use `kvp-mlx runahead-bench`")
-    return group.rank() == decoding_rank(group)
-
-
-def _ranks_ready(args: argparse.Namespace) -> None:
-    """Runahead: every rank has loaded the model before the timed prefill starts."""
-    from kvp_mlx.runahead.group import barrier, join_group
-
-    group = join_group(method_option(args, "runahead", "timeout_s"))
-    barrier(group, method_option(args, "runahead", "timeout_s"))
-    if args.verbose:
-        print(f"runahead: rank {group.rank()} of {group.size()} starts the prefill", file=sys.stderr, flush=True)
-
-
-def _help_runahead_prefill(args: argparse.Namespace, prompt: str) -> int:
-    """A rank that does not decode: take part in the prefill, print nothing, exit."""
-    from kvp_mlx.generation import encode_prompt
-    from kvp_mlx.methods import run_prefill
-
-    model = _load_runahead_rank(args)
-    ids = encode_prompt(model, prompt)
-    _ranks_ready(args)
-    run_prefill(model, ids[None], method="runahead", prefill_step_size=args.prefill_step_size,
-                **method_options(args, "runahead"))
-    return 0
-
-
-def _load_runahead_rank(args: argparse.Namespace):
-    """Load the model under the watchdog: a rank never hangs in set-up (its peers wait in a barrier)."""
+    set_device(args.device)
     from kvp_mlx.model import load
-    from kvp_mlx.runahead.group import join_group, watchdog
 
-    rank = join_group(method_option(args, "runahead", "timeout_s")).rank()
-    with watchdog.guard(f"runahead rank {rank}: loading the model", method_option(args, "runahead", "timeout_s"),
-                        cause="loading is stuck or slow (raise --runahead-timeout for a slow disk)"):
-        return load(args.model, dtype=args.dtype)
+    model = _with_extra_eos(load(args.model, dtype=args.dtype), args.extra_eos_token)
+    if model.is_random:
+        print("note: this model has RANDOM weights (a demo/timing model, not trained): expect meaningless text",
+              file=sys.stderr)
+    method = args.method or default_method(model)
+    if args.method is None and method == "base":
+        print(f"note: {model.path} is a plain mlx-lm model (no auxiliary model, no predictor): using --method base",
+              file=sys.stderr)
+    draft_model = _load_draft(args.draft_model, model)
+    if args.compare:
+        return _compare(model, prompt, method, args, kwargs)
+    _generate(model, prompt, method, verbose, dict(draft=args.draft, draft_model=draft_model,
+                                                   method_options=method_options(args, method), **kwargs))
+    return 0
 
 
-def _first_token(model, prompt: str, args: argparse.Namespace, method: str) -> int:
-    ns = argparse.Namespace(**{**vars(args), "max_tokens": 1})
-    return _stream(model, prompt, ns, method, show=False).token
+def _generate(model, prompt: str, method: str, verbose: bool, kwargs: dict) -> None:
+    """mlx-lm's output: verbose, the text between separators and the statistics; else the text alone."""
+    from kvp_mlx.generation import generate, stream_generate
+
+    if verbose:
+        generate(model, prompt, method=method, verbose=True, **kwargs)
+        return
+    for piece in stream_generate(model, prompt, method=method, **kwargs):
+        print(piece.text, end="", flush=True)
+    print()
+
+
+def _with_extra_eos(model, tokens):
+    for token in tokens:
+        model.tokenizer.add_eos_token(token)
+    return model
+
+
+def _load_draft(path: str | None, model):
+    """``--draft-model DIR``: an mlx-lm model with the same tokenizer, in the model's dtype."""
+    if path is None:
+        return None
+    from kvp_mlx.model import _cast, check_same_tokenizer, load_lm, resolve_model_path
+
+    draft, tokenizer, _ = load_lm(resolve_model_path(path), "draft")
+    check_same_tokenizer(model.tokenizer, tokenizer)
+    _cast(draft, model.dtype)
+    return draft
+
+
+def _compare(model, prompt: str, method: str, args: argparse.Namespace, kwargs: dict) -> int:
+    from kvp_mlx.compare import compare_methods
+    from kvp_mlx.generation import print_statistics
+
+    if args.temp != 0:
+        print("note: --compare decodes both methods greedily (--temp is ignored) so their tokens can be compared",
+              file=sys.stderr)
+    result = compare_methods(model, prompt, method, method_options=method_options(args, method),
+                             **{k: v for k, v in kwargs.items() if k != "seed"})
+    for run in result.runs:
+        print(f"========== {run.method}")
+        print(run.text)
+    print("=" * 10)
+    for run in result.runs:
+        print_statistics(run.last, run.method)
+    base, other = result.runs
+    where = result.diverge_at
+    diverge = (f"identical for all {len(base.tokens)} tokens" if where is None
+               else f"first differ at generated token {where}")
+    print(f"TTFT base {base.last.ttft_s:.4f} s, {other.method} {other.last.ttft_s:.4f} s "
+          f"(speedup {result.speedup:.2f}x); prompt tokens/s base {base.last.prompt_tps:.1f}, {other.method} {other.last.prompt_tps:.1f}")
+    print(f"greedy continuations: first tokens agree: {'yes' if result.first_tokens_agree else 'no'}; {diverge}")
+    return 0
+
+
+def _run_runahead(args: argparse.Namespace, kwargs: dict, verbose: bool) -> int:
+    """One rank of a launched group: the last rank decodes and prints, the others help the prefill."""
+    from kvp_mlx.errors import KVPError
+    from kvp_mlx.generation import encode_prompt
+    from kvp_mlx.runahead import launched
+    from kvp_mlx.runtime_env import set_device
+
+    timeout = method_option(args, "runahead", "timeout_s")
+    prompt = launched.read_prompt(args.prompt, timeout)
+    if not prompt:
+        raise KVPError("empty prompt")
+    set_device(args.device)
+    options = method_options(args, "runahead")
+    model = _with_extra_eos(launched.load_on_rank(args.model, args.dtype, timeout), args.extra_eos_token)
+    if not launched.is_output_rank(timeout, args.compare):
+        ids = encode_prompt(model, prompt, system_prompt=kwargs["system_prompt"],
+                            use_chat_template=kwargs["use_chat_template"],
+                            chat_template_config=kwargs["chat_template_config"],
+                            prefill_response=kwargs["prefill_response"])
+        launched.help_prefill(model, ids, args.prefill_step_size, options, verbose)  # verbose: a line on stderr
+        return 0
+    if args.compare:
+        return _compare(model, prompt, "runahead", args, kwargs)
+    launched.ranks_ready(timeout, verbose)
+    _generate(model, prompt, "runahead", verbose, dict(method_options=options, **kwargs))
+    return 0

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from kvp_mlx.methods.base import plain_prefill, plain_prefill_cost
-from kvp_mlx.methods.interface import Capabilities, Cost, PrefillMethod, PrefillModel, PrefillResult, register
+from kvp_mlx.methods.base import fill_cache, plain_prefill_cost
+from kvp_mlx.methods.interface import Capabilities, Cost, FilledCache, PrefillMethod, PrefillModel, register
 
 
-def prefill_aux(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 2048) -> PrefillResult:
+def fill_aux(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 2048,
+             max_kv_size: int | None = None) -> FilledCache:
     assert model.aux is not None  # Capabilities.needs_aux: checked by run_prefill
-    cache, logits = plain_prefill(model.aux, tokens, prefill_step_size)
-    return PrefillResult(cache, logits, model.aux, "aux", {})
+    return FilledCache(fill_cache(model.aux, tokens, prefill_step_size, max_kv_size), model.aux)
 
 
 def aux_cost(model: PrefillModel, tokens: int, chunk: int, batch: int, info: dict) -> Cost:
@@ -22,7 +22,7 @@ def aux_cost(model: PrefillModel, tokens: int, chunk: int, batch: int, info: dic
 register(PrefillMethod(
     name="aux",
     summary="the auxiliary model alone prefills and decodes (the paper's aux-only baseline)",
-    prefill=prefill_aux,
+    fill=fill_aux,
     capabilities=Capabilities(needs_aux=True, decoder="aux"),
     cost=aux_cost,
 ))

@@ -7,12 +7,13 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
 from kvp_mlx.flops import model_shape, prefill_flops, prefill_scores
-from kvp_mlx.methods.interface import Cost, PrefillMethod, PrefillModel, PrefillResult, register
+from kvp_mlx.methods.interface import Cost, FilledCache, PrefillMethod, PrefillModel, PrefillResult, register
 
 
-def fill_cache(lm: nn.Module, tokens: mx.array, prefill_step_size: int) -> list:
-    """A fresh cache holding ``tokens`` [B, T], filled in chunks (no logits are computed)."""
-    cache = make_prompt_cache(lm)
+def fill_cache(lm: nn.Module, tokens: mx.array, prefill_step_size: int, max_kv_size: int | None = None) -> list:
+    """A fresh cache holding ``tokens`` [B, T], filled in chunks (no logits are computed), as
+    mlx-lm's ``generate_step`` fills it before the last prompt token."""
+    cache = make_prompt_cache(lm, max_kv_size)
     for start in range(0, tokens.shape[1], prefill_step_size):
         lm(tokens[:, start : start + prefill_step_size], cache=cache)
         mx.eval([c.state for c in cache])
@@ -31,6 +32,11 @@ def prefill_base(model: PrefillModel, tokens: mx.array, prefill_step_size: int =
     return PrefillResult(cache, logits, model.base, "base", {})
 
 
+def fill_base(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 2048,
+              max_kv_size: int | None = None) -> FilledCache:
+    return FilledCache(fill_cache(model.base, tokens, prefill_step_size, max_kv_size), model.base)
+
+
 def plain_prefill_cost(lm: nn.Module, tokens: int, chunk: int, batch: int) -> Cost:
     shape = model_shape(lm)
     return Cost(prefill_flops(shape, tokens, chunk, batch), prefill_scores(shape, tokens, chunk, batch))
@@ -40,5 +46,6 @@ register(PrefillMethod(
     name="base",
     summary="plain base prefill, the reference (what mlx-lm's generate_step does)",
     prefill=prefill_base,
+    fill=fill_base,
     cost=lambda model, tokens, chunk, batch, info: plain_prefill_cost(model.base, tokens, chunk, batch),
 ))

@@ -53,6 +53,21 @@ class PrefillResult:
 
 
 @dataclass
+class FilledCache:
+    """The caches after a method processed some tokens, before the next token is run.
+
+    Methods that can stop there (``fill``) let decoding run the prompt's last token through
+    mlx-lm's own generation loop (``generate_step``), exactly as mlx-lm does after its prefill.
+    """
+
+    cache: list  # the decoder's cache, holding every processed position
+    decoder: nn.Module
+    # The auxiliary model's own cache of the same positions, when the method made one (``kvp``):
+    # a speculative-decoding draft that needs no prefill of its own.
+    draft_cache: list | None = None
+
+
+@dataclass
 class PeerRankResult:
     """What a rank of a distributed prefill that does not decode ends with: no cache."""
 
@@ -96,6 +111,8 @@ class Cost:
     attention_scores: int
 
 
+# fill(model, tokens [B, n], prefill_step_size, max_kv_size, **options) -> FilledCache (n may be 0)
+FillFn = Callable[..., FilledCache]
 # cost(model, prompt_tokens, prefill_step_size, batch, info) -> Cost, or None when the count needs
 # facts only a run gives (``info`` is the prefill's ``result.info``, empty before a run).
 CostFn = Callable[[PrefillModel, int, int, int, dict], "Cost | None"]
@@ -104,12 +121,36 @@ PrefillFn = Callable[..., "PrefillResult | PeerRankResult"]
 
 @dataclass(frozen=True)
 class PrefillMethod:
+    """A prefill method's declaration.
+
+    ``prefill`` fills the cache for the whole prompt and returns the last token's logits. A method
+    that can stop one token short declares ``fill`` instead (or as well): then ``prefill`` is
+    derived (fill ``tokens[:, :-1]``, one decoder step on the last token), and generation runs that
+    last token through mlx-lm's own loop, so its logits processors, KV quantization and
+    speculative decoding apply from the first token on.
+    """
+
     name: str
     summary: str  # one line for --help
-    prefill: PrefillFn  # prefill(model, tokens [B, T], prefill_step_size, **options)
+    prefill: PrefillFn | None = None  # prefill(model, tokens [B, T], prefill_step_size, **options)
     options: tuple[Option, ...] = ()
     capabilities: Capabilities = Capabilities()
     cost: CostFn | None = None
+    fill: FillFn | None = None
+
+    def __post_init__(self) -> None:
+        if self.prefill is None and self.fill is None:
+            raise ValueError(f"method '{self.name}' declares neither prefill nor fill")
+
+    def run(self, model: PrefillModel, tokens: mx.array, prefill_step_size: int,
+            **options: Any) -> PrefillResult | PeerRankResult:
+        """The prefill of ``tokens`` [B, T] (declared, or derived from ``fill``)."""
+        if self.prefill is not None:
+            return self.prefill(model, tokens, prefill_step_size=prefill_step_size, **options)
+        assert self.fill is not None
+        filled = self.fill(model, tokens[:, :-1], prefill_step_size=prefill_step_size, **options)
+        logits = filled.decoder(tokens[:, -1:], cache=filled.cache)[:, -1, :]
+        return PrefillResult(filled.cache, logits, filled.decoder, self.name, {})
 
     def option(self, name: str) -> Option:
         for opt in self.options:
@@ -249,4 +290,4 @@ def run_prefill(
     vocab = model.base.args.vocab_size if hasattr(model.base, "args") else None
     if vocab is not None and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
         raise KVPError(f"token ids must lie in [0, {vocab}) for this model")
-    return spec.prefill(model, tokens, prefill_step_size=prefill_step_size, **options)
+    return spec.run(model, tokens, prefill_step_size, **options)

@@ -1,0 +1,141 @@
+"""From what the user typed to token ids, as mlx-lm does it: text checked for UTF-8, the tokenizer's
+chat template applied by default, and the prompt checked against the model's context length.
+
+``mlx_lm.generate`` renders ``[system?, user]`` with ``apply_chat_template(..., tokenize=False,
+add_generation_prompt=True)`` and encodes the result without special tokens; a raw prompt (no
+template, or ``--ignore-chat-template``) is encoded with them. These functions do exactly that
+through the tokenizer's own template, so the token ids match mlx-lm's for the same input.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+import mlx.core as mx
+
+from kvp_mlx.errors import KVPError
+
+Message = dict[str, str]
+Prompt = str | Sequence[Message] | Sequence[int] | mx.array
+
+# Config keys holding a model's context length, in the order they are trusted.
+CONTEXT_KEYS = ("max_position_embeddings", "max_context_length", "max_sequence_length", "n_positions",
+                "seq_length", "max_seq_len")
+
+
+def decode_utf8(data: bytes, source: str = "the prompt") -> str:
+    """``data`` as text; bytes that are not UTF-8 are a one-line error naming the byte offset."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise KVPError(
+            f"{source} is not valid UTF-8: byte 0x{data[e.start]:02x} at byte offset {e.start} ({e.reason})"
+        ) from None
+
+
+def checked_text(text: str, source: str = "the prompt") -> str:
+    """A command-line string as Python received it: undecodable bytes (surrogate escapes) refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        decode_utf8(text.encode("utf-8", "surrogateescape"), source)
+    return text
+
+
+def read_prompt_arg(text: str) -> str:
+    """``--prompt``: ``-`` reads standard input (as bytes, checked for UTF-8); otherwise the text,
+    with literal ``\\n`` and ``\\t`` unescaped as ``mlx_lm.generate`` does."""
+    if text == "-":
+        return decode_utf8(sys.stdin.buffer.read(), "standard input")
+    return checked_text(text, "--prompt").replace("\\n", "\n").replace("\\t", "\t")
+
+
+def chat_messages(prompt: str, system_prompt: str | None = None,
+                  prefill_response: str | None = None) -> list[Message]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    messages.append({"role": "user", "content": prompt})
+    if prefill_response is not None:
+        messages.append({"role": "assistant", "content": prefill_response})
+    return messages
+
+
+def render_prompt(
+    tokenizer: Any,
+    prompt: Prompt,
+    *,
+    system_prompt: str | None = None,
+    use_chat_template: bool | None = None,
+    chat_template_config: dict | None = None,
+    prefill_response: str | None = None,
+) -> list[int]:
+    """Token ids for a prompt: text, chat messages (``[{"role": ..., "content": ...}, ...]``) or ids.
+
+    Text goes through the tokenizer's chat template when it has one (``use_chat_template=None``)
+    or when asked (``True``: an error without a template); ``False`` encodes it raw, with the
+    tokenizer's special tokens (BOS), as ``mlx_lm.generate --ignore-chat-template`` does.
+    """
+    if isinstance(prompt, mx.array) or (
+        isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt)
+    ):
+        flat = prompt.reshape(-1).tolist() if isinstance(prompt, mx.array) else list(prompt)
+        ids = [int(t) for t in flat]  # type: ignore[union-attr, arg-type]  # a 1-D array: list[int]
+        if not ids:
+            raise KVPError("empty prompt")
+        return ids
+    has_template = bool(getattr(tokenizer, "has_chat_template", False))
+    if isinstance(prompt, str):
+        if prompt == "":
+            raise KVPError("empty prompt")
+        templated = has_template if use_chat_template is None else use_chat_template
+        if not templated:
+            if system_prompt is not None or prefill_response is not None:
+                raise KVPError("a system prompt or a prefilled response needs the chat template "
+                               "(this tokenizer has none, or --ignore-chat-template was given)")
+            return list(tokenizer.encode(prompt, add_special_tokens=True))
+        messages = chat_messages(prompt, system_prompt, prefill_response)
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        if use_chat_template is False:
+            raise KVPError("chat messages need the chat template (got use_chat_template=False)")
+        messages = [dict(m) for m in prompt]
+        if system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        bad = [m for m in messages if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)]
+        if bad:
+            raise KVPError(f"each chat message needs a string 'role' and 'content', got {bad[0]!r}")
+    else:
+        raise KVPError(f"a prompt is text, a list of chat messages or a list of token ids, got {type(prompt).__name__}")
+    if not has_template:
+        raise KVPError("this model's tokenizer has no chat template (pass plain text, or give the model a "
+                       "chat_template in tokenizer_config.json)")
+    continue_final = messages[-1]["role"] == "assistant"
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, continue_final_message=continue_final,
+            add_generation_prompt=not continue_final, **(chat_template_config or {}),
+        )
+    except Exception as e:  # jinja and transformers raise many types for a template that does not fit
+        raise KVPError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def context_length(config: dict) -> tuple[int, str] | None:
+    """The model's context length and the config key that says so, if the config has one."""
+    for key in CONTEXT_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
+
+
+def check_context(n_tokens: int, config: dict, strict: bool = False) -> str | None:
+    """A warning when ``n_tokens`` exceed the model's context (returned), or an error when ``strict``."""
+    found = context_length(config)
+    if found is None or n_tokens <= found[0]:
+        return None
+    limit, key = found
+    text = (f"the prompt has {n_tokens} tokens, more than the model's context of {limit} ({key}); "
+            "expect degraded output")
+    if strict:
+        raise KVPError(text.replace("; expect degraded output", " (--strict-context)"))
+    return text
