@@ -130,7 +130,7 @@ def stream_generate(
     opts = sampling if sampling is not None else sampling_options(**sampling_kwargs)
     vocab = getattr(getattr(model.base, "args", None), "vocab_size", None)
     opts.check(vocab)
-    _check_decoding(max_tokens, prefill_step_size, max_kv_size, kv_bits, kv_group_size, quantized_kv_start,
+    check_decoding(max_tokens, prefill_step_size, max_kv_size, kv_bits, kv_group_size, quantized_kv_start,
                     num_draft_tokens)
     ids = encode_prompt(model, prompt, system_prompt=system_prompt, use_chat_template=use_chat_template,
                         chat_template_config=chat_template_config, prefill_response=prefill_response)
@@ -179,8 +179,10 @@ def stream_generate(
     yield from _responses(steps, tokenizer, ids, max_tokens, tic, method, decoder)
 
 
-def _check_decoding(max_tokens: int, prefill_step_size: int, max_kv_size: int | None, kv_bits: int | None,
+def check_decoding(max_tokens: int, prefill_step_size: int, max_kv_size: int | None, kv_bits: int | None,
                     kv_group_size: int, quantized_kv_start: int, num_draft_tokens: int) -> None:
+    """One-line errors for decoding options out of range (before any work is done)."""
+
     def positive(name: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise KVPError(f"{name} must be a positive integer, got {value!r}")
@@ -256,10 +258,11 @@ def _responses(steps: Iterator, tokenizer: Any, ids: mx.array, max_tokens: int, 
 def generate(model: KVPModel, prompt: Prompt, *, verbose: bool = False, **kwargs: Any) -> str:
     """The whole continuation as one string; ``verbose`` streams it and prints mlx-lm's statistics
     (prompt and generation tokens/s, peak memory) with the time to first token and the method."""
-    text, last = [], None
-    if verbose:
-        print("=" * 10)
+    text: list[str] = []
+    last = None
     for last in stream_generate(model, prompt, **kwargs):
+        if verbose and not text:
+            print("=" * 10)  # after the checks: an error leaves stdout empty
         text.append(last.text)
         if verbose:
             print(last.text, end="", flush=True)

@@ -129,7 +129,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from kvp_mlx.errors import KVPError
-    from kvp_mlx.generation import default_method
+    from kvp_mlx.generation import check_decoding, default_method
     from kvp_mlx.prompting import read_prompt_arg
     from kvp_mlx.runtime_env import set_device
     from kvp_mlx.sampling import sampling_options
@@ -138,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
     kwargs = generation_kwargs(args)
     sampling_keys = set(sampling_options().__dataclass_fields__)
     sampling_options(**{k: v for k, v in kwargs.items() if k in sampling_keys}).check()  # before any work
+    check_decoding(args.max_tokens, args.prefill_step_size, args.max_kv_size, args.kv_bits, args.kv_group_size,
+                   args.quantized_kv_start, args.num_draft_tokens)
     if args.method is not None:
         method_options(args, args.method)  # a wrong method option fails here, before any work
     if args.method == "runahead":
