@@ -216,7 +216,8 @@ def _compare(model, prompt: str, method: str, args: argparse.Namespace, kwargs: 
     diverge = (f"identical for all {len(base.tokens)} tokens" if where is None
                else f"first differ at generated token {where}")
     print(f"TTFT base {base.last.ttft_s:.4f} s, {other.method} {other.last.ttft_s:.4f} s "
-          f"(speedup {result.speedup:.2f}x); prompt tokens/s base {base.last.prompt_tps:.1f}, {other.method} {other.last.prompt_tps:.1f}")
+          f"(speedup {result.speedup:.2f}x); prompt tokens/s base {base.last.prompt_tps:.1f}"
+          f", {other.method} {other.last.prompt_tps:.1f}")
     print(f"greedy continuations: first tokens agree: {'yes' if result.first_tokens_agree else 'no'}; {diverge}")
     return 0
 
