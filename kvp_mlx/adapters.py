@@ -203,15 +203,17 @@ def _concat_chunks(chunks: list[mx.array]) -> mx.array:
 
 
 def prefill_capturing_raw_kv(
-    model: nn.Module, tokens: mx.array, prefill_step_size: int = 2048, max_kv_size: int | None = None
+    model: nn.Module, tokens: mx.array, prefill_step_size: int = 2048, max_kv_size: int | None = None,
+    cache: list | None = None,
 ) -> tuple[list, list[mx.array], list[mx.array], mx.array]:
     """Run ``model`` over ``tokens`` [B, T] in chunks; return (cache, raw keys, values, last logits).
 
     The cache is mlx-lm's own (``make_prompt_cache(model, max_kv_size)``). Raw keys and values
     are per layer, ``[B, H, T, D]``, as the hook saw them. Last logits are ``[B, vocab]`` for the
-    final token (used by the ``aux`` baseline).
+    final token (used by the ``aux`` baseline). ``cache`` (an existing cache) is extended in
+    place: ``tokens`` then go at its next positions.
     """
-    cache = make_prompt_cache(model, max_kv_size)
+    cache = make_prompt_cache(model, max_kv_size) if cache is None else cache
     logits = None
     with recording_raw_kv(model) as sinks:
         for start in range(0, tokens.shape[1], prefill_step_size):

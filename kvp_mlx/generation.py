@@ -15,9 +15,10 @@ The data flow of one call, top to bottom:
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,7 +28,7 @@ from mlx_lm.generate import (
 from mlx_lm.models.cache import can_trim_prompt_cache
 
 from kvp_mlx.errors import KVPError
-from kvp_mlx.methods import PrefillResult, get_method
+from kvp_mlx.methods import FilledCache, get_method
 from kvp_mlx.methods.base import fill_cache
 from kvp_mlx.model import KVPModel
 from kvp_mlx.prompting import Prompt, check_context, render_prompt
@@ -85,102 +86,142 @@ def _draft(model: KVPModel, method: str, draft: str | None, draft_model: nn.Modu
     return draft_model, fill_cache(draft_model, prefix[None], prefill_step_size)
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode after the prefill: mlx-lm's ``generate_step`` options, the draft, the sampling."""
+
+    max_tokens: int = 256
+    prefill_step_size: int = 2048
+    max_kv_size: int | None = None
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
+    draft: str | None = None
+    draft_model: nn.Module | None = None
+    num_draft_tokens: int = 3
+    seed: int | None = None
+    sampling: SamplingOptions = SamplingOptions()
+
+    def check(self, vocab_size: int | None = None) -> None:
+        self.sampling.check(vocab_size)
+        check_decoding(self.max_tokens, self.prefill_step_size, self.max_kv_size, self.kv_bits,
+                       self.kv_group_size, self.quantized_kv_start, self.num_draft_tokens)
+
+    @property
+    def kv_quantization(self) -> dict[str, Any]:
+        return dict(kv_bits=self.kv_bits, kv_group_size=self.kv_group_size,
+                    quantized_kv_start=self.quantized_kv_start)
+
+
+RENDER_KEYS = ("system_prompt", "use_chat_template", "chat_template_config", "prefill_response")
+DECODING_KEYS = tuple(k for k in Decoding.__dataclass_fields__ if k != "sampling")
+
+
+def split_generation_kwargs(model: KVPModel, method: str | None, kwargs: dict[str, Any],
+                            method_options: dict | None = None, sampling: SamplingOptions | None = None,
+                            ) -> tuple[Any, dict, Decoding, dict]:
+    """(method declaration, its checked options, :class:`Decoding`, prompt-rendering options) from
+    the keywords of :func:`stream_generate`; unknown keywords are the method's own options."""
+    spec = get_method(method or default_method(model))
+    render = {k: kwargs.pop(k) for k in RENDER_KEYS if k in kwargs}
+    decoding = {k: kwargs.pop(k) for k in DECODING_KEYS if k in kwargs}
+    sampling_names = set(SamplingOptions.__dataclass_fields__)
+    picked = {k: kwargs.pop(k) for k in list(kwargs) if k in sampling_names}
+    if sampling is not None and picked:
+        raise KVPError("give sampling options either as keywords or as sampling=, not both")
+    options = spec.resolve_options({**(method_options or {}), **kwargs})  # the rest: the method's own
+    dec = Decoding(**decoding, sampling=sampling if sampling is not None else sampling_options(**picked))
+    dec.check(getattr(getattr(model.base, "args", None), "vocab_size", None))
+    return spec, options, dec, render
+
+
 def stream_generate(
     model: KVPModel,
     prompt: Prompt,
     *,
     method: str | None = None,
-    max_tokens: int = 256,
-    seed: int | None = None,
-    prefill_step_size: int = 2048,
-    max_kv_size: int | None = None,
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
-    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
-    draft: str | None = None,
-    draft_model: nn.Module | None = None,
-    num_draft_tokens: int = 3,
-    system_prompt: str | None = None,
-    use_chat_template: bool | None = None,
-    chat_template_config: dict | None = None,
-    prefill_response: str | None = None,
     strict_context: bool = False,
     sampling: SamplingOptions | None = None,
     method_options: dict | None = None,
-    **sampling_kwargs: Any,
+    **kwargs: Any,
 ) -> Iterator[GenerationResponse]:
     """Prefill ``prompt`` with ``method`` (default: ``kvp``, ``base`` for a base-only model), then
     decode with mlx-lm's generation loop, streaming text pieces.
 
-    Sampling options are mlx-lm's (``temp``, ``top_p``, ``min_p``, ``top_k``, ``min_tokens_to_keep``,
-    ``xtc_probability``, ``xtc_threshold``, ``repetition_penalty``, ``presence_penalty``,
-    ``frequency_penalty`` and their context sizes, ``logit_bias``), as keywords or as ``sampling``.
-    The prefill method's own options go in ``method_options`` or as keywords (``schedule=`` for
-    ``lazy``); an unknown keyword is a one-line error naming the method's options.
+    Keywords: decoding as mlx-lm's (``max_tokens``, ``prefill_step_size``, ``max_kv_size``,
+    ``kv_bits``, ``kv_group_size``, ``quantized_kv_start``, ``seed``), a draft (``draft="aux"`` or
+    ``draft_model=``, ``num_draft_tokens``), prompt rendering (``system_prompt``,
+    ``use_chat_template``, ``chat_template_config``, ``prefill_response``), sampling as mlx-lm's
+    (``temp``, ``top_p``, ``min_p``, ``top_k``, ``min_tokens_to_keep``, ``xtc_probability``,
+    ``xtc_threshold``, ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty`` and their
+    context sizes, ``logit_bias``; or ``sampling=SamplingOptions(...)``). Any other keyword is the
+    prefill method's own option (``schedule=`` for ``lazy``), also accepted as ``method_options``;
+    an unknown one is a one-line error naming the method's options.
     """
-    method = method or default_method(model)
-    spec = get_method(method)
-    # keywords that are not sampling options are the method's own (e.g. schedule= for lazy)
-    sampling_names = set(SamplingOptions.__dataclass_fields__)
-    own = {k: v for k, v in sampling_kwargs.items() if k not in sampling_names}
-    sampling_kwargs = {k: v for k, v in sampling_kwargs.items() if k in sampling_names}
-    options = spec.resolve_options({**(method_options or {}), **own})
-    if sampling is not None and sampling_kwargs:
-        raise KVPError("give sampling options either as keywords or as sampling=, not both")
-    opts = sampling if sampling is not None else sampling_options(**sampling_kwargs)
-    vocab = getattr(getattr(model.base, "args", None), "vocab_size", None)
-    opts.check(vocab)
-    check_decoding(max_tokens, prefill_step_size, max_kv_size, kv_bits, kv_group_size, quantized_kv_start,
-                    num_draft_tokens)
-    ids = encode_prompt(model, prompt, system_prompt=system_prompt, use_chat_template=use_chat_template,
-                        chat_template_config=chat_template_config, prefill_response=prefill_response)
-    warning = check_context(int(ids.size), model.base_config, strict_context)
-    if warning:
-        import sys
-
-        print(f"warning: {warning}", file=sys.stderr)
-    tokenizer = model.tokenizer
-    sampler = opts.sampler(tokenizer.encode("\n") + list(tokenizer.eos_token_ids))
-    processors = opts.logits_processors()
-    if seed is not None:
-        mx.random.seed(seed)
+    spec, options, dec, render = split_generation_kwargs(model, method, dict(kwargs), method_options, sampling)
+    ids = encode_prompt(model, prompt, **render)
+    warn_context(int(ids.size), model, strict_context)
     mx.eval(ids)
-    mx.reset_peak_memory()
-
     tic = time.perf_counter()
-    if spec.fill is not None:
-        # The method stops one token short; mlx-lm's loop runs the last prompt token.
-        filled = spec.fill(model, ids[None, :-1], prefill_step_size=prefill_step_size, max_kv_size=max_kv_size,
-                           **options)
-        decoder, cache = filled.decoder, filled.cache
-        maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)  # as mlx-lm after a prefill
-        drafting = _draft(model, method, draft, draft_model, filled.draft_cache, ids[:-1], prefill_step_size)
-        history = with_history(processors, ids[:-1])
-        if drafting is None:
-            steps = ((t, lp, False) for t, lp in generate_step(
-                ids[-1:], decoder, max_tokens=max_tokens, sampler=sampler, logits_processors=history,
-                prompt_cache=cache, prefill_step_size=prefill_step_size, kv_bits=kv_bits,
-                kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start))
-        else:
-            draft_lm, draft_cache = drafting
-            if not can_trim_prompt_cache(cache) or not can_trim_prompt_cache(draft_cache):
-                raise KVPError("speculative decoding needs trimmable caches (no --max-kv-size, no sliding-window "
-                               "layers)")
-            maybe_quantize_kv_cache(draft_cache, quantized_kv_start, kv_group_size, kv_bits)
-            steps = speculative_generate_step(
-                ids[-1:], decoder, draft_lm, num_draft_tokens=num_draft_tokens, max_tokens=max_tokens,
-                sampler=sampler, logits_processors=history, prompt_cache=cache + draft_cache,
-                prefill_step_size=prefill_step_size, kv_bits=kv_bits, kv_group_size=kv_group_size,
-                quantized_kv_start=quantized_kv_start)
-    else:
-        steps = _from_prefill_logits(model, method, spec.capabilities, ids, options, opts, sampler, processors,
-                                     max_tokens, prefill_step_size, max_kv_size, kv_bits, draft, draft_model)
-        decoder = model.base
-    yield from _responses(steps, tokenizer, ids, max_tokens, tic, method, decoder)
+    steps = token_stream(model, spec, options, ids, dec)
+    yield from _responses(steps, model.tokenizer, int(ids.size), dec.max_tokens, tic, spec.name,
+                          model.aux if spec.capabilities.decoder == "aux" else model.base)
+
+
+def warn_context(n_tokens: int, model: KVPModel, strict: bool) -> None:
+    warning = check_context(n_tokens, model.base_config, strict)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def token_stream(model: KVPModel, spec: Any, options: dict, ids: mx.array, dec: Decoding,
+                 warm: FilledCache | None = None,
+                 on_fill: Callable[[FilledCache], None] | None = None) -> Iterator[tuple[int, mx.array, bool]]:
+    """(token, logprobs, from_draft) for the prompt ``ids`` [T]: the method fills the cache (``warm``:
+    a conversation's caches, extended in place to hold ``ids[:-1]``), then mlx-lm's loop runs the
+    last token and decodes. ``on_fill`` sees the filled caches before decoding starts."""
+    if dec.seed is not None:
+        mx.random.seed(dec.seed)
+    mx.reset_peak_memory()
+    tokenizer = model.tokenizer
+    sampler = dec.sampling.sampler(tokenizer.encode("\n") + list(tokenizer.eos_token_ids))
+    processors = dec.sampling.logits_processors()
+    if spec.fill is None:
+        if warm is not None:
+            raise KVPError(f"method '{spec.name}' cannot extend a warm cache (it prefills whole prompts)")
+        yield from _from_prefill_logits(model, spec.name, ids, spec.resolve_options(options), sampler, processors,
+                                        dec)
+        return
+    # The method stops one token short; mlx-lm's loop runs the last prompt token.
+    filled = spec.fill(model, ids[None, :-1], prefill_step_size=dec.prefill_step_size, max_kv_size=dec.max_kv_size,
+                       warm=warm, **options)
+    if on_fill is not None:
+        on_fill(filled)
+    cache = filled.cache
+    maybe_quantize_kv_cache(cache, dec.quantized_kv_start, dec.kv_group_size, dec.kv_bits)  # as mlx-lm's prefill
+    drafting = _draft(model, spec.name, dec.draft, dec.draft_model, filled.draft_cache, ids[:-1],
+                      dec.prefill_step_size)
+    history = with_history(processors, ids[:-1])
+    if drafting is None:
+        for token, logprobs in generate_step(
+            ids[-1:], filled.decoder, max_tokens=dec.max_tokens, sampler=sampler, logits_processors=history,
+            prompt_cache=cache, prefill_step_size=dec.prefill_step_size, **dec.kv_quantization,
+        ):
+            yield token, logprobs, False
+        return
+    draft_lm, draft_cache = drafting
+    if not can_trim_prompt_cache(cache) or not can_trim_prompt_cache(draft_cache):
+        raise KVPError("speculative decoding needs trimmable caches (no --max-kv-size, no sliding-window layers)")
+    maybe_quantize_kv_cache(draft_cache, dec.quantized_kv_start, dec.kv_group_size, dec.kv_bits)
+    yield from speculative_generate_step(
+        ids[-1:], filled.decoder, draft_lm, num_draft_tokens=dec.num_draft_tokens, max_tokens=dec.max_tokens,
+        sampler=sampler, logits_processors=history, prompt_cache=cache + draft_cache,
+        prefill_step_size=dec.prefill_step_size, **dec.kv_quantization,
+    )
 
 
 def check_decoding(max_tokens: int, prefill_step_size: int, max_kv_size: int | None, kv_bits: int | None,
-                    kv_group_size: int, quantized_kv_start: int, num_draft_tokens: int) -> None:
+                   kv_group_size: int, quantized_kv_start: int, num_draft_tokens: int) -> None:
     """One-line errors for decoding options out of range (before any work is done)."""
 
     def positive(name: str, value: Any) -> None:
@@ -200,16 +241,17 @@ def check_decoding(max_tokens: int, prefill_step_size: int, max_kv_size: int | N
         raise KVPError(f"quantized_kv_start must be a non-negative integer, got {quantized_kv_start!r}")
 
 
-def _from_prefill_logits(model, method, caps, ids, options, opts, sampler, processors, max_tokens,
-                         prefill_step_size, max_kv_size, kv_bits, draft, draft_model):
+def _from_prefill_logits(model: KVPModel, method: str, ids: mx.array, options: dict, sampler: Any,
+                         processors: list, dec: Decoding) -> Iterator[tuple[int, mx.array, bool]]:
     """Methods that prefill the whole prompt: the first token from their logits, then mlx-lm's loop."""
-    unsupported = [name for name, given in (("max_kv_size", max_kv_size is not None), ("kv_bits", kv_bits is not None),
-                                            ("a draft model", draft is not None or draft_model is not None)) if given]
+    unsupported = [name for name, given in (("max_kv_size", dec.max_kv_size is not None),
+                                            ("kv_bits", dec.kv_bits is not None),
+                                            ("a draft model", dec.draft is not None or dec.draft_model is not None))
+                   if given]
     if unsupported:
         raise KVPError(f"method '{method}' prefills the whole prompt itself and does not support "
                        f"{', '.join(unsupported)}")
-    result = model.prefill(ids[None], method=method, prefill_step_size=prefill_step_size, **options)
-    assert isinstance(result, PrefillResult)
+    result = model.prefill(ids[None], method=method, prefill_step_size=dec.prefill_step_size, **options)
     logits = result.logits
     for p in processors:  # mlx-lm's first step sees the whole prompt
         logits = p(ids, logits)
@@ -217,14 +259,14 @@ def _from_prefill_logits(model, method, caps, ids, options, opts, sampler, proce
     first = sampler(logprobs)
     mx.eval(first)
     yield int(first.item()), logprobs[0], False
-    if max_tokens > 1:
-        for token, lp in generate_step(first, result.decoder, max_tokens=max_tokens - 1, sampler=sampler,
+    if dec.max_tokens > 1:
+        for token, lp in generate_step(first, result.decoder, max_tokens=dec.max_tokens - 1, sampler=sampler,
                                        logits_processors=with_history(processors, ids), prompt_cache=result.cache,
-                                       prefill_step_size=prefill_step_size):
+                                       prefill_step_size=dec.prefill_step_size):
             yield token, lp, False
 
 
-def _responses(steps: Iterator, tokenizer: Any, ids: mx.array, max_tokens: int, tic: float, method: str,
+def _responses(steps: Iterator, tokenizer: Any, prompt_tokens: int, max_tokens: int, tic: float, method: str,
                decoder: nn.Module) -> Iterator[GenerationResponse]:
     """Token ids -> text pieces, as mlx_lm.stream_generate turns them (EOS ends; it is not text)."""
     detokenizer = tokenizer.detokenizer
@@ -236,7 +278,7 @@ def _responses(steps: Iterator, tokenizer: Any, ids: mx.array, max_tokens: int, 
             token = int(token)
             if n == 0:
                 ttft = time.perf_counter() - tic
-                prompt_tps = ids.size / ttft
+                prompt_tps = prompt_tokens / ttft
                 tic = time.perf_counter()
             if token in eos:
                 break
@@ -244,12 +286,12 @@ def _responses(steps: Iterator, tokenizer: Any, ids: mx.array, max_tokens: int, 
             if n + 1 == max_tokens:
                 break
             yield GenerationResponse(
-                detokenizer.last_segment, token, logprobs, from_draft, int(ids.size), prompt_tps, n + 1,
+                detokenizer.last_segment, token, logprobs, from_draft, prompt_tokens, prompt_tps, n + 1,
                 (n + 1) / max(time.perf_counter() - tic, 1e-9), mx.get_peak_memory() / 1e9, None, ttft, method,
             )
         detokenizer.finalize()
         yield GenerationResponse(
-            detokenizer.last_segment, token, logprobs, from_draft, int(ids.size), prompt_tps, n + 1,
+            detokenizer.last_segment, token, logprobs, from_draft, prompt_tokens, prompt_tps, n + 1,
             (n + 1) / max(time.perf_counter() - tic, 1e-9), mx.get_peak_memory() / 1e9,
             "stop" if token in eos else "length", ttft, method,
         )

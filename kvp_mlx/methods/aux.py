@@ -9,9 +9,10 @@ from kvp_mlx.methods.interface import Capabilities, Cost, FilledCache, PrefillMe
 
 
 def fill_aux(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 2048,
-             max_kv_size: int | None = None) -> FilledCache:
+             max_kv_size: int | None = None, warm: FilledCache | None = None) -> FilledCache:
     assert model.aux is not None  # Capabilities.needs_aux: checked by run_prefill
-    return FilledCache(fill_cache(model.aux, tokens, prefill_step_size, max_kv_size), model.aux)
+    cache = fill_cache(model.aux, tokens, prefill_step_size, max_kv_size, warm.cache if warm else None)
+    return FilledCache(cache, model.aux)
 
 
 def aux_cost(model: PrefillModel, tokens: int, chunk: int, batch: int, info: dict) -> Cost:
@@ -23,6 +24,6 @@ register(PrefillMethod(
     name="aux",
     summary="the auxiliary model alone prefills and decodes (the paper's aux-only baseline)",
     fill=fill_aux,
-    capabilities=Capabilities(needs_aux=True, decoder="aux"),
+    capabilities=Capabilities(needs_aux=True, decoder="aux", extends_cache=True),
     cost=aux_cost,
 ))

@@ -6,18 +6,32 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
+from kvp_mlx.errors import KVPError
 from kvp_mlx.flops import model_shape, prefill_flops, prefill_scores
-from kvp_mlx.methods.interface import Cost, FilledCache, PrefillMethod, PrefillModel, PrefillResult, register
+from kvp_mlx.methods.interface import Capabilities, Cost, FilledCache, PrefillMethod, PrefillModel, PrefillResult, register
 
 
-def fill_cache(lm: nn.Module, tokens: mx.array, prefill_step_size: int, max_kv_size: int | None = None) -> list:
-    """A fresh cache holding ``tokens`` [B, T], filled in chunks (no logits are computed), as
-    mlx-lm's ``generate_step`` fills it before the last prompt token."""
-    cache = make_prompt_cache(lm, max_kv_size)
-    for start in range(0, tokens.shape[1], prefill_step_size):
+def fill_cache(lm: nn.Module, tokens: mx.array, prefill_step_size: int, max_kv_size: int | None = None,
+               cache: list | None = None) -> list:
+    """A cache holding ``tokens`` [B, T], filled in chunks (no logits are computed), as mlx-lm's
+    ``generate_step`` fills it before the last prompt token. ``cache`` (holding a prefix of
+    ``tokens``) is extended in place; else a fresh ``make_prompt_cache(lm, max_kv_size)`` is used."""
+    cache = make_prompt_cache(lm, max_kv_size) if cache is None else cache
+    done = held_positions(cache)
+    if done > tokens.shape[1]:
+        raise KVPError(f"the cache holds {done} positions, more than the {tokens.shape[1]} tokens given")
+    for start in range(done, tokens.shape[1], prefill_step_size):
         lm(tokens[:, start : start + prefill_step_size], cache=cache)
         mx.eval([c.state for c in cache])
     return cache
+
+
+def held_positions(cache: list) -> int:
+    """How many positions an mlx-lm cache holds (every layer must agree)."""
+    offsets = {int(c.offset) for c in cache}
+    if len(offsets) > 1:
+        raise KVPError(f"the cache's layers hold different numbers of positions: {sorted(offsets)}")
+    return offsets.pop() if offsets else 0
 
 
 def plain_prefill(lm: nn.Module, tokens: mx.array, prefill_step_size: int) -> tuple[list, mx.array]:
@@ -33,8 +47,9 @@ def prefill_base(model: PrefillModel, tokens: mx.array, prefill_step_size: int =
 
 
 def fill_base(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 2048,
-              max_kv_size: int | None = None) -> FilledCache:
-    return FilledCache(fill_cache(model.base, tokens, prefill_step_size, max_kv_size), model.base)
+              max_kv_size: int | None = None, warm: FilledCache | None = None) -> FilledCache:
+    cache = fill_cache(model.base, tokens, prefill_step_size, max_kv_size, warm.cache if warm else None)
+    return FilledCache(cache, model.base)
 
 
 def plain_prefill_cost(lm: nn.Module, tokens: int, chunk: int, batch: int) -> Cost:
@@ -47,5 +62,6 @@ register(PrefillMethod(
     summary="plain base prefill, the reference (what mlx-lm's generate_step does)",
     prefill=prefill_base,
     fill=fill_base,
+    capabilities=Capabilities(extends_cache=True),
     cost=lambda model, tokens, chunk, batch, info: plain_prefill_cost(model.base, tokens, chunk, batch),
 ))

@@ -62,9 +62,17 @@ class FilledCache:
 
     cache: list  # the decoder's cache, holding every processed position
     decoder: nn.Module
-    # The auxiliary model's own cache of the same positions, when the method made one (``kvp``):
-    # a speculative-decoding draft that needs no prefill of its own.
+    # The auxiliary model's own cache, when the method made one (``kvp``): after a cold fill it
+    # holds the same positions (a speculative-decoding draft that needs no prefill of its own); in
+    # a conversation it may lag behind the decoder's (it has not seen the replies yet).
     draft_cache: list | None = None
+    # The decoder positions [start, end) the last fill wrote with predicted (not exact) K/V.
+    predicted: tuple[int, int] | None = None
+
+    @property
+    def offset(self) -> int:
+        """Positions the decoder's cache holds."""
+        return int(self.cache[0].offset) if self.cache else 0
 
 
 @dataclass
@@ -111,7 +119,10 @@ class Cost:
     attention_scores: int
 
 
-# fill(model, tokens [B, n], prefill_step_size, max_kv_size, **options) -> FilledCache (n may be 0)
+# fill(model, tokens [B, n], prefill_step_size, max_kv_size, warm=None, **options) -> FilledCache:
+# caches holding tokens[:, :n] (n may be 0). With ``warm`` (a FilledCache of this method holding a
+# prefix of ``tokens``) the caches are extended in place to hold all n positions, written at their
+# true positions (Capabilities.extends_cache).
 FillFn = Callable[..., FilledCache]
 # cost(model, prompt_tokens, prefill_step_size, batch, info) -> Cost, or None when the count needs
 # facts only a run gives (``info`` is the prefill's ``result.info``, empty before a run).

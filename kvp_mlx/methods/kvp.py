@@ -8,28 +8,41 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from kvp_mlx.adapters import inject_raw_kv, prefill_capturing_raw_kv
 from kvp_mlx.flops import kvp_flops, kvp_scores, model_shape
+from kvp_mlx.errors import KVPError
+from kvp_mlx.methods.base import held_positions
 from kvp_mlx.methods.interface import Capabilities, Cost, FilledCache, PrefillMethod, PrefillModel, register
 
 
 def fill_kvp(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 2048,
-             max_kv_size: int | None = None) -> FilledCache:
+             max_kv_size: int | None = None, warm: FilledCache | None = None) -> FilledCache:
     """Base cache for ``tokens`` [B, n] predicted from the auxiliary model's prefill of them.
 
     Both caches are mlx-lm's own (``make_prompt_cache(..., max_kv_size)``), and the predicted K/V
     are written in ``prefill_step_size`` chunks: the base cache has the classes and sizes the base's
-    own chunked prefill would leave (sliding-window layers included). The auxiliary's cache of the
-    same tokens comes back too, as a free speculative-decoding draft.
+    own chunked prefill would leave (sliding-window layers included). The auxiliary's cache comes
+    back too, as a free speculative-decoding draft.
+
+    With ``warm`` (a conversation: the base cache holds ``tokens[:, :b]`` exactly or predicted, the
+    auxiliary's ``tokens[:, :a]`` with a <= b), the auxiliary catches up on ``tokens[:, a:n]`` (the
+    previous reply included: it needs it as context), the predictor maps only the positions the base
+    lacks, ``b .. n-1``, and they are written at those positions (conversations.md).
     """
     assert model.aux is not None and model.predictor is not None  # Capabilities.needs_aux
-    if tokens.shape[1] == 0:  # nothing to predict (a one-token prompt): the base step is the prefill
-        return FilledCache(make_prompt_cache(model.base, max_kv_size), model.base,
-                           make_prompt_cache(model.aux, max_kv_size))
-    aux_cache, aux_keys, aux_values, _ = prefill_capturing_raw_kv(model.aux, tokens, prefill_step_size, max_kv_size)
-    predicted = model.predictor(aux_keys, aux_values)
-    cache = inject_raw_kv(
-        model.base, predicted, dtype=model.dtype, prefill_step_size=prefill_step_size, max_kv_size=max_kv_size
-    )
-    return FilledCache(cache, model.base, aux_cache)
+    base_cache = warm.cache if warm is not None else make_prompt_cache(model.base, max_kv_size)
+    aux_cache = warm.draft_cache if warm is not None and warm.draft_cache is not None else None
+    aux_cache = make_prompt_cache(model.aux, max_kv_size) if aux_cache is None else aux_cache
+    n, b, a = tokens.shape[1], held_positions(base_cache), held_positions(aux_cache)
+    if not a <= b <= n:
+        raise KVPError(f"cannot extend: the auxiliary holds {a} positions, the base {b}, of {n} tokens")
+    if b == n:  # nothing to predict (a one-token prompt, or a cache that already holds the prefix)
+        return FilledCache(base_cache, model.base, aux_cache)
+    _, keys, values, _ = prefill_capturing_raw_kv(model.aux, tokens[:, a:n], prefill_step_size, cache=aux_cache)
+    if b > a:  # the base already holds these positions (the previous reply): keep the new ones only
+        keys, values = [k[:, :, b - a :] for k in keys], [v[:, :, b - a :] for v in values]
+    predicted = model.predictor(keys, values)
+    inject_raw_kv(model.base, predicted, cache=base_cache, offset=b, dtype=model.dtype,
+                  prefill_step_size=prefill_step_size)
+    return FilledCache(base_cache, model.base, aux_cache, predicted=(b, n))
 
 
 def predict_base_cache(
@@ -50,6 +63,6 @@ register(PrefillMethod(
     name="kvp",
     summary="KV Prediction: auxiliary prefill of tokens[:-1] -> predictor -> base cache -> one base step",
     fill=fill_kvp,
-    capabilities=Capabilities(needs_aux=True),
+    capabilities=Capabilities(needs_aux=True, extends_cache=True),
     cost=kvp_cost,
 ))
