@@ -164,8 +164,8 @@ def stream_generate(
     mx.eval(ids)
     tic = time.perf_counter()
     steps = token_stream(model, spec, options, ids, dec)
-    yield from _responses(steps, model.tokenizer, int(ids.size), dec.max_tokens, tic, spec.name,
-                          model.aux if spec.capabilities.decoder == "aux" else model.base)
+    decoder = model.aux if spec.capabilities.decoder == "aux" and model.aux is not None else model.base
+    yield from _responses(steps, model.tokenizer, int(ids.size), dec.max_tokens, tic, spec.name, decoder)
 
 
 def warn_context(n_tokens: int, model: KVPModel, strict: bool) -> None:
@@ -176,7 +176,7 @@ def warn_context(n_tokens: int, model: KVPModel, strict: bool) -> None:
 
 def token_stream(model: KVPModel, spec: Any, options: dict, ids: mx.array, dec: Decoding,
                  warm: FilledCache | None = None,
-                 on_fill: Callable[[FilledCache], None] | None = None) -> Iterator[tuple[int, mx.array, bool]]:
+                 on_fill: Callable[[FilledCache], None] | None = None) -> Iterator[tuple[Any, mx.array, bool]]:
     """(token, logprobs, from_draft) for the prompt ``ids`` [T]: the method fills the cache (``warm``:
     a conversation's caches, extended in place to hold ``ids[:-1]``), then mlx-lm's loop runs the
     last token and decodes. ``on_fill`` sees the filled caches before decoding starts."""
@@ -242,7 +242,7 @@ def check_decoding(max_tokens: int, prefill_step_size: int, max_kv_size: int | N
 
 
 def _from_prefill_logits(model: KVPModel, method: str, ids: mx.array, options: dict, sampler: Any,
-                         processors: list, dec: Decoding) -> Iterator[tuple[int, mx.array, bool]]:
+                         processors: list, dec: Decoding) -> Iterator[tuple[Any, mx.array, bool]]:
     """Methods that prefill the whole prompt: the first token from their logits, then mlx-lm's loop."""
     unsupported = [name for name, given in (("max_kv_size", dec.max_kv_size is not None),
                                             ("kv_bits", dec.kv_bits is not None),

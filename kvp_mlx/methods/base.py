@@ -8,7 +8,9 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from kvp_mlx.errors import KVPError
 from kvp_mlx.flops import model_shape, prefill_flops, prefill_scores
-from kvp_mlx.methods.interface import Capabilities, Cost, FilledCache, PrefillMethod, PrefillModel, PrefillResult, register
+from kvp_mlx.methods.interface import (
+    Capabilities, Cost, FilledCache, PrefillMethod, PrefillModel, PrefillResult, register,
+)
 
 
 def fill_cache(lm: nn.Module, tokens: mx.array, prefill_step_size: int, max_kv_size: int | None = None,
