@@ -1,0 +1,144 @@
+"""Saved sessions (``--prompt-cache-file``): mlx-lm's prompt-cache format (``save_prompt_cache``,
+safetensors + metadata) holding the decoder's and the auxiliary's caches, with the tokens, the
+predicted positions and the model's identity in the metadata. Written to a temporary file and
+renamed; a file from another model, a truncated or corrupt one is refused with one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models import cache as mlx_cache
+
+from kvp_mlx.errors import KVPError
+from kvp_mlx.methods import FilledCache, get_method
+from kvp_mlx.methods.base import held_positions
+from kvp_mlx.model import KVPModel
+
+if TYPE_CHECKING:
+    from kvp_mlx.session import Session
+
+FORMAT = "kvp-mlx-session"
+VERSION = "1"
+# Cache classes a file may name (mlx-lm's load_prompt_cache looks names up in its cache module).
+CACHE_CLASSES = {"KVCache", "RotatingKVCache", "QuantizedKVCache", "ConcatenateKVCache", "ChunkedKVCache"}
+
+
+def model_identity(model: KVPModel) -> str:
+    """A fingerprint of the model a session belongs to: the configs and a sample of the weights of
+    the base, the auxiliary and the predictor (the same directory gives the same fingerprint)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(model.base_config, sort_keys=True, default=str).encode())
+    for module in (model.base, model.aux, model.predictor):
+        if module is None:
+            h.update(b"none")
+            continue
+        for name, value in tree_flatten(module.parameters()):  # type: ignore[str-unpack]  # a list
+            assert isinstance(value, mx.array)
+            h.update(name.encode() + str(tuple(value.shape)).encode() + str(value.dtype).encode())
+        first = tree_flatten(module.parameters())[0][1]  # type: ignore[index]  # a list of (name, array)
+        assert isinstance(first, mx.array)
+        h.update(np.array(first.reshape(-1)[:4096].astype(mx.float32)).tobytes())
+    return h.hexdigest()[:32]
+
+
+def save_session(session: "Session", path: Path) -> Path:
+    if path.suffix != ".safetensors":
+        raise KVPError(f"a prompt cache file must end in .safetensors, got {path}")
+    assert session.caches is not None
+    caches = session.caches
+    aux = caches.draft_cache or []
+    metadata = {
+        "format": FORMAT, "version": VERSION, "model": str(session.model.path),
+        "model_identity": model_identity(session.model), "method": str(session.method),
+        "decoder_layers": str(len(caches.cache)), "aux_layers": str(len(aux)),
+        "tokens": json.dumps(session.tokens), "predicted": json.dumps(session.predicted),
+        "max_kv_size": json.dumps(session.max_kv_size), "system_prompt": json.dumps(session.system_prompt),
+        "method_options": json.dumps(session.method_options, default=str),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")
+    try:
+        mlx_cache.save_prompt_cache(str(tmp), caches.cache + aux, metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise KVPError(f"prompt cache file not found: {path}")
+    try:
+        loaded = mx.load(str(path), return_metadata=True)
+    except Exception as e:  # mlx raises RuntimeError/ValueError for truncated or corrupt files
+        reason = " ".join(str(e).split())
+        raise KVPError(f"cannot read prompt cache file {path} (truncated or corrupt?): {reason}") from None
+    raw = loaded[1] if isinstance(loaded, tuple) else {}
+    return {str(k): str(v) for k, v in raw.items()}
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The session's facts from a file, checked (format, version, cache classes, fields).
+
+    mlx-lm's format flattens ``[metadata, classes, scalars]``: ours under ``0.<key>``, the cache
+    class names under ``1.<i>``.
+    """
+    flat = _metadata(path)
+    raw = {k[2:]: v for k, v in flat.items() if k.startswith("0.")}
+    names = [v for k, v in flat.items() if k.startswith("1.")]
+    if raw.get("format") != FORMAT:
+        hint = " (an mlx-lm prompt cache? kvp-mlx needs a file written by kvp-mlx)" if names else ""
+        raise KVPError(f"{path} is not a kvp-mlx session file{hint}")
+    if raw.get("version") != VERSION:
+        raise KVPError(f"{path}: unsupported session file version {raw.get('version')!r}")
+    try:
+        meta = {
+            "model": raw["model"], "identity": raw["model_identity"], "method": raw["method"],
+            "decoder_layers": int(raw["decoder_layers"]), "aux_layers": int(raw["aux_layers"]),
+            "tokens": json.loads(raw["tokens"]), "predicted": [tuple(p) for p in json.loads(raw["predicted"])],
+            "max_kv_size": json.loads(raw["max_kv_size"]), "system_prompt": json.loads(raw["system_prompt"]),
+            "method_options": json.loads(raw["method_options"]),
+        }
+    except (KeyError, ValueError, TypeError) as e:
+        raise KVPError(f"{path}: malformed session metadata ({type(e).__name__}: {e})") from None
+    bad = sorted({n for n in names if n not in CACHE_CLASSES})
+    if bad:
+        raise KVPError(f"{path}: unknown cache class(es) {', '.join(bad)}")
+    if not all(isinstance(t, int) for t in meta["tokens"]):
+        raise KVPError(f"{path}: malformed session metadata (tokens)")
+    return meta
+
+
+def load_session(cls: type, model: KVPModel, path: Path) -> "Session":
+    meta = read_metadata(path)
+    if meta["identity"] != model_identity(model):
+        raise KVPError(f"{path} was saved for another model ({meta['model']}); load it with that model")
+    try:
+        caches = mlx_cache.load_prompt_cache(str(path))
+    except Exception as e:  # the arrays did not fit the classes: a damaged file
+        raise KVPError(f"cannot read prompt cache file {path} (truncated or corrupt?): {type(e).__name__}") from None
+    n_dec, n_aux = meta["decoder_layers"], meta["aux_layers"]
+    if len(caches) != n_dec + n_aux:
+        raise KVPError(f"{path}: holds {len(caches)} cache layers, its metadata says {n_dec} + {n_aux}")
+    spec = get_method(meta["method"])
+    decoder = model.aux if spec.capabilities.decoder == "aux" else model.base
+    if decoder is None or (n_aux and model.aux is None):
+        raise KVPError(f"{path} needs a KV Prediction model (method {meta['method']})")
+    dec_cache, aux_cache = caches[:n_dec], caches[n_dec:] or None
+    if len(dec_cache) != len(decoder.layers) or (aux_cache is not None and model.aux is not None
+                                                 and len(aux_cache) != len(model.aux.layers)):
+        raise KVPError(f"{path}: its caches do not fit this model's layers")
+    if held_positions(dec_cache) != len(meta["tokens"]):
+        raise KVPError(f"{path}: the cache holds {held_positions(dec_cache)} positions for "
+                       f"{len(meta['tokens'])} tokens (corrupt)")
+    filled = FilledCache(dec_cache, decoder, aux_cache)
+    return cls(model, method=meta["method"], max_kv_size=meta["max_kv_size"], system_prompt=meta["system_prompt"],
+               method_options=meta["method_options"], tokens=meta["tokens"], predicted=meta["predicted"],
+               caches=filled)
