@@ -203,6 +203,34 @@ class Session:
         self.turns.append(stats)
         return stats
 
+    def score(self, prompt: str | list[Message] | list[int], continuation: list[int]) -> mx.array:
+        """Teacher forcing: add ``prompt`` as a turn (filled by the session's method) and feed the
+        true ``continuation`` through the decoder as if it had been generated; returns the
+        log-probabilities ``[len(continuation), vocab]`` the decoder gave each continuation token.
+        The continuation stays in the history (the accuracy report's turns)."""
+        if not continuation:
+            raise KVPError("score needs a non-empty continuation")
+        new = self.render(prompt)
+        ids = self.tokens + new
+        spec = get_method(self.method or "base")
+        assert spec.fill is not None and self.caches is not None
+        reused = self.offset
+        if reused >= len(ids):
+            self._trim_caches(reused - len(ids) + 1)
+            reused = self.offset
+        filled = spec.fill(self.model, mx.array([ids[:-1]], dtype=mx.int32), prefill_step_size=self.prefill_step_size,
+                           max_kv_size=self.max_kv_size, warm=self.caches, **self.method_options)
+        self.caches = filled
+        if filled.predicted is not None:
+            self._add_predicted(filled.predicted)
+        fed = [ids[-1], *continuation]
+        logits = filled.decoder(mx.array([fed], dtype=mx.int32), cache=filled.cache)[0, :-1].astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        mx.eval(logprobs)
+        self._settle(ids + list(continuation))
+        self.turns.append(TurnStats(reused, len(ids) - reused, filled.predicted, len(continuation)))
+        return logprobs
+
     def _settle(self, tokens: list[int]) -> None:
         """After a turn (finished, stopped early or failed): the history is what the cache holds."""
         assert self.caches is not None
