@@ -120,6 +120,10 @@ class Session:
         """Token ids of a new turn: the new message alone through the chat template, with the
         generation prompt (as ``mlx_lm.chat``); the system prompt only in the first turn. Raw text
         (no template) gets the tokenizer's special tokens in the first turn only."""
+        if isinstance(prompt, (list, tuple)) and len(prompt) == 0:
+            if not self.tokens:
+                raise KVPError("empty prompt")
+            return []  # nothing new: the turn regenerates the reply to the history (after trim)
         tokenizer = self.model.tokenizer
         first = not self.tokens
         has_template = bool(getattr(tokenizer, "has_chat_template", False))
