@@ -81,7 +81,8 @@ def test_three_turn_kvp_session_is_base_session_is_mlx_lm(chat_identity_dirs, ar
         if method == "kvp":  # every turn's new message was predicted, at its true positions
             assert len(session.predicted) == 3 and all(t.predicted for t in session.turns)
             first = session.turns[0]
-            assert session.turns[1].reused_tokens == first.reused_tokens + first.prefilled_tokens + first.generated_tokens
+            reused = first.reused_tokens + first.prefilled_tokens + first.generated_tokens
+            assert session.turns[1].reused_tokens == reused
 
 
 def test_warm_turn_prefills_only_the_new_message(chat_identity_dirs):
