@@ -1,7 +1,7 @@
 """kvp-mlx: KV Prediction for a short time to first token on MLX.
 
 Public API: :func:`load`, :func:`generate`, :func:`stream_generate`, :class:`KVPModel`
-(``model.prefill(tokens, method=...)``), :class:`KVPError`.
+(``model.prefill(tokens, method=...)``), :class:`Session` (a conversation), :class:`KVPError`.
 """
 
 from kvp_mlx._blas import load_optimized_blas as _load_optimized_blas
@@ -11,13 +11,14 @@ _load_optimized_blas()  # must precede the first `import mlx.core`
 from kvp_mlx.errors import KVPError  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["KVPError", "KVPModel", "generate", "load", "stream_generate"]
+__all__ = ["KVPError", "KVPModel", "Session", "generate", "load", "stream_generate"]
 
 _LAZY = {
     "load": "kvp_mlx.model",
     "KVPModel": "kvp_mlx.model",
     "generate": "kvp_mlx.generation",
     "stream_generate": "kvp_mlx.generation",
+    "Session": "kvp_mlx.session",
 }
 
 
