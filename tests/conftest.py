@@ -60,3 +60,20 @@ def random_pair_dir(tmp_path_factory, tokenizer_dir) -> Path:
     base, aux = mb.build_model(base_cfg, seed=1), mb.build_model(aux_cfg, seed=2)
     pred = mb.make_predictor(base, aux, init="random", seed=3)
     return mb.save_kvp_dir(root / "pair", base, base_cfg, aux, aux_cfg, pred, tokenizer_dir, "test pair", True)
+
+
+@pytest.fixture(scope="session")
+def train_pair(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """A 4-layer openelm base and a smaller 2-layer auxiliary as mlx-lm directories, and text data
+    (this package's sources), for trainer tests; each test writes its outputs under ``root``."""
+    root = tmp_path_factory.mktemp("train")
+    base_cfg = mb.tiny_config("openelm", 4, VOCAB)
+    aux_cfg = mb.tiny_config("openelm", 2, VOCAB)
+    aux_cfg.update(model_dim=32, num_query_heads=[2, 2], num_kv_heads=[1, 1])
+    mb.save_lm_dir(root / "base", mb.build_model(base_cfg, 0), base_cfg, tokenizer_dir)
+    mb.save_lm_dir(root / "aux", mb.build_model(aux_cfg, 1), aux_cfg, tokenizer_dir)
+    data = root / "data"
+    data.mkdir()
+    for p in sorted(Path(mb.__file__).parent.glob("*.py")):
+        (data / p.name).write_text(p.read_text())
+    return {"root": root, "base": root / "base", "aux": root / "aux", "data": data}

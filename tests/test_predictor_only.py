@@ -167,21 +167,6 @@ def test_the_self_contained_form_stays_version_1(models):
 
 # --- the trainer ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def train_pair(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("train-predonly")
-    base_cfg = mb.tiny_config("openelm", 4, VOCAB)
-    aux_cfg = mb.tiny_config("openelm", 2, VOCAB)
-    aux_cfg.update(model_dim=32, num_query_heads=[2, 2], num_kv_heads=[1, 1])
-    mb.save_lm_dir(root / "base", mb.build_model(base_cfg, 0), base_cfg, tokenizer_dir)
-    mb.save_lm_dir(root / "aux", mb.build_model(aux_cfg, 1), aux_cfg, tokenizer_dir)
-    data = root / "data"
-    data.mkdir()
-    for p in sorted(Path(mb.__file__).parent.glob("*.py")):
-        (data / p.name).write_text(p.read_text())
-    return {"root": root, "base": root / "base", "aux": root / "aux", "data": data}
-
-
 def run_config(pair, out: str, **kw) -> KVPRunConfig:
     return KVPRunConfig(
         base=str(pair["base"]), data=[str(pair["data"])], out=str(pair["root"] / out), seq_len=32,

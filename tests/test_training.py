@@ -9,7 +9,6 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from kvp_mlx import testing as mb
 from kvp_mlx.adapters import forward_raw_kv
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import load
@@ -21,19 +20,8 @@ from conftest import VOCAB
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("train")
-    base_cfg = mb.tiny_config("openelm", 4, VOCAB)
-    aux_cfg = mb.tiny_config("openelm", 2, VOCAB)
-    aux_cfg.update(model_dim=32, num_query_heads=[2, 2], num_kv_heads=[1, 1])
-    mb.save_lm_dir(root / "base", mb.build_model(base_cfg, 0), base_cfg, tokenizer_dir)
-    mb.save_lm_dir(root / "aux", mb.build_model(aux_cfg, 1), aux_cfg, tokenizer_dir)
-    data = root / "data"
-    data.mkdir()
-    src = Path(mb.__file__).parent
-    for p in sorted(src.glob("*.py")):
-        (data / p.name).write_text(p.read_text())
-    return {"root": root, "base": root / "base", "aux": root / "aux", "data": data}
+def pair(train_pair) -> dict[str, Path]:
+    return train_pair
 
 
 def config(pair, out: str, steps: int, **kw) -> KVPRunConfig:
