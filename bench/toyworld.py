@@ -51,6 +51,7 @@ def openelm_config(n_layers: int, dim: int, q_heads: int, kv_heads: int, ffn_mul
         "num_kv_heads": [kv_heads] * n_layers, "ffn_multipliers": [ffn_mult] * n_layers,
         "normalize_qk_projections": True, "share_input_output_layers": True,
         "rope_freq_constant": 10000, "rms_norm_eps": 1e-6,
+        "max_context_length": SEQ_LEN,  # trained on SEQ_LEN-token sequences: longer prompts get a warning
     }
 
 
