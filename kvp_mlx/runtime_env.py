@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -108,3 +111,34 @@ def env_report() -> dict[str, str]:
         "dtype policy": f"{now} on {device} "
         "(float32 on cpu, the checkpoint's own dtype on gpu; override with --dtype)",
     }
+
+
+# --matmul: a 1024x1024 float32 matmul with the optimized BLAS and with the wheel's reference BLAS,
+# each in a fresh process (the BLAS is chosen at import time).
+_MATMUL_SNIPPET = """
+import json, time
+import kvp_mlx, mlx.core as mx
+from kvp_mlx import _blas
+n = {n}
+a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+mx.eval(a, b)
+for _ in range(3):
+    mx.eval(a @ b)
+times = []
+for _ in range({reps}):
+    t = time.perf_counter(); mx.eval(a @ b); times.append(time.perf_counter() - t)
+times.sort()
+print(json.dumps({{"blas": _blas.loaded_blas or "reference", "median_s": times[len(times) // 2]}}))
+"""
+
+
+def time_matmul(reference_blas: bool, n: int = 1024, reps: int = 9) -> dict:
+    """Median seconds and GFLOP/s of an n x n float32 matmul, optimized or reference BLAS."""
+    env = dict(os.environ)
+    if reference_blas:
+        env["KVP_MLX_BLAS"] = "reference"
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _MATMUL_SNIPPET.format(n=n, reps=reps)],
+                         capture_output=True, text=True, env=env, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["gflops"] = 2 * n**3 / result["median_s"] / 1e9
+    return result
