@@ -6,11 +6,12 @@ turn, then writes one statistics line. Standard output carries the conversation 
 replies); everything else (banner, help, statistics, notes, errors) goes to standard error, so a
 piped transcript stays clean.
 
-With ``repair="idle"`` the session is repaired (:meth:`Session.repair`) in a background thread
-while the REPL waits for the next line: when the line arrives, the thread is told to stop and
-joined (it stops between chunks, so a turn waits at most one chunk) before the main thread touches
-the model again. MLX is never used by both threads at once: the main thread only reads its input
-while the repair thread runs.
+With ``repair="idle"`` the session is repaired (:meth:`Session.repair`) while the REPL waits for
+the next line: the line is read in a background thread (:class:`LineReader`) and the main thread
+repairs chunk by chunk until the line has arrived (``should_stop``), so a message waits at most for
+the chunk in progress. MLX is only ever used by the main thread: the input thread only reads, and
+MLX does not exit cleanly once it has computed on another thread (ml-explore/mlx#3126: "terminate
+called without an active exception" at exit).
 
 ``cache_prompt`` prefills a session with a prompt and saves it (``kvp-mlx cache-prompt``);
 ``open_session`` resumes a saved one (``--prompt-cache-file``).
@@ -18,6 +19,7 @@ while the repair thread runs.
 
 from __future__ import annotations
 
+import queue
 import sys
 import threading
 import time
@@ -29,7 +31,7 @@ import mlx.core as mx
 
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import KVPModel
-from kvp_mlx.session import RepairReport, Session
+from kvp_mlx.session import Session
 
 PROMPT = ">> "
 HELP_TEXT = "commands: q quit, r reset the conversation, h this help; any other line is a message"
@@ -99,40 +101,31 @@ def cache_prompt(model: KVPModel, prompt: str, path: Path, *, method: str | None
     return CachePromptReport(stats.prefilled_tokens, span[1] - span[0] if span else 0, seconds, peak, path)
 
 
-class IdleRepair:
-    """:meth:`Session.repair` in a background thread, stopped between chunks on request."""
+class LineReader:
+    """Reads one line at a time in a background thread, so the main thread can repair meanwhile
+    and see (``ready``) when the line has arrived. The thread never touches MLX."""
 
-    def __init__(self, session: Session, step_size: int | None = None) -> None:
-        self.session = session
-        self.step_size = step_size
-        self.report: RepairReport | None = None
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="kvp-idle-repair", daemon=True)
+    def __init__(self, read_line: Callable[[], str | None]) -> None:
+        self.read_line = read_line
+        self._lines: queue.Queue = queue.Queue()
 
-    def start(self) -> "IdleRepair":
-        self._thread.start()
-        return self
+    def start(self) -> None:
+        threading.Thread(target=self._read, name="kvp-chat-input", daemon=True).start()
 
-    def _work(self) -> None:
+    def _read(self) -> None:
         try:
-            self.report = self.session.repair(should_stop=self._stop.is_set, prefill_step_size=self.step_size)
-        except BaseException as e:  # handed to the main thread by stop()
-            self.error = e
+            self._lines.put((self.read_line(), None))
+        except BaseException as e:  # handed to the main thread by get()
+            self._lines.put((None, e))
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the repair ends on its own (True) or ``timeout`` passes (False)."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+    def ready(self) -> bool:
+        return not self._lines.empty()
 
-    def stop(self) -> RepairReport | None:
-        """Ask the thread to stop after its current chunk and wait for it: afterwards the caller may
-        use the model again. Re-raises what the repair raised."""
-        self._stop.set()
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.report
+    def get(self) -> str | None:
+        line, error = self._lines.get()
+        if error is not None:
+            raise error
+        return line
 
 
 @dataclass
@@ -179,8 +172,10 @@ class Chat:
         self.stdin = stdin if stdin is not None else sys.stdin
         self.stdout = stdout if stdout is not None else sys.stdout
         self.stderr = stderr if stderr is not None else sys.stderr
-        self.read_line = read_line or self._readline
-        self.idle: IdleRepair | None = None  # the running idle repair, while waiting for input
+        self.reader = LineReader(read_line or self._readline)
+        self.repairing = False  # an idle repair runs (or ran) while waiting for the current line
+        self._repair_done = threading.Event()
+        self._repair_done.set()
         self.stats: list[ChatTurnStats] = []
         self._idle_repaired = 0
 
@@ -196,9 +191,10 @@ class Chat:
         print(text, file=self.stderr, flush=True)
 
     def wait_for_repair(self, timeout: float | None = None) -> bool:
-        """Block until the running idle repair (if any) has finished by itself (for tests, or a
-        front-end that prefers an exact cache to an early answer)."""
-        return self.idle.wait(timeout) if self.idle is not None else True
+        """Block until the idle repair of the current wait (if any) has ended by itself. Called from
+        ``read_line`` (it runs in the input thread), it lets a test decide that input arrives only
+        after the repair."""
+        return self._repair_done.wait(timeout)
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -206,58 +202,55 @@ class Chat:
         """Read and answer messages until ``q`` or the end of the input; save; exit status 0."""
         self.say(f"[chat] {self.session.model.path} (method {self.session.method}, repair {self.repair}); "
                  f"{HELP_TEXT}")
-        try:
-            while True:
-                line = self._wait_for_input()
-                if line is None:  # end of input: finish the prompt's line
-                    self.stdout.write("\n")
-                    self.stdout.flush()
-                    break
-                query = line.strip()
-                if query == "q":
-                    break
-                if query == "r":
-                    self.session.reset()
-                    self._idle_repaired = 0
-                    self.say("[chat] conversation reset")
-                    continue
-                if query == "h":
-                    self.say(HELP_TEXT)
-                    continue
-                if not query:
-                    continue
-                self.turn(line)
-        finally:
-            self._stop_repair()  # an error in the loop: the thread must not outlive it
+        while True:
+            line = self._wait_for_input()
+            if line is None:  # end of input (or Ctrl-C at the prompt): finish the prompt's line
+                self.stdout.write("\n")
+                self.stdout.flush()
+                break
+            query = line.strip()
+            if query == "q":
+                break
+            if query == "r":
+                self.session.reset()
+                self._idle_repaired = 0
+                self.say("[chat] conversation reset")
+                continue
+            if query == "h":
+                self.say(HELP_TEXT)
+                continue
+            if not query:
+                continue
+            self.turn(line)
         if self.save_to is not None:
             save_session(self.session, self.save_to)
             self.say(f"[chat] session saved to {self.save_to} ({len(self.session.tokens)} tokens)")
         return 0
 
     def _wait_for_input(self) -> str | None:
-        """Prompt, then read a line; while waiting, the idle repair runs (if on and needed)."""
-        if self.repair == "idle" and self.session.predicted:
-            self.idle = IdleRepair(self.session, self.repair_step_size).start()
+        """Prompt, then wait for a line (read in the input thread). Meanwhile, with ``repair="idle"``,
+        this (main) thread repairs the session chunk by chunk until the line has arrived: MLX
+        stays on the main thread (it does not exit cleanly after use from another thread), and a
+        message waits at most for the chunk in progress."""
+        self.repairing = self.repair == "idle" and bool(self.session.predicted)
+        self._repair_done.clear()
         self.stdout.write(PROMPT)
         self.stdout.flush()
+        self.reader.start()
         try:
-            return self.read_line()
+            if self.repairing:
+                report = self.session.repair(should_stop=self.reader.ready, prefill_step_size=self.repair_step_size)
+                self._idle_repaired += report.positions
+            self._repair_done.set()
+            return self.reader.get()
         except KeyboardInterrupt:  # Ctrl-C at the prompt: leave as at the end of input
             return None
         finally:
-            self._stop_repair()
-
-    def _stop_repair(self) -> None:
-        idle, self.idle = self.idle, None
-        if idle is not None:
-            report = idle.stop()
-            if report is not None:
-                self._idle_repaired += report.positions
+            self._repair_done.set()
 
     def turn(self, message: str) -> ChatTurnStats | None:
         """One turn: stream the reply to stdout, then the statistics line to stderr. A one-line
         error (the message does not fit, ...) or Ctrl-C ends the turn, not the REPL."""
-        assert self.idle is None, "the model is busy with the idle repair"
         before = len(self.session.turns)
         try:
             for response in self.session.stream_generate(message, **self.generation):

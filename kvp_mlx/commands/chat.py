@@ -15,8 +15,8 @@ reply one line on standard error gives: ttft_s (seconds to the first token), pre
 filled this turn), reused (tokens the caches already held), predicted (positions holding predicted
 K/V), generated, context (tokens held after the turn) and idle_repaired (positions the idle repair
 recomputed before this turn). --repair idle (the default) makes predicted K/V exact while the chat
-waits for your next message, in a background thread that stops between chunks of
---repair-step-size positions when you press Enter. --prompt-cache-file F continues the session
+waits for your next message (the input is read in a background thread; the repair stops between
+chunks of --repair-step-size positions once your line arrives). --prompt-cache-file F continues the session
 saved in F if it exists, and saves it there (atomically) when the chat ends."""
 
 # Flags taken over from `kvp-mlx generate` (same names, types, help), by destination.
@@ -57,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kw: dict = dict(dest=action.dest, default=action.default, help=action.help)
         if action.nargs is not None:
             kw["nargs"] = action.nargs
-        group.add_argument(*action.option_strings, type=action.type, choices=action.choices, metavar=action.metavar,
-                           **kw)
+        if action.type is not None:
+            kw["type"] = action.type
+        group.add_argument(*action.option_strings, choices=action.choices, metavar=action.metavar, **kw)
 
 
 def session_generation_kwargs(args: argparse.Namespace) -> dict:

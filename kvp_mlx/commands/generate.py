@@ -210,7 +210,7 @@ def _run_session(args: argparse.Namespace, kwargs: dict, verbose: bool) -> int:
                               system_prompt=args.system_prompt, prefill_step_size=args.prefill_step_size)
     for key in ("system_prompt", "prefill_response", "max_kv_size"):
         kwargs.pop(key)
-    options = method_options(args, session.method)
+    options = method_options(args, str(session.method))
     if options and options != session.method_options:
         raise KVPError(f"the session in {path} was saved with its own --method {session.method} options")
     last = None
