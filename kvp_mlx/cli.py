@@ -14,6 +14,8 @@ COMMANDS = {
     "bench": "kvp_mlx.commands.bench",
     "convert": "kvp_mlx.convert.cli",
     "runahead-bench": "kvp_mlx.commands.runahead_bench",
+    "chat": "kvp_mlx.commands.chat",
+    "cache-prompt": "kvp_mlx.commands.cache_prompt",
 }
 
 

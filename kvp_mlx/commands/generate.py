@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--quantized-kv-start", type=int, default=5000,
                    help="with --kv-bits, quantize the cache from this many tokens on (default: 5000)")
     k.add_argument("--prefill-step-size", type=int, default=2048, help="prompt tokens per prefill chunk")
+    k.add_argument("--prompt-cache-file", default=None, metavar="F.safetensors",
+                   help="continue the session saved by `kvp-mlx cache-prompt` or `kvp-mlx chat`: the prompt is "
+                   "its next turn (the file is not changed); without --model, the model named in the file")
     k.add_argument("--draft", choices=["aux"], default=None,
                    help="speculative decoding with the auxiliary model as the draft (after a kvp prefill it "
                    "already holds the prompt's cache: no extra prefill)")
@@ -144,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         method_options(args, args.method)  # a wrong method option fails here, before any work
     if args.method == "runahead":
         return _run_runahead(args, kwargs, verbose)
+    if args.prompt_cache_file is not None:
+        return _run_session(args, kwargs, verbose)
     prompt = read_prompt_arg(args.prompt)
     if not prompt:
         raise KVPError("empty prompt")
@@ -176,6 +181,50 @@ def _generate(model, prompt: str, method: str, verbose: bool, kwargs: dict) -> N
     for piece in stream_generate(model, prompt, method=method, **kwargs):
         print(piece.text, end="", flush=True)
     print()
+
+
+def _run_session(args: argparse.Namespace, kwargs: dict, verbose: bool) -> int:
+    """``--prompt-cache-file F``: the prompt is the next turn of the session saved in F."""
+    from kvp_mlx.chat import open_session, prompt_cache_path
+    from kvp_mlx.errors import KVPError
+    from kvp_mlx.generation import print_statistics
+    from kvp_mlx.prompting import read_prompt_arg
+    from kvp_mlx.runtime_env import set_device
+    from kvp_mlx.session_file import read_metadata
+
+    path = prompt_cache_path(args.prompt_cache_file)
+    given = [flag for flag, on in (("--compare", args.compare), ("--draft", args.draft is not None),
+                                   ("--draft-model", args.draft_model is not None),
+                                   ("--prefill-response", args.prefill_response is not None)) if on]
+    if given:
+        raise KVPError(f"{', '.join(given)} cannot be used with --prompt-cache-file")
+    meta = read_metadata(path)  # a missing, corrupt or foreign file fails here, before loading a model
+    prompt = read_prompt_arg(args.prompt)
+    if not prompt:
+        raise KVPError("empty prompt")
+    set_device(args.device)
+    from kvp_mlx.model import load
+
+    model = _with_extra_eos(load(args.model or meta["model"], dtype=args.dtype), args.extra_eos_token)
+    session, _ = open_session(model, path, method=args.method, max_kv_size=args.max_kv_size,
+                              system_prompt=args.system_prompt, prefill_step_size=args.prefill_step_size)
+    for key in ("system_prompt", "prefill_response", "max_kv_size"):
+        kwargs.pop(key)
+    options = method_options(args, str(session.method))
+    if options and options != session.method_options:
+        raise KVPError(f"the session in {path} was saved with its own --method {session.method} options")
+    last = None
+    for last in session.stream_generate(prompt, **kwargs):
+        if verbose and last.generation_tokens == 1:  # after the checks: an error leaves stdout empty
+            print("=" * 10)
+        print(last.text, end="", flush=True)
+    print()
+    if verbose and last is not None:
+        print("=" * 10)
+        print_statistics(last)
+        turn = session.turns[-1]
+        print(f"Session: {turn.reused_tokens} tokens reused from {path}, {turn.prefilled_tokens} prefilled")
+    return 0
 
 
 def _with_extra_eos(model, tokens):

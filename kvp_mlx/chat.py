@@ -1,0 +1,277 @@
+"""The conversation front-ends: the chat REPL with idle-time repair, and saved prompt caches.
+
+``kvp-mlx chat`` (:class:`Chat`) reads a message per line, as ``mlx_lm.chat`` does (``>> ``
+prompt; ``q`` quits, ``r`` resets, ``h`` helps), streams the reply of a :class:`~kvp_mlx.session.Session`
+turn, then writes one statistics line. Standard output carries the conversation alone (prompts and
+replies); everything else (banner, help, statistics, notes, errors) goes to standard error, so a
+piped transcript stays clean.
+
+With ``repair="idle"`` the session is repaired (:meth:`Session.repair`) while the REPL waits for
+the next line: the line is read in a background thread (:class:`LineReader`) and the main thread
+repairs chunk by chunk until the line has arrived (``should_stop``), so a message waits at most for
+the chunk in progress. MLX is only ever used by the main thread: the input thread only reads, and
+MLX does not exit cleanly once it has computed on another thread (ml-explore/mlx#3126: "terminate
+called without an active exception" at exit).
+
+``cache_prompt`` prefills a session with a prompt and saves it (``kvp-mlx cache-prompt``);
+``open_session`` resumes a saved one (``--prompt-cache-file``).
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import mlx.core as mx
+
+from kvp_mlx.errors import KVPError
+from kvp_mlx.model import KVPModel
+from kvp_mlx.session import Session
+
+PROMPT = ">> "
+HELP_TEXT = "commands: q quit, r reset the conversation, h this help; any other line is a message"
+REPAIR_MODES = ("idle", "off")
+DEFAULT_REPAIR_STEP_SIZE = 256  # positions per repair chunk: the most a new turn waits for
+
+
+def prompt_cache_path(text: str | Path) -> Path:
+    """``--prompt-cache-file``: a ``.safetensors`` name (mlx-lm's prompt-cache format)."""
+    path = Path(text)
+    if path.suffix != ".safetensors":
+        raise KVPError(f"a prompt cache file must end in .safetensors, got {path}")
+    return path
+
+
+def save_session(session: Session, path: Path) -> Path:
+    """:meth:`Session.save` (atomic: a temporary file renamed), with a failed write as one line."""
+    try:
+        return session.save(path)
+    except OSError as e:
+        raise KVPError(f"cannot save the session to {path}: {e.strerror or e}") from None
+
+
+def open_session(model: KVPModel, path: Path | None, *, method: str | None = None, max_kv_size: int | None = None,
+                 system_prompt: str | None = None, prefill_step_size: int = 2048) -> tuple[Session, bool]:
+    """The saved session at ``path`` if that file exists (checked against what was asked: a method,
+    a cache size or a system prompt other than the file's is refused), else a new one. Returns
+    ``(session, loaded)``."""
+    if path is None or not path.exists():
+        return Session(model, method=method, max_kv_size=max_kv_size, system_prompt=system_prompt,
+                       prefill_step_size=prefill_step_size), False
+    session = Session.load(model, path)
+    session.prefill_step_size = prefill_step_size
+    asked = (("--method", method, session.method), ("--max-kv-size", max_kv_size, session.max_kv_size),
+             ("--system-prompt", system_prompt, session.system_prompt))
+    for flag, wanted, saved in asked:
+        if wanted is not None and wanted != saved:
+            raise KVPError(f"{path} holds a session with {flag} {saved!r}, not {wanted!r} "
+                           f"(leave {flag} out to continue it, or use another file)")
+    return session, True
+
+
+@dataclass
+class CachePromptReport:
+    tokens: int  # tokens prefilled (the whole session)
+    predicted: int  # of which base positions hold predicted K/V
+    seconds: float
+    peak_memory_gb: float
+    path: Path
+
+
+def cache_prompt(model: KVPModel, prompt: str, path: Path, *, method: str | None = None,
+                 max_kv_size: int | None = None, system_prompt: str | None = None,
+                 prefill_step_size: int = 2048) -> CachePromptReport:
+    """A new session that has prefilled ``prompt`` (its method fills the caches; no generation),
+    saved atomically to ``path`` (``kvp-mlx cache-prompt``)."""
+    path = prompt_cache_path(path)
+    session = Session(model, method=method, max_kv_size=max_kv_size, system_prompt=system_prompt,
+                      prefill_step_size=prefill_step_size)
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    stats = session.prefill(prompt)
+    seconds = time.perf_counter() - tic
+    peak = mx.get_peak_memory() / 1e9
+    save_session(session, path)
+    span = stats.predicted
+    return CachePromptReport(stats.prefilled_tokens, span[1] - span[0] if span else 0, seconds, peak, path)
+
+
+class LineReader:
+    """Reads one line at a time in a background thread, so the main thread can repair meanwhile
+    and see (``ready``) when the line has arrived. The thread never touches MLX."""
+
+    def __init__(self, read_line: Callable[[], str | None]) -> None:
+        self.read_line = read_line
+        self._lines: queue.Queue = queue.Queue()
+
+    def start(self) -> None:
+        threading.Thread(target=self._read, name="kvp-chat-input", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            self._lines.put((self.read_line(), None))
+        except BaseException as e:  # handed to the main thread by get()
+            self._lines.put((None, e))
+
+    def ready(self) -> bool:
+        return not self._lines.empty()
+
+    def get(self) -> str | None:
+        line, error = self._lines.get()
+        if error is not None:
+            raise error
+        return line
+
+
+@dataclass
+class ChatTurnStats:
+    """The statistics line of a turn."""
+
+    ttft_s: float
+    prefilled: int  # new tokens the method filled this turn
+    reused: int  # tokens the caches already held
+    predicted: int  # of the prefilled, base positions written with predicted K/V
+    generated: int
+    context: int  # tokens the session holds after the turn
+    idle_repaired: int  # positions the idle repair recomputed while waiting for this turn's message
+
+    def line(self) -> str:
+        return (f"[stats] ttft_s={self.ttft_s:.4f} prefilled={self.prefilled} reused={self.reused} "
+                f"predicted={self.predicted} generated={self.generated} context={self.context} "
+                f"idle_repaired={self.idle_repaired}")
+
+
+class Chat:
+    """The REPL of ``kvp-mlx chat`` around a :class:`Session`.
+
+    ``generation``: keywords for :meth:`Session.stream_generate` (sampling, ``max_tokens``, ...).
+    ``read_line``: returns the next line without its newline, or None at the end of the input
+    (default: a line of ``stdin``); tests replace it to control when input "arrives".
+    ``save_to``: where the session is saved when the REPL ends (``q`` or end of input).
+    """
+
+    def __init__(self, session: Session, *, generation: dict[str, Any] | None = None, repair: str = "idle",
+                 repair_step_size: int | None = DEFAULT_REPAIR_STEP_SIZE, save_to: Path | None = None,
+                 stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None,
+                 read_line: Callable[[], str | None] | None = None) -> None:
+        if repair not in REPAIR_MODES:
+            raise KVPError(f"--repair must be one of {', '.join(REPAIR_MODES)}, got {repair!r}")
+        if repair_step_size is not None and (isinstance(repair_step_size, bool) or not isinstance(repair_step_size, int)
+                                             or repair_step_size < 1):
+            raise KVPError(f"--repair-step-size must be a positive integer, got {repair_step_size!r}")
+        self.session = session
+        self.generation = dict(generation or {})
+        self.repair = repair
+        self.repair_step_size = repair_step_size
+        self.save_to = save_to
+        self.stdin = stdin if stdin is not None else sys.stdin
+        self.stdout = stdout if stdout is not None else sys.stdout
+        self.stderr = stderr if stderr is not None else sys.stderr
+        self.reader = LineReader(read_line or self._readline)
+        self.repairing = False  # an idle repair runs (or ran) while waiting for the current line
+        self._repair_done = threading.Event()
+        self._repair_done.set()
+        self.stats: list[ChatTurnStats] = []
+        self._idle_repaired = 0
+
+    # --- input and output ------------------------------------------------------------------------
+
+    def _readline(self) -> str | None:
+        line = self.stdin.readline()
+        if not line:
+            return None
+        return line[:-1] if line.endswith("\n") else line
+
+    def say(self, text: str) -> None:
+        print(text, file=self.stderr, flush=True)
+
+    def wait_for_repair(self, timeout: float | None = None) -> bool:
+        """Block until the idle repair of the current wait (if any) has ended by itself. Called from
+        ``read_line`` (it runs in the input thread), it lets a test decide that input arrives only
+        after the repair."""
+        return self._repair_done.wait(timeout)
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Read and answer messages until ``q`` or the end of the input; save; exit status 0."""
+        self.say(f"[chat] {self.session.model.path} (method {self.session.method}, repair {self.repair}); "
+                 f"{HELP_TEXT}")
+        while True:
+            line = self._wait_for_input()
+            if line is None:  # end of input (or Ctrl-C at the prompt): finish the prompt's line
+                self.stdout.write("\n")
+                self.stdout.flush()
+                break
+            query = line.strip()
+            if query == "q":
+                break
+            if query == "r":
+                self.session.reset()
+                self._idle_repaired = 0
+                self.say("[chat] conversation reset")
+                continue
+            if query == "h":
+                self.say(HELP_TEXT)
+                continue
+            if not query:
+                continue
+            self.turn(line)
+        if self.save_to is not None:
+            save_session(self.session, self.save_to)
+            self.say(f"[chat] session saved to {self.save_to} ({len(self.session.tokens)} tokens)")
+        return 0
+
+    def _wait_for_input(self) -> str | None:
+        """Prompt, then wait for a line (read in the input thread). Meanwhile, with ``repair="idle"``,
+        this (main) thread repairs the session chunk by chunk until the line has arrived: MLX
+        stays on the main thread (it does not exit cleanly after use from another thread), and a
+        message waits at most for the chunk in progress."""
+        self.repairing = self.repair == "idle" and bool(self.session.predicted)
+        self._repair_done.clear()
+        self.stdout.write(PROMPT)
+        self.stdout.flush()
+        self.reader.start()
+        try:
+            if self.repairing:
+                report = self.session.repair(should_stop=self.reader.ready, prefill_step_size=self.repair_step_size)
+                self._idle_repaired += report.positions
+            self._repair_done.set()
+            return self.reader.get()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: leave as at the end of input
+            return None
+        finally:
+            self._repair_done.set()
+
+    def turn(self, message: str) -> ChatTurnStats | None:
+        """One turn: stream the reply to stdout, then the statistics line to stderr. A one-line
+        error (the message does not fit, ...) or Ctrl-C ends the turn, not the REPL."""
+        before = len(self.session.turns)
+        try:
+            for response in self.session.stream_generate(message, **self.generation):
+                self.stdout.write(response.text)
+                self.stdout.flush()
+        except KVPError as e:
+            self.stdout.write("\n")
+            self.say(f"error: {e}")
+        except KeyboardInterrupt:
+            self.stdout.write("\n")
+            self.say("[chat] reply interrupted")
+        else:
+            self.stdout.write("\n")
+        self.stdout.flush()
+        if len(self.session.turns) == before:
+            return None
+        t = self.session.turns[-1]
+        span = t.predicted
+        stats = ChatTurnStats(t.ttft_s, t.prefilled_tokens, t.reused_tokens, span[1] - span[0] if span else 0,
+                              t.generated_tokens, self.session.offset, self._idle_repaired)
+        self._idle_repaired = 0
+        self.stats.append(stats)
+        self.say(stats.line())
+        return stats
