@@ -68,6 +68,7 @@ def render_prompt(
     use_chat_template: bool | None = None,
     chat_template_config: dict | None = None,
     prefill_response: str | None = None,
+    add_generation_prompt: bool = True,
 ) -> list[int]:
     """Token ids for a prompt: text, chat messages (``[{"role": ..., "content": ...}, ...]``) or ids.
 
@@ -109,10 +110,11 @@ def render_prompt(
         raise KVPError("this model's tokenizer has no chat template (pass plain text, or give the model a "
                        "chat_template in tokenizer_config.json)")
     continue_final = messages[-1]["role"] == "assistant"
+    add_generation_prompt = add_generation_prompt and not continue_final
     try:
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, continue_final_message=continue_final,
-            add_generation_prompt=not continue_final, **(chat_template_config or {}),
+            add_generation_prompt=add_generation_prompt, **(chat_template_config or {}),
         )
     except Exception as e:  # jinja and transformers raise many types for a template that does not fit
         raise KVPError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None

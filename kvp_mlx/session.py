@@ -116,7 +116,7 @@ class Session:
     # --- a turn --------------------------------------------------------------------------------
 
     def render(self, prompt: str | list[Message] | list[int], use_chat_template: bool | None = None,
-               chat_template_config: dict | None = None) -> list[int]:
+               chat_template_config: dict | None = None, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a new turn: the new message alone through the chat template, with the
         generation prompt (as ``mlx_lm.chat``); the system prompt only in the first turn. Raw text
         (no template) gets the tokenizer's special tokens in the first turn only."""
@@ -133,7 +133,8 @@ class Session:
                 raise KVPError("empty prompt")
             return list(tokenizer.encode(prompt, add_special_tokens=first))
         return render_prompt(tokenizer, prompt, system_prompt=self.system_prompt if first else None,
-                             use_chat_template=use_chat_template, chat_template_config=chat_template_config)
+                             use_chat_template=use_chat_template, chat_template_config=chat_template_config,
+                             add_generation_prompt=add_generation_prompt)
 
     def stream_generate(self, prompt: str | list[Message] | list[int], **kwargs: Any) -> Iterator[GenerationResponse]:
         """One turn: render the new message, fill what the caches lack with the session's method,
@@ -191,8 +192,9 @@ class Session:
 
     def prefill(self, prompt: str | list[Message] | list[int], use_chat_template: bool | None = None) -> TurnStats:
         """Add a prompt to the caches without generating (``kvp-mlx cache-prompt``): the whole
-        message is filled by the session's method."""
-        new = self.render(prompt, use_chat_template=use_chat_template)
+        message is filled by the session's method. Through a chat template it is a complete user
+        turn without the generation prompt (the next turn's message follows it)."""
+        new = self.render(prompt, use_chat_template=use_chat_template, add_generation_prompt=False)
         ids = self.tokens + new
         spec = get_method(self.method or "base")
         reused = self.offset
