@@ -24,7 +24,7 @@ import mlx.nn as nn
 from mlx_lm.generate import (
     generate_step, generation_stream, maybe_quantize_kv_cache, speculative_generate_step, wired_limit,
 )
-from mlx_lm.models.cache import can_trim_prompt_cache
+from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache
 
 from kvp_mlx.errors import KVPError
 from kvp_mlx.methods import PrefillResult, get_method
@@ -132,6 +132,8 @@ def stream_generate(
     opts.check(vocab)
     _check_decoding(max_tokens, prefill_step_size, max_kv_size, kv_bits, kv_group_size, quantized_kv_start,
                     num_draft_tokens)
+    if max_kv_size is not None and (draft is not None or draft_model is not None):
+        raise KVPError("speculative decoding (--draft aux, --draft-model) needs trimmable caches: drop --max-kv-size")
     ids = encode_prompt(model, prompt, system_prompt=system_prompt, use_chat_template=use_chat_template,
                         chat_template_config=chat_template_config, prefill_response=prefill_response)
     warning = check_context(int(ids.size), model.base_config, strict_context)
@@ -163,9 +165,15 @@ def stream_generate(
                 kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start))
         else:
             draft_lm, draft_cache = drafting
+            # a rotating cache (sliding-window layers) is trimmable only until it first wraps around
+            windows = [c.max_size for c in cache + draft_cache if isinstance(c, RotatingKVCache)]
             if not can_trim_prompt_cache(cache) or not can_trim_prompt_cache(draft_cache):
                 raise KVPError("speculative decoding needs trimmable caches (no --max-kv-size, no sliding-window "
                                "layers)")
+            if windows and ids.size + max_tokens + num_draft_tokens > min(windows):
+                raise KVPError(f"speculative decoding needs trimmable caches: prompt + max_tokens + num_draft_tokens "
+                               f"({ids.size + max_tokens + num_draft_tokens}) must fit the sliding window "
+                               f"({min(windows)} tokens)")
             maybe_quantize_kv_cache(draft_cache, quantized_kv_start, kv_group_size, kv_bits)
             steps = speculative_generate_step(
                 ids[-1:], decoder, draft_lm, num_draft_tokens=num_draft_tokens, max_tokens=max_tokens,
