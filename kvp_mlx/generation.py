@@ -25,7 +25,7 @@ import mlx.nn as nn
 from mlx_lm.generate import (
     generate_step, generation_stream, maybe_quantize_kv_cache, speculative_generate_step, wired_limit,
 )
-from mlx_lm.models.cache import can_trim_prompt_cache
+from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache
 
 from kvp_mlx.errors import KVPError
 from kvp_mlx.methods import FilledCache, get_method
@@ -106,6 +106,10 @@ class Decoding:
         self.sampling.check(vocab_size)
         check_decoding(self.max_tokens, self.prefill_step_size, self.max_kv_size, self.kv_bits,
                        self.kv_group_size, self.quantized_kv_start, self.num_draft_tokens)
+        if self.max_kv_size is not None and (self.draft is not None or self.draft_model is not None):
+            # a rotating cache can be rewound only until it first wraps around
+            raise KVPError("speculative decoding (--draft aux, --draft-model) needs trimmable caches: "
+                           "drop --max-kv-size")
 
     @property
     def kv_quantization(self) -> dict[str, Any]:
@@ -212,6 +216,12 @@ def token_stream(model: KVPModel, spec: Any, options: dict, ids: mx.array, dec: 
     draft_lm, draft_cache = drafting
     if not can_trim_prompt_cache(cache) or not can_trim_prompt_cache(draft_cache):
         raise KVPError("speculative decoding needs trimmable caches (no --max-kv-size, no sliding-window layers)")
+    # a rotating cache (sliding-window layers) is trimmable only until it first wraps around
+    windows = [c.max_size for c in cache + draft_cache if isinstance(c, RotatingKVCache)]
+    reach = ids.size + dec.max_tokens + dec.num_draft_tokens
+    if windows and reach > min(windows):
+        raise KVPError(f"speculative decoding needs trimmable caches: prompt + max_tokens + num_draft_tokens "
+                       f"({reach}) must fit the sliding window ({min(windows)} tokens)")
     maybe_quantize_kv_cache(draft_cache, dec.quantized_kv_start, dec.kv_group_size, dec.kv_bits)
     yield from speculative_generate_step(
         ids[-1:], filled.decoder, draft_lm, num_draft_tokens=dec.num_draft_tokens, max_tokens=dec.max_tokens,
