@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import math
 import tempfile
@@ -326,9 +327,9 @@ def conversation_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def heldout_path(toyworld: Path, given: str | None) -> Path:
+def heldout_path(toyworld: Path, given: str | None, scratch: Path) -> Path:
     """The held-out split: ``given``, else the toy world's, else rebuilt (deterministic, seconds) in
-    a temporary folder with :func:`kvp_mlx.bench.toyworld.build_corpus`."""
+    ``scratch`` with :func:`kvp_mlx.bench.toyworld.build_corpus`."""
     if given is not None:
         path = Path(given)
         if not path.is_file():
@@ -340,7 +341,7 @@ def heldout_path(toyworld: Path, given: str | None) -> Path:
     from kvp_mlx.bench.toyworld import build_corpus
 
     print(f"{path} not found: rebuilding the toy-world corpus (standard library split, seed 0)", flush=True)
-    return build_corpus(Path(tempfile.mkdtemp(prefix="kvp-corpus-")))[1]
+    return build_corpus(scratch / "corpus")[1]
 
 
 def write_conversation(model: KVPModel, model_dir: str, heldout: Path, out: Path, max_files: int | None = None,
@@ -354,6 +355,8 @@ def write_conversation(model: KVPModel, model_dir: str, heldout: Path, out: Path
                        f"{TURN_CONTINUATION_TOKENS}) tokens")
     report = conversation_report(model, conversations, model_dir)
     report["windows_per_file"] = windows
+    report["heldout"] = {"sha256": hashlib.sha256(heldout.read_bytes()).hexdigest(),
+                         "files": len(heldout.read_text().splitlines())}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=2))
     (out / f"{name}.md").write_text(conversation_markdown(report))
@@ -381,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model_dir or str(root / "kvp-c")
     if args.conversation:
         name = "conversation-accuracy" if args.windows == 1 else "conversation-accuracy-windows"
-        write_conversation(load(model_dir), model_dir, heldout_path(root, args.heldout), out, args.max_files,
-                           args.windows, name)
+        with tempfile.TemporaryDirectory(prefix="kvp-corpus-") as scratch:
+            write_conversation(load(model_dir), model_dir, heldout_path(root, args.heldout, Path(scratch)), out,
+                               args.max_files, args.windows, name)
         return 0
     reference = load(root / "kvp-c")
     sets = {
@@ -406,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "accuracy.json").write_text(json.dumps(report, indent=2))
     (out / "accuracy.md").write_text(markdown(report))
     print(markdown(report))
-    write_conversation(load(model_dir), model_dir, heldout_path(root, args.heldout), out, args.max_files)
+    with tempfile.TemporaryDirectory(prefix="kvp-corpus-") as scratch:
+        write_conversation(load(model_dir), model_dir, heldout_path(root, args.heldout, Path(scratch)), out,
+                           args.max_files)
     return 0
 
 
