@@ -14,6 +14,8 @@ COMMANDS = {
     "bench": "kvp_mlx.commands.bench",
     "convert": "kvp_mlx.convert.cli",
     "runahead-bench": "kvp_mlx.commands.runahead_bench",
+    "conv-eval": "kvp_mlx.commands.conv_eval",
+    "epicache-profile": "kvp_mlx.commands.epicache_profile",
 }
 
 
