@@ -107,7 +107,8 @@ def save_profile(directory: str | Path, sens: Sequence[float], **info: Any) -> P
 def load_profile(directory: str | Path) -> list[float]:
     path = Path(directory) / PROFILE_FILE
     if not path.is_file():
-        raise KVPError(f"{path} does not exist: run `kvp-mlx epicache-profile --model {directory}` first (or use alpha 0)")
+        raise KVPError(f"{path} does not exist: run `kvp-mlx epicache-profile --model {directory}` first "
+                       "(or use alpha 0)")
     try:
         data = json.loads(path.read_text())
         sens = data["sensitivity"]

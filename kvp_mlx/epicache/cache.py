@@ -157,7 +157,7 @@ class CompressedKVCache(_BaseCache):
         twin.valid, twin.positions = self.valid, self.positions
         return twin
 
-    @property
+    @property  # type: ignore[misc]  # read-only: a compressed cache is not restored from state
     def state(self) -> list:
         k, v = self.stored()
         return [k, v]
@@ -193,13 +193,13 @@ class CompressedKVCache(_BaseCache):
 
 def copy_cache(cache: list) -> list:
     """Independent copies of a compressed-memory cache list (sliding-window layers included)."""
-    out = []
+    out: list = []
     for c in cache:
         if isinstance(c, CompressedKVCache):
             out.append(c.copy())
         elif isinstance(c, RotatingKVCache):
             twin = RotatingKVCache(c.max_size, c.keep)
-            if c.keys is not None:
+            if c.keys is not None and c.values is not None:
                 twin.keys, twin.values = mx.array(c.keys), mx.array(c.values)
             twin.offset, twin._idx = c.offset, c._idx
             out.append(twin)

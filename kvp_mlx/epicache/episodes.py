@@ -110,7 +110,7 @@ def cluster(window_texts: Sequence[str], embedder: Embedder, n_episodes: int = 4
     """Embed and L2-normalise the windows, k-means into ``n_episodes`` (n_init 10, fixed seed); the
     ``n_medoids`` windows nearest each centroid by cosine, in chronological order, are its text."""
     try:
-        from sklearn.cluster import KMeans
+        from sklearn.cluster import KMeans  # type: ignore[import-untyped]
     except ImportError:
         raise KVPError("episodes need scikit-learn: pip install 'kvp-mlx[epicache]'") from None
     if not window_texts:

@@ -51,8 +51,10 @@ def prompt_parts(tokenizer: Any, history: str, question: str) -> tuple[list[int]
         text = tokenizer.apply_chat_template([{"role": "user", "content": history + marker + cue.lstrip("\n")}],
                                              tokenize=False, add_generation_prompt=True)
         head, tail = text.split(marker, 1)
-        return list(tokenizer.encode(head, add_special_tokens=False)), list(tokenizer.encode("\n" + tail, add_special_tokens=False))
-    return list(tokenizer.encode(history, add_special_tokens=True)), list(tokenizer.encode(cue, add_special_tokens=False))
+        return (list(tokenizer.encode(head, add_special_tokens=False)),
+                list(tokenizer.encode("\n" + tail, add_special_tokens=False)))
+    return (list(tokenizer.encode(history, add_special_tokens=True)),
+            list(tokenizer.encode(cue, add_special_tokens=False)))
 
 
 def greedy_answer(model: KVPModel, cache: list, question_ids: Sequence[int], max_tokens: int = 50) -> str:

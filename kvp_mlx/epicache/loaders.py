@@ -187,7 +187,8 @@ def load_synthetic(path: Path) -> list[Conversation]:
             dates.append(r.get(session, "date", f"{sw}.date", optional=True))
             for t, turn in enumerate(r.get(session, "turns", f"{sw}.turns", list)):
                 tw = f"{sw}.turns[{t}]"
-                utterances.append(Utterance(r.get(turn, "speaker", f"{tw}.speaker"), r.get(turn, "text", f"{tw}.text"), s))
+                speaker = r.get(turn, "speaker", f"{tw}.speaker")
+                utterances.append(Utterance(speaker, r.get(turn, "text", f"{tw}.text"), s))
         qa = _qa_list(r, r.get(item, "qa", f"{w}.qa", list), f"{w}.qa", skip_without_answer=False)
         out.append(Conversation(str(item.get("id", i)), utterances, dates, qa))
     return out

@@ -78,7 +78,8 @@ class ConversationMemory:
             if not windows:
                 raise KVPError("epicache needs the conversation's utterance windows to find episodes")
             self.episodes = cluster(windows, self.embedder, n_episodes, n_medoids, seed)
-            scorers: list[Scorer] = [PromptScorer(tuple(patched_prompt(tok, INSTRUCTION, t))) for t in self.episodes.texts]
+            texts = self.episodes.texts
+            scorers: list[Scorer] = [PromptScorer(tuple(patched_prompt(tok, INSTRUCTION, t))) for t in texts]
         else:
             scorers = [policy_scorer(policy, tok)]
         tic = time.perf_counter()

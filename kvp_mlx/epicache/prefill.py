@@ -293,7 +293,8 @@ def build_memory(
     the predictor writes the base's K/V; the auxiliary's cache is evicted with ``aux_scorer`` (its
     own token ids for a prompt scorer; default ``scorer``) and uniform budgets of ``max(budget)``.
     """
-    ids = tokens.reshape(-1).tolist() if isinstance(tokens, mx.array) else [int(t) for t in tokens]
+    flat: Any = tokens.reshape(-1).tolist() if isinstance(tokens, mx.array) else tokens
+    ids = [int(t) for t in flat]
     if not ids:
         raise KVPError("the history to compress is empty")
     if block < 1:
@@ -308,13 +309,13 @@ def build_memory(
                        "memory never computes: build it with the base")
     cache = make_compressed_cache(model)
     budgets = layer_budgets(budget, len(cache)) if budget is not None and scorer is not None else None
-    aux_cache = make_compressed_cache(aux) if kvp else None
+    aux_cache = make_compressed_cache(aux) if aux is not None else None
     aux_budgets = [max(budgets)] * len(aux_cache) if budgets is not None and aux_cache is not None else None
     track = _Track()
     tic = time.perf_counter()
     for start in range(0, len(ids), block):
         chunk = mx.array([ids[start : start + block]], dtype=mx.int32)
-        if aux_cache is not None:
+        if aux is not None and aux_cache is not None:
             _, keys, values, _ = prefill_capturing_raw_kv(aux, chunk, chunk.shape[1], cache=aux_cache)
             inject_raw_kv(model, predictor(keys, values), cache=cache, offset=start, dtype=dtype,
                           prefill_step_size=chunk.shape[1])
@@ -325,7 +326,7 @@ def build_memory(
         track.blocks += 1
         if budgets is not None:
             _evict_all(model, cache, scorer, budgets, level, window)
-            if aux_cache is not None and aux_budgets is not None:
+            if aux is not None and aux_cache is not None and aux_budgets is not None:
                 _evict_all(aux, aux_cache, aux_scorer if aux_scorer is not None else scorer, aux_budgets, level, None)
     return Memory(cache, len(ids), track.peak_slots, track.peak_bytes, time.perf_counter() - tic, track.blocks,
                   aux_cache)

@@ -52,8 +52,9 @@ def conversations(n: int, seed: int = 0, sessions: int = 5, filler: int = 3) -> 
 
 def profile_text(chars: int, seed: int = 0) -> str:
     """At least ``chars`` characters of synthetic conversation text."""
-    parts, i = [], 0
-    while sum(map(len, parts)) < chars:
+    parts: list[str] = []
+    i = 0
+    while sum(len(p) for p in parts) < chars:
         for s in conversation(seed + i)["sessions"]:
             parts.extend(f'{t["speaker"]} said, "{t["text"]}"\n' for t in s["turns"])
         i += 1
