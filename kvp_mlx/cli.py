@@ -16,6 +16,8 @@ COMMANDS = {
     "runahead-bench": "kvp_mlx.commands.runahead_bench",
     "chat": "kvp_mlx.commands.chat",
     "cache-prompt": "kvp_mlx.commands.cache_prompt",
+    "conv-eval": "kvp_mlx.commands.conv_eval",
+    "epicache-profile": "kvp_mlx.commands.epicache_profile",
 }
 
 
