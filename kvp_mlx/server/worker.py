@@ -51,6 +51,7 @@ class WorkerStats:
     failed: int = 0
     cancelled: int = 0  # jobs stopped or skipped because their client went away
     repaired_positions: int = 0
+    repairs_interrupted: int = 0  # repairs stopped between chunks because a request came
     repair_boundaries: list[float] = field(default_factory=list)  # times the repair checked for requests
     jobs: list[Job] = field(default_factory=list)  # the last few finished jobs (tests, benchmarks)
 
@@ -127,6 +128,8 @@ class Worker:
             if report.complete:
                 self.cache.refresh(session)
                 mx.clear_cache()
+            else:
+                self.stats.repairs_interrupted += 1
             break
         if self.queue.empty() and not self._has_repair_work():
             self.idle.set()
