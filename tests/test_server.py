@@ -79,7 +79,7 @@ def wait_idle(server, timeout: float = 120) -> None:
 
 def healthy(server) -> bool:
     status, body = raw(server, "GET", "/health")
-    return status == 200 and json.loads(body) == {"status": "ok"}
+    return status == 200 and json.loads(body)["status"] == "ok"
 
 
 def stream_text(stream) -> tuple[str, object]:

@@ -132,7 +132,9 @@ class Handler(APIHandler):
         path = self.path.split("?", 1)[0]
         if path == "/health":
             ok = self.app.worker.alive
-            self._json(200 if ok else 503, {"status": "ok" if ok else "unavailable"})
+            # "idle": nothing queued, running or left to repair (benchmarks wait for it)
+            self._json(200 if ok else 503, {"status": "ok" if ok else "unavailable",
+                                            "idle": self.app.worker.idle.is_set()})
             return
         if not self._authorized():
             return

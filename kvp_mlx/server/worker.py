@@ -67,6 +67,7 @@ class Worker:
         self.stats = WorkerStats()
         self.keep_jobs = keep_jobs
         self.idle = threading.Event()  # set while nothing is queued, running or left to repair
+        self.idle.set()
         self._thread = threading.Thread(target=self._run, name="kvp-mlx-worker", daemon=True)
         self._stop_sequences: dict[tuple[str, ...], Any] = {}
 
