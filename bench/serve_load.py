@@ -202,6 +202,7 @@ def float32_copy(base: Path) -> Path:
     shutil.copytree(base, out)
     for path in out.glob("*.safetensors"):
         weights = mx.load(str(path))
+        assert isinstance(weights, dict)
         mx.save_safetensors(str(path), {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v
                                         for k, v in weights.items()}, metadata={"format": "mlx"})
     return out

@@ -64,7 +64,7 @@ class Handler(APIHandler):
         self.app = app
         # mlx-lm's handler reads CORS origins from its generator's cli_args
         context = SimpleNamespace(cli_args=SimpleNamespace(allowed_origins=["*"]))
-        super().__init__(context, *args, system_fingerprint=app.fingerprint)
+        super().__init__(context, *args, system_fingerprint=app.fingerprint)  # type: ignore[arg-type]
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (BaseHTTPRequestHandler's name)
         log.info("%s - %s", self.address_string(), format % args)

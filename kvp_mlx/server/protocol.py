@@ -142,7 +142,7 @@ def _sampling(body: dict, vocab_size: int | None) -> dict[str, Any]:
     penalty = _number(body, "repetition_penalty", 0.0, 0)
     presence = _number(body, "presence_penalty", 0.0)
     frequency = _number(body, "frequency_penalty", 0.0)
-    fields = dict(
+    fields: dict[str, Any] = dict(
         temp=_number(body, "temperature", 0.0, 0), top_p=_number(body, "top_p", 0.0, 0, 1),
         min_p=_number(body, "min_p", 0.0, 0, 1), top_k=_integer(body, "top_k", 0, 0),
         xtc_probability=_number(body, "xtc_probability", 0.0, 0, 1),

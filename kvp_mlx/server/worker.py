@@ -178,7 +178,7 @@ class Worker:
                     sm, _ = TextStateMachine.discard(sm)
                 piece: dict[str, Any] = {"text": text, "token": int(last.token)}
                 if req.logprobs or req.top_logprobs:
-                    piece["logprob"] = float(last.logprobs[last.token].item())
+                    piece["logprob"] = float(last.logprobs[last.token].item())  # type: ignore[arg-type]
                     piece["top"] = _format_top_logprobs(last.logprobs, req.top_logprobs, tokenizer)
                 job.events.put(("token", piece))
                 if reason is not None:
@@ -192,7 +192,7 @@ class Worker:
         except KVPError as e:
             job.events.put(("error", 400, str(e)))
         finally:
-            steps.close()  # the session settles: its history is what its cache holds
+            steps.close()  # type: ignore[attr-defined]  # a generator; the session settles: its history is what its cache holds
         turn = session.turns[-1] if session.turns else None
         if ok:
             self.cache.insert(session)  # a failed turn's session is dropped, never reused
