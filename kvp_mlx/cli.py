@@ -18,6 +18,7 @@ COMMANDS = {
     "cache-prompt": "kvp_mlx.commands.cache_prompt",
     "conv-eval": "kvp_mlx.commands.conv_eval",
     "epicache-profile": "kvp_mlx.commands.epicache_profile",
+    "serve": "kvp_mlx.commands.serve",
 }
 
 

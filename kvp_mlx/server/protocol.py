@@ -1,0 +1,257 @@
+"""The OpenAI-compatible request bodies, checked in the HTTP thread, and the extra response fields.
+
+Parameters, names and defaults are ``mlx_lm.server``'s (``max_tokens``/``max_completion_tokens``,
+``temperature``, ``top_p``, ``top_k``, ``min_p``, penalties and their context sizes, ``xtc_*``,
+``logit_bias``, ``logprobs``/``top_logprobs``, ``seed``, ``stop``, ``stream``/``stream_options``),
+plus ``method``: the prefill method of this request. Every problem is a :class:`RequestError`
+with an HTTP status (400, 404) and one line; nothing in a body names a file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvp_mlx.errors import KVPError
+from kvp_mlx.generation import check_decoding
+from kvp_mlx.methods import available_methods, get_method
+from kvp_mlx.model import KVPModel
+from kvp_mlx.prompting import context_length, render_prompt
+from kvp_mlx.sampling import SamplingOptions
+
+MAX_TOP_LOGPROBS = 10  # as mlx-lm (it allows 0..11)
+MAX_STOP_WORDS = 16
+MAX_TOKENS_UNKNOWN_CONTEXT = 1 << 17
+
+
+class RequestError(Exception):
+    """A request the server refuses: ``status`` (4xx) and a one-line message."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "code": self.status}}
+
+
+@dataclass
+class GenerationRequest:
+    """A checked request: the whole prompt as token ids and what the worker needs to serve it."""
+
+    kind: str  # "chat" or "text"
+    prompt: list[int]
+    method: str
+    stream: bool
+    include_usage: bool
+    max_tokens: int
+    stop_words: list[str]
+    logprobs: bool
+    top_logprobs: int
+    seed: int | None
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingOptions fields
+
+
+def _bad(message: str) -> RequestError:
+    return RequestError(400, message)
+
+
+def _number(body: dict, name: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(f"{name} must be a finite number, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise _bad(f"{name} must lie in [{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def _integer(body: dict, name: str, default: int | None, lo: int | None = None) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"{name} must be an integer, got {value!r}")
+    if lo is not None and value < lo:
+        raise _bad(f"{name} must be at least {lo}, got {value}")
+    return value
+
+
+def _flag(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _bad(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _message_text(content: Any, index: int) -> str:
+    """A message's content: a string, or OpenAI's list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _bad(f"messages[{index}].content: only text parts are supported, got {part.get('type')!r}")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise _bad(f"messages[{index}].content must be a string or a list of text parts")
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}] must be an object with 'role' and 'content'")
+        role = m.get("role")
+        if role not in ("system", "user", "assistant", "developer"):
+            raise _bad(f"messages[{i}].role must be system, user, assistant or developer, got {role!r}")
+        out.append({"role": "system" if role == "developer" else role, "content": _message_text(m.get("content"), i)})
+    return out
+
+
+def _stop_words(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    words = [stop] if isinstance(stop, str) else stop
+    if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
+        raise _bad("stop must be a non-empty string or a list of them")
+    if len(words) > MAX_STOP_WORDS:
+        raise _bad(f"at most {MAX_STOP_WORDS} stop sequences, got {len(words)}")
+    return list(words)
+
+
+def _sampling(body: dict, vocab_size: int | None) -> dict[str, Any]:
+    """mlx-lm server's sampling and penalty parameters as :class:`SamplingOptions` fields, checked."""
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise _bad("logit_bias must be an object mapping token ids to numbers")
+        try:
+            bias = {int(k): float(v) for k, v in bias.items()}
+        except (TypeError, ValueError):
+            raise _bad("logit_bias must map token ids to numbers") from None
+    penalty = _number(body, "repetition_penalty", 0.0, 0)
+    presence = _number(body, "presence_penalty", 0.0)
+    frequency = _number(body, "frequency_penalty", 0.0)
+    fields: dict[str, Any] = dict(
+        temp=_number(body, "temperature", 0.0, 0), top_p=_number(body, "top_p", 0.0, 0, 1),
+        min_p=_number(body, "min_p", 0.0, 0, 1), top_k=_integer(body, "top_k", 0, 0),
+        xtc_probability=_number(body, "xtc_probability", 0.0, 0, 1),
+        xtc_threshold=_number(body, "xtc_threshold", 0.1, 0, 1),
+        repetition_penalty=penalty or None,  # 0: off, as mlx-lm's server
+        repetition_context_size=_integer(body, "repetition_context_size", 20, 1),
+        presence_penalty=presence or None, presence_context_size=_integer(body, "presence_context_size", 20, 1),
+        frequency_penalty=frequency or None, frequency_context_size=_integer(body, "frequency_context_size", 20, 1),
+        logit_bias=bias or {},
+    )
+    try:
+        SamplingOptions(**fields).check(vocab_size)
+    except KVPError as e:
+        raise _bad(str(e)) from None
+    return fields
+
+
+def servable_methods(model: KVPModel) -> list[str]:
+    """The prefill methods a server can run on ``model``: those that extend a warm cache."""
+    out = []
+    for name in available_methods():
+        spec = get_method(name)
+        if spec.fill is None or not spec.capabilities.extends_cache:
+            continue
+        if spec.capabilities.needs_aux and (model.aux is None or model.predictor is None):
+            continue
+        out.append(name)
+    return out
+
+
+def encode_chat(model: KVPModel, messages: list[dict[str, str]], template_config: dict | None) -> list[int]:
+    """The whole conversation's token ids: the chat template (as ``mlx_lm.generate``), or mlx-lm
+    server's plain rendering for a tokenizer without one."""
+    tokenizer = model.tokenizer
+    if getattr(tokenizer, "has_chat_template", False):
+        try:
+            return render_prompt(tokenizer, messages, chat_template_config=template_config)
+        except KVPError as e:
+            raise _bad(str(e)) from None
+    from mlx_lm.server import convert_chat
+
+    return list(tokenizer.encode(convert_chat(messages)))
+
+
+def parse_request(body: Any, kind: str, model: KVPModel, model_id: str, default_method: str,
+                  default_max_tokens: int, prefill_step_size: int) -> GenerationRequest:
+    """Check a decoded JSON body of ``/v1/chat/completions`` (``kind="chat"``) or
+    ``/v1/completions`` (``"text"``) and tokenize its prompt."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    requested = body.get("model")
+    if requested is not None and requested not in (model_id, "default_model"):
+        if not isinstance(requested, str):
+            raise _bad("model must be a string")
+        raise RequestError(404, f"model {requested[:200]!r} is not served here (this server serves {model_id!r})",
+                           "not_found_error")
+    if body.get("tools"):
+        raise _bad("tools are not supported by kvp-mlx serve")
+    n = _integer(body, "n", 1, 1)
+    if n != 1:
+        raise _bad("n must be 1 (one choice per request)")
+    method = body.get("method", default_method)
+    methods = servable_methods(model)
+    if not isinstance(method, str) or method not in methods:
+        raise _bad(f"method must be one of {', '.join(methods)} for this model, got {method!r}")
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _bad("stream_options must be an object")
+    include_usage = bool(options and _flag(options, "include_usage"))
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens", default_max_tokens)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise _bad(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    logprobs = _flag(body, "logprobs")
+    top = body.get("top_logprobs")
+    top_logprobs = 0 if top is None or top == -1 else top  # -1: mlx-lm's "none"
+    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise _bad(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}")
+    seed = _integer(body, "seed", None)
+    if seed is not None and not 0 <= seed < 2**64:
+        raise _bad("seed must lie in [0, 2**64)")
+    template_config = body.get("chat_template_kwargs")
+    if template_config is not None and not isinstance(template_config, dict):
+        raise _bad("chat_template_kwargs must be an object")
+    stop_words = _stop_words(body)
+    sampling = _sampling(body, getattr(getattr(model.base, "args", None), "vocab_size", None))
+    if kind == "chat":
+        prompt = encode_chat(model, _messages(body), template_config)
+    else:
+        text = body.get("prompt")
+        if not isinstance(text, str) or not text:
+            raise _bad("'prompt' must be a non-empty string")
+        prompt = list(model.tokenizer.encode(text))
+    if not prompt:
+        raise _bad("the prompt is empty")
+    limit = context_length(model.base_config)
+    if limit is None and max_tokens > MAX_TOKENS_UNKNOWN_CONTEXT:
+        raise _bad(f"max_tokens must be at most {MAX_TOKENS_UNKNOWN_CONTEXT} (the model's context is not known)")
+    if limit is not None:
+        if len(prompt) > limit[0]:
+            raise _bad(f"the prompt has {len(prompt)} tokens, more than the model's context of {limit[0]}")
+        if len(prompt) + max_tokens > limit[0]:
+            raise _bad(f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceed the model's "
+                       f"context of {limit[0]} tokens")
+    try:
+        check_decoding(max_tokens, prefill_step_size, None, None, 64, 0, 1)
+    except KVPError as e:
+        raise _bad(str(e)) from None
+    return GenerationRequest(kind, prompt, method, stream, include_usage, max_tokens, stop_words, logprobs,
+                             top_logprobs, seed, sampling)
