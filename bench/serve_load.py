@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     import kvp_mlx
 
     model_dir = Path(args.model) if args.model else Path(kvp_mlx.__file__).parent / "default_model"
+    model_dir = without_context_limit(model_dir)
     base_dir = float32_copy(model_dir / "base")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     bin_dir = Path(sys.executable).parent
@@ -188,6 +189,24 @@ def main(argv: list[str] | None = None) -> int:
     (out / "serve_load.md").write_text(markdown(report))
     print(markdown(report))
     return 0
+
+
+def without_context_limit(model_dir: Path) -> Path:
+    """A copy of the KV Prediction directory whose configs drop their context length: the demo model
+    declares the 256 tokens it was trained on, and kvp-mlx serve (unlike mlx_lm.server) refuses longer
+    prompts; the chat turns here grow past that, and this benchmark times, it does not judge text."""
+    import json
+    import shutil
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="serve-bench-model-")) / model_dir.name
+    shutil.copytree(model_dir, out)
+    for config in out.glob("*/config.json"):
+        data = json.loads(config.read_text())
+        for key in ("max_context_length", "max_position_embeddings"):
+            data.pop(key, None)
+        config.write_text(json.dumps(data, indent=2))
+    return out
 
 
 def float32_copy(base: Path) -> Path:
