@@ -203,8 +203,7 @@ def without_context_limit(model_dir: Path) -> Path:
     shutil.copytree(model_dir, out)
     for config in out.glob("*/config.json"):
         data = json.loads(config.read_text())
-        for key in ("max_context_length", "max_position_embeddings"):
-            data.pop(key, None)
+        data.pop("max_context_length", None)  # openelm's (mlx-lm ignores it; others' keys are model args)
         config.write_text(json.dumps(data, indent=2))
     return out
 
