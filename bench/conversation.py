@@ -161,11 +161,8 @@ def random_ids(vocab_size: int, n: int, seed: int) -> list[int]:
 
 
 def _first_token(session: Any, prompt: list[int]) -> Any:
-    last = None
-    for last in session.stream_generate(prompt, max_tokens=1, temp=0.0):
-        break
-    assert last is not None
-    return last
+    responses = list(session.stream_generate(prompt, max_tokens=1, temp=0.0))  # run to the end: the turn settles
+    return responses[0]  # the first token's response carries the TTFT
 
 
 def _turn_info(session: Any) -> dict:
@@ -241,24 +238,32 @@ def build_cases(group: Any, settings: dict, log: Callable[[str], None]) -> tuple
 
     cases: list[Case] = []
 
-    def add(label: str, case: str, n: int, aux: str | None, make: Callable[[dict], Callable[[], float]]) -> None:
+    def info(label: str, case: str, n: int) -> dict:
         infos[label] = {"case": case, "new_tokens": n}
-        c = Case(label, make(infos[label]), kind=case, method="kvp" if aux else "base", aux=aux)
-        cases.append(c)
+        return infos[label]
+
+    def add(label: str, case: str, aux: str | None, measure: Callable[[], float]) -> None:
+        cases.append(Case(label, measure, kind=case, method="kvp" if aux else "base", aux=aux))
+
+    def fresh(model: Any, method: str) -> Callable[[], Any]:
+        return lambda: Session(model, method=method, prefill_step_size=chunk)
 
     for n, message in messages.items():
-        add(f"base-warm N={n}", "base-warm", n, None, lambda i, m=message: _time_warm(base_session, H, m, i))
+        label = f"base-warm N={n}"
+        add(label, "base-warm", None, _time_warm(base_session, H, message, info(label, "base-warm", n)))
         for name, s in kvp_sessions.items():
-            add(f"kvp-warm[{name}] N={n}", "kvp-warm", n, name, lambda i, s=s, m=message: _time_warm(s, H, m, i))
-        add(f"base-cold N={n}", "base-cold", n, None,
-            lambda i, m=message: _time_cold(lambda: Session(base_model, method="base", prefill_step_size=chunk),
-                                            history + m, i))
+            label = f"kvp-warm[{name}] N={n}"
+            add(label, "kvp-warm", name, _time_warm(s, H, message, info(label, "kvp-warm", n)))
+        label = f"base-cold N={n}"
+        add(label, "base-cold", None, _time_cold(fresh(base_model, "base"), history + message,
+                                                 info(label, "base-cold", n)))
         for name, model in kvp_models.items():
-            add(f"kvp-cold[{name}] N={n}", "kvp-cold", n, name,
-                lambda i, model=model, m=message: _time_cold(
-                    lambda: Session(model, method="kvp", prefill_step_size=chunk), history + m, i))
+            label = f"kvp-cold[{name}] N={n}"
+            add(label, "kvp-cold", name, _time_cold(fresh(model, "kvp"), history + message,
+                                                    info(label, "kvp-cold", n)))
         for name, s in kvp_sessions.items():
-            add(f"repair[{name}] N={n}", "repair", n, name, lambda i, s=s, m=message: _time_repair(s, H, m, i))
+            label = f"repair[{name}] N={n}"
+            add(label, "repair", name, _time_repair(s, H, message, info(label, "repair", n)))
     return cases, infos, setup
 
 
@@ -276,14 +281,16 @@ def ratios(records: list[dict], new_tokens: list[int], aux_names: list[str]) -> 
                     "value": paired_ratio(records, [num], [den]), "ratio_of_medians": med[num] / med[den]})
 
     for n in new_tokens:
+        bw, bc = f"base-warm N={n}", f"base-cold N={n}"
         for a in aux_names:
-            add("kvp-warm speedup over base-warm (base-warm / kvp-warm)", f"base-warm N={n}", f"kvp-warm[{a}] N={n}", n)
-        add("base-warm speedup over base-cold (base-cold / base-warm)", f"base-cold N={n}", f"base-warm N={n}", n)
+            add("kvp-warm speedup over base-warm (base-warm / kvp-warm)", bw, f"kvp-warm[{a}] N={n}", n)
+        add("base-warm speedup over base-cold (base-cold / base-warm)", bc, bw, n)
         for a in aux_names:
-            add("kvp-warm speedup over kvp-cold (kvp-cold / kvp-warm)", f"kvp-cold[{a}] N={n}", f"kvp-warm[{a}] N={n}", n)
-            add("kvp-warm speedup over base-cold (base-cold / kvp-warm)", f"base-cold N={n}", f"kvp-warm[{a}] N={n}", n)
-            add("repair seconds over kvp-warm TTFT (repair / kvp-warm)", f"repair[{a}] N={n}", f"kvp-warm[{a}] N={n}", n)
-            add("repair seconds over base-warm TTFT (repair / base-warm)", f"repair[{a}] N={n}", f"base-warm N={n}", n)
+            kw, kc, rep = f"kvp-warm[{a}] N={n}", f"kvp-cold[{a}] N={n}", f"repair[{a}] N={n}"
+            add("kvp-warm speedup over kvp-cold (kvp-cold / kvp-warm)", kc, kw, n)
+            add("kvp-warm speedup over base-cold (base-cold / kvp-warm)", bc, kw, n)
+            add("repair seconds over kvp-warm TTFT (repair / kvp-warm)", rep, kw, n)
+            add("repair seconds over base-warm TTFT (repair / base-warm)", rep, bw, n)
     return out
 
 
@@ -436,7 +443,7 @@ def write_plots(result: dict, out_dir: Path, name: str) -> tuple[list[Path], str
     if not runs:
         return [], "no timed cases to plot"
     fig, axes = plt.subplots(1, len(runs), figsize=(7.5 * len(runs), 4.8), squeeze=False)
-    palette = plt.get_cmap("tab10").colors
+    palette = plt.get_cmap("tab10")
     for ax, run in zip(axes[0], runs):
         timed = [c for c in run["cases"] if c["median_s"]]
         kinds = list(dict.fromkeys(c["label"].rsplit(" N=", 1)[0] for c in timed))
@@ -447,7 +454,7 @@ def write_plots(result: dict, out_dir: Path, name: str) -> tuple[list[Path], str
             xs = [i + (k - (len(kinds) - 1) / 2) * width for i, _ in points]
             ys = [c["median_s"] for _, c in points]
             err = [[c["median_s"] - c["min_s"] for _, c in points], [c["max_s"] - c["median_s"] for _, c in points]]
-            ax.bar(xs, ys, width, yerr=err, capsize=3, label=kind, color=palette[k % len(palette)],
+            ax.bar(xs, ys, width, yerr=err, capsize=3, label=kind, color=palette(k % 10),
                    hatch="//" if kind.startswith("repair") else None)
             for x, y in zip(xs, ys):
                 ax.annotate(f"{y:.2f}", (x, y), fontsize=6, ha="center", xytext=(0, 2), textcoords="offset points")
