@@ -23,8 +23,8 @@ PROFILE_NOTES = {
     "full": "the paper's 1.1B pairs (KVP-C 270M/450M, KVP-LP 0.50/0.25), prompts 128-2048, batch 1 and 8: "
     "hours on a 2-core CPU",
     "conversation": "TTFT of a warm turn (new message of 32 or 256 tokens over a 1024-token history): base with "
-    "prefix reuse, kvp on the warm cache, both re-prefilling everything, and the cost of a repair; about 15 minutes "
-    "on a 2-core CPU",
+    "prefix reuse, kvp on the warm cache, both re-prefilling everything, and the cost of a repair; about 10 minutes "
+    "on a quiet 2-core CPU",
 }
 
 
