@@ -14,12 +14,17 @@ PROFILES: dict[str, dict] = {
     "quick": dict(pairs=["kvp-c-270m"], prompt_lengths=[128, 512], batch_sizes=[1], repetitions=5, warmup=1),
     "full": dict(pairs=["kvp-c-270m", "kvp-c-450m", "kvp-lp-0.50", "kvp-lp-0.25"],
                  prompt_lengths=[128, 512, 1024, 2048], batch_sizes=[1, 8], repetitions=5, warmup=1),
+    # conversation: a warm turn over a long history (kvp_mlx.bench.conversation; its own options)
+    "conversation": dict(pairs=["kvp-c-270m"], history_tokens=1024, new_tokens=[32, 256], repetitions=3, warmup=1),
 }
 PROFILE_NOTES = {
     "quick": "sizes chosen to fit 15 minutes on a 2-core CPU (float32): the 1.1B base with the 270M "
     "auxiliary only, prompts of 128 and 512 tokens, batch 1",
     "full": "the paper's 1.1B pairs (KVP-C 270M/450M, KVP-LP 0.50/0.25), prompts 128-2048, batch 1 and 8: "
     "hours on a 2-core CPU",
+    "conversation": "TTFT of a warm turn (new message of 32 or 256 tokens over a 1024-token history): base with "
+    "prefix reuse, kvp on the warm cache, both re-prefilling everything, and the cost of a repair; about 10 minutes "
+    "on a quiet 2-core CPU",
 }
 
 
@@ -33,6 +38,8 @@ def make_settings(
     from kvp_mlx.bench.cases import all_method_names
     from kvp_mlx.errors import KVPError
 
+    if profile == "conversation":
+        raise KVPError("the conversation profile has its own settings (kvp_mlx.bench.conversation.make_settings)")
     prof = PROFILES[profile]
     methods = methods or all_method_names()
     unknown = [m for m in methods if m not in all_method_names()]
@@ -133,6 +140,10 @@ def rerender(path: Path, no_plots: bool = False) -> int:
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise KVPError(f"cannot read {path}: {e}") from None
+    from kvp_mlx.bench import conversation
+
+    if result.get("schema") == conversation.SCHEMA:
+        return conversation.rerender(result, path.parent, path.stem, no_plots)
     if result.get("schema") != report.SCHEMA:
         raise KVPError(f"{path} is not a kvp-mlx bench result (schema {result.get('schema')!r})")
     for run in result["runs"]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kvp_mlx.errors import KVPError
+
 HELP = "benchmark time to first token of every prefill method beside plain mlx-lm"
 DESCRIPTION = """\
 Time to first token (prompt token ids ready -> first token sampled and evaluated) of every
@@ -13,7 +15,11 @@ mlx-lm's prefill of the same base model, and of KV Prediction's parts (auxiliary
 tokens, one base step). Cases run interleaved, after warm-up, with the same prefill step size.
 By default the models are the paper's OpenELM pairs with random weights, built in memory; --model
 adds a model directory (or repo id). Writes JSON (every sample, the environment), a markdown
-table and PNG plots to --out."""
+table and PNG plots to --out.
+
+--profile conversation times a warm turn instead: a new message of --new-tokens tokens over a
+history of --history-tokens tokens already in a session (base with prefix reuse, kvp on the warm
+cache), both re-prefilling everything (cold), and the cost of session.repair() after the kvp turn."""
 
 def _ints(text: str) -> list[int]:
     try:
@@ -37,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                        help="defaults for the options below: quick (make bench) or full (make bench-full)")
+                        help="defaults for the options below: quick (make bench), full (make bench-full) or "
+                        "conversation (warm turns over a long history)")
     parser.add_argument("--pairs", type=_names,
                         help=f"random-weight OpenELM pairs, comma-separated: {', '.join(PAIRS)} "
                         "(default: the profile's; none when --model is given)")
@@ -48,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"method options take their defaults): {method_listing()}")
     parser.add_argument("--prompt-lengths", type=_ints, help="prompt lengths in tokens, e.g. 128,512")
     parser.add_argument("--batch-sizes", type=_ints, help="batch sizes, e.g. 1,8")
+    parser.add_argument("--history-tokens", type=int,
+                        help="conversation profile: tokens of history already in the session (default: 1024)")
+    parser.add_argument("--new-tokens", type=_ints,
+                        help="conversation profile: new message lengths in tokens, e.g. 32,256 (default: 32,256)")
     parser.add_argument("--device", type=_names, default=["cpu"], help="cpu, gpu or cpu,gpu (default: cpu)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                         help="compute dtype (default: float32 on cpu; on gpu float16 for the random-weight pairs, "
@@ -70,10 +81,31 @@ def run(args: argparse.Namespace) -> int:
 
     if args.from_json:
         return ttft.rerender(Path(args.from_json), args.no_plots)
+    out = Path(args.out) if args.out else None
+    if args.profile == "conversation":
+        from kvp_mlx.bench import conversation
+
+        _refuse(args, "the conversation profile", ["methods", "prompt_lengths", "batch_sizes"])
+        if args.device != ["cpu"]:
+            raise KVPError("the conversation profile runs on the cpu only (--device cpu)")
+        settings = conversation.make_settings(
+            pairs=args.pairs, models=args.model, history_tokens=args.history_tokens, new_tokens=args.new_tokens,
+            dtype=args.dtype, repetitions=args.repetitions, warmup=args.warmup,
+            prefill_step_size=args.prefill_step_size, seed=args.seed,
+        )
+        return conversation.run_benchmark(settings, out, args.name, args.no_plots)
+    _refuse(args, f"profile {args.profile} (only --profile conversation)", ["history_tokens", "new_tokens"])
     settings = ttft.make_settings(
         profile=args.profile, pairs=args.pairs, models=args.model, methods=args.methods,
         prompt_lengths=args.prompt_lengths, batch_sizes=args.batch_sizes, devices=args.device,
         dtype=args.dtype, repetitions=args.repetitions, warmup=args.warmup,
         prefill_step_size=args.prefill_step_size, seed=args.seed,
     )
-    return ttft.run_benchmark(settings, Path(args.out) if args.out else None, args.name, args.no_plots)
+    return ttft.run_benchmark(settings, out, args.name, args.no_plots)
+
+
+def _refuse(args: argparse.Namespace, what: str, names: list[str]) -> None:
+    given = [n for n in names if getattr(args, n) is not None]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise KVPError(f"{flags}: not used by {what}")
