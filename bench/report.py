@@ -144,7 +144,7 @@ def write_plots(result: dict, out_dir: Path, name: str) -> tuple[list[Path], str
     if not series:
         return [], "no timed cases to plot"
     labels = list(dict.fromkeys(c["label"] for run in result["runs"] for c in run["cases"]))
-    palette = plt.get_cmap("tab10").colors
+    palette = [plt.get_cmap("tab10")(i) for i in range(10)]  # the tab10 colours, typed the same with or without stubs
     color = {label: palette[i % len(palette)] for i, label in enumerate(labels)}  # same colour in every panel
     fig, axes = plt.subplots(1, len(series), figsize=(6.5 * len(series), 4.8), squeeze=False)
     for ax, ((model, device, batch), panel) in zip(axes[0], series.items()):
