@@ -96,12 +96,22 @@ def stream_text(stream) -> tuple[str, object]:
 # --- the text of generate ---------------------------------------------------------------------------
 
 
-def test_openai_client_gets_the_text_of_generate(chat_identity_dir):
+def cli_text(capsys, *argv: str) -> str:
+    """What `kvp-mlx generate --quiet` prints (the text alone), run in process."""
+    from kvp_mlx.cli import main as kvp_main
+
+    capsys.readouterr()
+    assert kvp_main(["generate", "--quiet", *argv]) == 0
+    return capsys.readouterr().out.removesuffix("\n")
+
+
+def test_openai_client_gets_the_text_of_generate(chat_identity_dir, capsys):
     """Greedy, streaming and not: completions on the trained demo model (kvp, a real predictor) and
     chat on a model with a chat template equal kvp_mlx.generate for the same prompt and options."""
     demo = kvp_mlx.load()
     prompt = "def fibonacci(n):\n    if n < 2:"
     want = generate(demo, prompt, use_chat_template=False, max_tokens=24)
+    assert cli_text(capsys, "--prompt", prompt, "--max-tokens", "24") == want  # the kvp-mlx generate command
     with serving(demo, repair=False) as server:
         c = client(server)
         got = c.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=24, temperature=0)
@@ -127,6 +137,8 @@ def test_openai_client_gets_the_text_of_generate(chat_identity_dir):
     model = load(chat_identity_dir)
     messages = [{"role": "user", "content": "Write a function that adds two numbers."}]
     want = generate(model, messages, max_tokens=16)
+    assert cli_text(capsys, "--model", str(chat_identity_dir), "--prompt", messages[0]["content"],
+                    "--max-tokens", "16") == want
     with serving(model) as server:
         c = client(server)
         got = c.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=16)
