@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": "kvp_mlx.commands.bench",
     "convert": "kvp_mlx.convert.cli",
     "runahead-bench": "kvp_mlx.commands.runahead_bench",
+    "evaluate": "kvp_mlx.commands.evaluate",
 }
 
 
