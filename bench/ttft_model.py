@@ -437,3 +437,87 @@ def load_calibration(path: Path) -> Calibration:
         return Calibration.from_dict(json.loads(Path(path).read_text()))
     except (OSError, json.JSONDecodeError, TypeError) as e:
         raise KVPError(f"cannot read calibration {path}: {e}") from None
+
+
+def fit_calibration(works: list[Work], measured: list[float]) -> Calibration:
+    """The calibration that best predicts ``measured`` from ``works`` (least relative squares, every
+    cost non-negative): a check of the model's form, not a calibration of a machine (it sees the answers).
+    The one-token forwards are taken as memory-bound."""
+    import numpy as np
+
+    A = np.array([[w.flops - w.step_flops, w.scores, w.swiglu, w.step_bytes, w.layer_calls] for w in works], float)
+    y = np.array(measured, float)
+    A = A / y[:, None]
+    scale = np.where(A.max(axis=0) > 0, A.max(axis=0), 1.0)
+    A = A / scale
+    active = list(range(A.shape[1]))
+    while True:  # least squares on the active columns; drop the most negative, repeat
+        coef = np.zeros(A.shape[1])
+        sol, *_ = np.linalg.lstsq(A[:, active], np.ones(len(y)), rcond=None)
+        coef[active] = sol
+        if (sol >= 0).all():
+            break
+        active.pop(int(np.argmin(sol)))
+    p = coef / scale
+    inv = lambda v: 1.0 / v if v > 0 else float("inf")  # noqa: E731
+    return Calibration(inv(p[0]), p[1], p[2], inv(p[3]), p[4], 0.0, "fitted", "float32")
+
+
+def _validation_models(result: dict) -> dict:
+    """Shapes of a bench result's random-weight OpenELM pairs (``kvp-mlx bench --pairs``)."""
+    from kvp_mlx.bench.models import PAIRS
+
+    models: dict = {}
+    for pair in result["settings"].get("pairs", []):
+        base_name, aux_name = PAIRS[pair]
+        shapes = pair_shapes(pair)
+        group = models.setdefault(base_name, {None: ShapePair(shapes.base)})
+        group[aux_name] = shapes
+    return models
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m kvp_mlx.bench.ttft_model --validate RESULT.json ...: calibrate now, predict every case."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--validate", nargs="+", required=True, help="kvp-mlx bench JSON results (pairs only)")
+    parser.add_argument("--calibration", help="a saved calibration JSON instead of calibrating now")
+    parser.add_argument("--save-calibration", help="write the calibration used here")
+    parser.add_argument("--fit", action="store_true",
+                        help="also fit the five costs to the measurements (a check of the model's form)")
+    args = parser.parse_args(argv)
+    results = [json.loads(Path(p).read_text()) for p in args.validate]
+    if args.calibration:
+        cal = load_calibration(Path(args.calibration))
+    else:
+        first = results[0]["settings"]["pairs"][0]
+        cal = calibrate_for(pair_shapes(first).base, chunk=results[0]["settings"]["prefill_step_size"])
+    if args.save_calibration:
+        Path(args.save_calibration).write_text(json.dumps(cal.to_dict(), indent=1))
+    cals = [("calibrated now" if not args.calibration else f"calibration {args.calibration}", cal)]
+    if args.fit:
+        works, measured = [], []
+        for result in results:
+            models = _validation_models(result)
+            for run in result["runs"]:
+                for c in run["cases"]:
+                    if c.get("median_s") is None:
+                        continue
+                    model = models[run["model"]].get(c.get("aux")) or models[run["model"]][None]
+                    works.append(workload(c["method"], model, run["prompt_tokens"], run["prefill_step_size"],
+                                          run["batch"], c.get("info") or {}, flops=c.get("flops"),
+                                          scores=c.get("attention_scores")))
+                    measured.append(c["median_s"])
+        cals.append(("fitted to these measurements (form check)", fit_calibration(works, measured)))
+    for name, c in cals:
+        print(f"## {name}\n\n{calibration_line(c)}\n")
+        rows = []
+        for path, result in zip(args.validate, results):
+            rows += predict_bench_result(c, result, _validation_models(result))
+        print(comparison_markdown(rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
