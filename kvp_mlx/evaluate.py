@@ -64,6 +64,8 @@ def make_lm_class():
             LM.__init__(self)  # not MLXLM.__init__: the model is a KV Prediction directory
             self.kvp_model = pretrained if isinstance(pretrained, KVPModel) else load(pretrained, dtype=dtype)
             spec = get_method(method)
+            if spec.capabilities.needs_launch:
+                raise KVPError(f"method '{method}' cannot run inside lm-eval's process: {spec.capabilities.needs_launch}")
             self.method = method
             self.method_options = spec.resolve_options(dict(method_options or {}))
             if spec.capabilities.needs_aux and self.kvp_model.aux is None:
@@ -159,13 +161,14 @@ def make_lm_class():
     return KVPLM
 
 
-def task_manager(include_paths: list[str | Path] | None = None):
-    """lm-eval's TaskManager with the bundled protocols (and ``include_paths``) on its path."""
+def task_manager(include_paths: list[str | Path] | None = None, include_defaults: bool = True):
+    """lm-eval's TaskManager with the bundled protocols (and ``include_paths``) on its path;
+    ``include_defaults``: lm-eval's own tasks too (indexing them takes a while)."""
     _lm_eval()
     from lm_eval.tasks import TaskManager
 
     paths = [str(TASKS_DIR), *(str(p) for p in include_paths or [])]
-    return TaskManager(include_path=paths)
+    return TaskManager(include_path=paths, include_defaults=include_defaults)
 
 
 def evaluate(
@@ -185,7 +188,9 @@ def evaluate(
     cls = make_lm_class()
     lm = cls(model, method=method, method_options=method_options, prefill_step_size=prefill_step_size,
              max_tokens=max_tokens, use_chat_template=apply_chat_template, dtype=dtype, seed=seed)
-    manager = task_manager(include_paths)
+    manager = task_manager(include_paths, include_defaults=False)
+    if any(not manager.match_tasks([t]) for t in tasks):  # not bundled nor included: lm-eval's own tasks
+        manager = task_manager(include_paths)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         raise KVPError(f"unknown lm-eval task(s) {', '.join(unknown)} (bundled: {', '.join(bundled_tasks())}; "

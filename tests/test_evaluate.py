@@ -103,6 +103,8 @@ def test_cli_refuses_unknown_task_and_foreign_flag(task_dir, capsys):
     assert "unknown lm-eval task" in capsys.readouterr().err
     assert main(["evaluate", "--method", "base", "--rp-keep", "0.5", "--tasks", "local_ll"]) == 1
     assert "--rp-keep applies to --method rp" in capsys.readouterr().err
+    assert main(["evaluate", "--method", "runahead", "--tasks", "local_ll", "--include-path", str(task_dir)]) == 1
+    assert "cannot run inside lm-eval's process" in capsys.readouterr().err
 
 
 def _local_variant(root: Path, base_yaml: str, task: str, split: str, docs: list[dict], extra: str = "") -> None:
