@@ -33,6 +33,7 @@ def make_settings(
     methods: list[str] | None = None, prompt_lengths: list[int] | None = None,
     batch_sizes: list[int] | None = None, devices: list[str] | None = None, dtype: str | None = None,
     repetitions: int | None = None, warmup: int | None = None, prefill_step_size: int = 256, seed: int = 0,
+    calibrate: bool = True,
 ) -> dict:
     """Checked benchmark settings; options left as None take the profile's values."""
     from kvp_mlx.bench.cases import all_method_names
@@ -67,6 +68,7 @@ def make_settings(
         "warmup": max(1, warmup if warmup is not None else prof["warmup"]),
         "prefill_step_size": prefill_step_size,
         "seed": seed,
+        "calibrate": calibrate,
     }
     if settings["repetitions"] < 1:
         raise KVPError("--repetitions must be at least 1")
@@ -99,7 +101,22 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _run_device(device: str, settings: dict) -> list[dict]:
+def _add_predictions(calibration, group, run: dict) -> None:
+    """Each timed case's TTFT as the calibrated model predicts it (kvp_mlx.bench.ttft_model)."""
+    from kvp_mlx.bench.ttft_model import predict_seconds, workload
+    from kvp_mlx.errors import KVPError
+
+    for c in run["cases"]:
+        model = group.variants.get(c.get("aux")) if c.get("aux") else group.base_only
+        try:
+            work = workload(c["method"], model, run["prompt_tokens"], run["prefill_step_size"], run["batch"],
+                            c.get("info") or {}, flops=c.get("flops"), scores=c.get("attention_scores"))
+        except KVPError:
+            continue
+        c["predicted_s"] = predict_seconds(calibration, work)
+
+
+def _run_device(device: str, settings: dict, calibrate: bool = True) -> list[dict]:
     import mlx.core as mx
 
     from kvp_mlx.bench.models import build_pairs, load_group
@@ -115,6 +132,12 @@ def _run_device(device: str, settings: dict) -> list[dict]:
          + "; ".join(f"{g.name} with {', '.join(g.variants) or 'no auxiliary'}" for g in groups))
     runs = []
     for group in groups:
+        calibration = None
+        if calibrate:
+            from kvp_mlx.bench.ttft_model import calibrate_for, calibration_line
+
+            calibration = calibrate_for(group.base, chunk=settings["prefill_step_size"], dtype=dtype)
+            _log(f"[{device}] {group.name}: {calibration_line(calibration)}")
         for batch in settings["batch_sizes"]:
             for length in settings["prompt_lengths"]:
                 _log(f"[{device}] {group.name}: {length} prompt tokens, batch {batch}")
@@ -122,6 +145,9 @@ def _run_device(device: str, settings: dict) -> list[dict]:
                     group, length, batch, settings["prefill_step_size"], settings["methods"],
                     settings["warmup"], settings["repetitions"], settings["seed"], _log,
                 )
+                if calibration is not None:
+                    _add_predictions(calibration, group, run)
+                    run["calibration"] = calibration.to_dict()
                 runs.append({"device": device, "dtype": dtype_name(dtype), **run})
     del groups
     mx.clear_cache()
@@ -172,7 +198,7 @@ def run_benchmark(settings: dict, out: Path | None = None, name: str | None = No
             print(msg)
             skipped.append({"label": "device gpu", "reason": msg})
             continue
-        runs += _run_device(device, settings)
+        runs += _run_device(device, settings, calibrate=settings.get("calibrate", True))
     if not runs:
         print("nothing was benchmarked")
         return 0
@@ -200,13 +226,58 @@ def write_outputs(result: dict, out: Path, name: str, no_plots: bool) -> int:
     from kvp_mlx.bench import report
 
     files = [report.write_json(result, out / f"{name}.json"), report.write_markdown(result, out / f"{name}.md")]
+    predicted = predicted_markdown(result)
+    if predicted:
+        with open(out / f"{name}.md", "a") as md:
+            md.write("\n" + predicted + "\n")
     note = None
     if not no_plots:
         plots, note = report.write_plots(result, out, name)
         files += plots
     print(report.markdown(result))
+    if predicted:
+        print(predicted)
     for f in files:
         print(f"wrote {f}")
     if note:
         print(f"note: {note}")
+    return 0
+
+
+def predicted_markdown(result: dict) -> str:
+    """Predicted beside measured TTFT, when the run was calibrated (bench/ttft_model.py)."""
+    from kvp_mlx.bench.ttft_model import Calibration, calibration_line, comparison_markdown
+
+    rows = [
+        {"model": run["model"], "prompt_tokens": run["prompt_tokens"], "batch": run["batch"], "label": c["label"],
+         "measured_s": c["median_s"], "predicted_s": c["predicted_s"], "error": c["predicted_s"] / c["median_s"] - 1}
+        for run in result["runs"] for c in run["cases"] if c.get("predicted_s") and c.get("median_s")
+    ]
+    if not rows:
+        return ""
+    cals = {(run["model"], run["device"]): run["calibration"] for run in result["runs"] if run.get("calibration")}
+    lines = ["## Predicted vs measured TTFT", "",
+             "Predicted by the calibrated TTFT model (bench/ttft_model.py: matmul FLOPs, attention scores, SwiGLU "
+             "elements, weight bytes of one-token forwards, layer calls), calibrated just before the runs:", ""]
+    lines += [f"- {model}: {calibration_line(Calibration.from_dict(c))}" for (model, _), c in cals.items()]
+    return "\n".join(lines + ["", comparison_markdown(rows)])
+
+
+def predict_only(pairs: list[str] | None, prompt_lengths: list[int] | None, batch_sizes: list[int] | None,
+                 prefill_step_size: int = 256, profile: str = "quick", dtype: str | None = None) -> int:
+    """`kvp-mlx bench --predict`: calibrate, then predict base/kvp/aux TTFT of OpenELM pairs (no model runs)."""
+    from kvp_mlx.bench.ttft_model import calibrate_for, pair_shapes, predict_markdown, predict_table
+    from kvp_mlx.runtime_env import resolve_dtype
+
+    prof = PROFILES[profile]
+    pairs = pairs or prof["pairs"]
+    lengths = prompt_lengths or prof["prompt_lengths"]
+    mxdtype = resolve_dtype(dtype)
+    for pair in pairs:
+        cal = calibrate_for(pair_shapes(pair, mxdtype).base, chunk=prefill_step_size, dtype=mxdtype)
+        rows = []
+        for batch in batch_sizes or [1]:
+            rows += predict_table(cal, [pair], lengths, prefill_step_size, batch)
+        print(predict_markdown(cal, rows))
+        print()
     return 0

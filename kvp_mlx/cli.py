@@ -19,6 +19,7 @@ COMMANDS = {
     "conv-eval": "kvp_mlx.commands.conv_eval",
     "epicache-profile": "kvp_mlx.commands.epicache_profile",
     "serve": "kvp_mlx.commands.serve",
+    "evaluate": "kvp_mlx.commands.evaluate",
 }
 
 

@@ -73,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true", help="write JSON and markdown only")
     parser.add_argument("--from-json", metavar="FILE",
                         help="measure nothing: redo the checks, markdown and plots of an earlier run's JSON")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="skip the calibration of the TTFT model (and the predicted column) before the runs")
+    parser.add_argument("--predict", action="store_true",
+                        help="run no model: calibrate this machine (under a minute) and print the predicted TTFT "
+                        "of base, kvp and aux for --pairs at --prompt-lengths (choose an auxiliary before training)")
 
 
 
@@ -81,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.from_json:
         return ttft.rerender(Path(args.from_json), args.no_plots)
+    if args.predict:
+        return ttft.predict_only(args.pairs, args.prompt_lengths, args.batch_sizes, args.prefill_step_size,
+                                 args.profile, args.dtype)
     out = Path(args.out) if args.out else None
     if args.profile == "conversation":
         from kvp_mlx.bench import conversation
@@ -99,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         profile=args.profile, pairs=args.pairs, models=args.model, methods=args.methods,
         prompt_lengths=args.prompt_lengths, batch_sizes=args.batch_sizes, devices=args.device,
         dtype=args.dtype, repetitions=args.repetitions, warmup=args.warmup,
-        prefill_step_size=args.prefill_step_size, seed=args.seed,
+        prefill_step_size=args.prefill_step_size, seed=args.seed, calibrate=not args.no_calibrate,
     )
     return ttft.run_benchmark(settings, out, args.name, args.no_plots)
 
