@@ -73,14 +73,11 @@ def make_settings(
         "prefill_step_size": prefill_step_size,
         "seed": seed,
     }
-    if settings["repetitions"] < 1:
-        raise KVPError("--repetitions must be at least 1")
-    if settings["prefill_step_size"] < 1:
-        raise KVPError("--prefill-step-size must be at least 1")
+    from kvp_mlx.bench.ttft import check_common_settings
+
+    check_common_settings(settings)
     if settings["history_tokens"] < 1:
         raise KVPError("--history-tokens must be at least 1")
-    if not settings["pairs"] and not settings["models"]:
-        raise KVPError("nothing to benchmark: give --pairs or --model")
     return settings
 
 

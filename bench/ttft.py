@@ -70,13 +70,20 @@ def make_settings(
         "seed": seed,
         "calibrate": calibrate,
     }
+    check_common_settings(settings)
+    return settings
+
+
+def check_common_settings(settings: dict) -> None:
+    """The checks every profile's settings share (repetitions, step size, something to run)."""
+    from kvp_mlx.errors import KVPError
+
     if settings["repetitions"] < 1:
         raise KVPError("--repetitions must be at least 1")
     if settings["prefill_step_size"] < 1:
         raise KVPError("--prefill-step-size must be at least 1")
     if not settings["pairs"] and not settings["models"]:
         raise KVPError("nothing to benchmark: give --pairs or --model")
-    return settings
 
 
 def equivalent_command(settings: dict) -> str:
