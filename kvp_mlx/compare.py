@@ -61,6 +61,8 @@ def compare_methods(
     other = method if method != "base" else "kvp"
     kwargs = {**kwargs, "temp": 0.0}
     options = {"base": {}, other: method_options or {}}
-    for m in ("base", other):  # warm-up: one-time set-up is not timed
-        run_method(model, prompt, m, **{**kwargs, "max_tokens": 1}, method_options=options[m])
+    for m in ("base", other):  # warm-up: one-time set-up is not timed; the context is checked once
+        run_method(model, prompt, m, **{**kwargs, "max_tokens": 1}, method_options=options[m],
+                   context_warning=m == "base")
+    kwargs["context_warning"] = False
     return Comparison([run_method(model, prompt, m, method_options=options[m], **kwargs) for m in ("base", other)])

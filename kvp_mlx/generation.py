@@ -145,6 +145,7 @@ def stream_generate(
     *,
     method: str | None = None,
     strict_context: bool = False,
+    context_warning: bool = True,
     sampling: SamplingOptions | None = None,
     method_options: dict | None = None,
     **kwargs: Any,
@@ -160,11 +161,13 @@ def stream_generate(
     ``xtc_threshold``, ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty`` and their
     context sizes, ``logit_bias``; or ``sampling=SamplingOptions(...)``). Any other keyword is the
     prefill method's own option (``schedule=`` for ``lazy``), also accepted as ``method_options``;
-    an unknown one is a one-line error naming the method's options.
+    an unknown one is a one-line error naming the method's options. A prompt longer than the model's
+    context is a warning (``context_warning=False``: none) or, with ``strict_context``, an error.
     """
     spec, options, dec, render = split_generation_kwargs(model, method, dict(kwargs), method_options, sampling)
     ids = encode_prompt(model, prompt, **render)
-    warn_context(int(ids.size), model, strict_context)
+    if context_warning or strict_context:
+        warn_context(int(ids.size), model, strict_context)
     mx.eval(ids)
     tic = time.perf_counter()
     steps = token_stream(model, spec, options, ids, dec)
