@@ -320,7 +320,7 @@ def run_benchmark(settings: dict, out: Path | None = None, name: str | None = No
     """Measure the conversation cases of every model and write OUT/NAME.{json,md} and NAME-ttft.png."""
     from kvp_mlx.bench import report
     from kvp_mlx.bench.models import build_pairs, load_group
-    from kvp_mlx.runtime_env import dtype_name, env_report, resolve_dtype, set_device
+    from kvp_mlx.runtime_env import dtype_name, resolve_dtype, set_device
 
     as_profile = not settings["models"] and all(settings[k] == v for k, v in DEFAULTS.items())
     _log((f"profile conversation: {NOTE}" if as_profile else "custom conversation run") + "; running: pairs "
@@ -345,19 +345,8 @@ def run_benchmark(settings: dict, out: Path | None = None, name: str | None = No
     del groups
     mx.clear_cache()
     name = name or "conversation"
-    result = {
-        "schema": SCHEMA,
-        "name": name,
-        "created": started.isoformat(timespec="seconds"),
-        "duration_s": time.perf_counter() - tic,
-        "host": report.socket.gethostname(),
-        "command": equivalent_command(settings),
-        "load_average_before": load_before,
-        "load_average_after": report.load_average(),
-        "environment": {**env_report(), "cpu": report.cpu_model()},
-        "settings": settings,
-        "runs": runs,
-    }
+    result = report.result_envelope(SCHEMA, name, started, tic, equivalent_command(settings), load_before,
+                                    settings, runs)
     out.mkdir(parents=True, exist_ok=True)
     return write_outputs(result, out, name, no_plots)
 

@@ -37,6 +37,28 @@ def load_average() -> list[float] | None:
         return None
 
 
+def result_envelope(schema: str, name: str, started, tic: float, command: str, load_before, settings: dict,
+                    runs: list) -> dict:
+    """The facts every benchmark result records around its runs: when, where, how, under what load."""
+    import time
+
+    from kvp_mlx.runtime_env import env_report
+
+    return {
+        "schema": schema,
+        "name": name,
+        "created": started.isoformat(timespec="seconds"),
+        "duration_s": time.perf_counter() - tic,
+        "host": socket.gethostname(),
+        "command": command,
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "environment": {**env_report(), "cpu": cpu_model()},
+        "settings": settings,
+        "runs": runs,
+    }
+
+
 def write_json(result: dict, path: Path) -> Path:
     path.write_text(json.dumps(result, indent=1))
     return path

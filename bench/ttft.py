@@ -187,7 +187,7 @@ def rerender(path: Path, no_plots: bool = False) -> int:
 def run_benchmark(settings: dict, out: Path | None = None, name: str | None = None, no_plots: bool = False) -> int:
     """Measure every configuration of ``settings`` and write OUT/NAME.{json,md,png}."""
     from kvp_mlx.bench import report
-    from kvp_mlx.runtime_env import env_report, gpu_available
+    from kvp_mlx.runtime_env import gpu_available
 
     prof = PROFILES[settings["profile"]]
     as_profile = not settings["models"] and all(settings[k] == v for k, v in prof.items())
@@ -210,20 +210,9 @@ def run_benchmark(settings: dict, out: Path | None = None, name: str | None = No
         print("nothing was benchmarked")
         return 0
     name = name or settings["profile"]
-    result = {
-        "schema": report.SCHEMA,
-        "name": name,
-        "created": started.isoformat(timespec="seconds"),
-        "duration_s": time.perf_counter() - tic,
-        "host": report.socket.gethostname(),
-        "command": equivalent_command(settings),
-        "load_average_before": load_before,
-        "load_average_after": report.load_average(),
-        "environment": {**env_report(), "cpu": report.cpu_model()},
-        "settings": settings,
-        "runs": runs,
-        "skipped": skipped,
-    }
+    result = report.result_envelope(report.SCHEMA, name, started, tic, equivalent_command(settings), load_before,
+                                    settings, runs)
+    result["skipped"] = skipped
     out.mkdir(parents=True, exist_ok=True)
     return write_outputs(result, out, name, no_plots)
 
