@@ -9,7 +9,13 @@
    `kvp-mlx train` (ridge init, then corenet's loss). Baselines with the same token budget as
    their KVP counterpart: aux-only (the auxiliary trained on alone) and LP-only (the layer-pruned
    model fine-tuned alone). Also a ridge-only (--steps 0) and a random-init predictor for KVP-C.
+   KVP-C-mixed: KVP-C trained with --exact-prefix-fraction 0.5 (half the sequences see the base's
+   exact K/V before a random split), for warm sessions after a repair.
 5. the KVP-C model is exported (float16) as the package's embedded demo model.
+
+--base-from DIR takes the base from DIR instead of pretraining it (the longest stage, about 52 of
+the 80 minutes): e.g. the embedded demo's base (kvp_mlx/default_model/base), which is this world's
+base exported in float16. Its tokenizer must be the world's (same fingerprint); results.json says so.
 
 Every stage is skipped when its output exists (delete it, or --force, to redo); a stage that was
 interrupted resumes from its checkpoint. Held-out losses of every stage go to `results.json`.
@@ -161,13 +167,15 @@ def train_lm(model, config: dict, data: Batches, held: Batches, steps: int, lr: 
 
 
 def kvp_train(base: Path, out: Path, data: Path, steps: int, init: str = "ridge", aux: Path | None = None,
-              aux_layers: list[int] | None = None) -> None:
+              aux_layers: list[int] | None = None, exact_prefix_fraction: float = 0.0) -> None:
     args = ["train", "--base", str(base), "--data", str(data), "--out", str(out), "--steps", str(steps),
             "--init", init, "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN), "--learning-rate", "1e-3",
             "--warmup-steps", str(min(20, max(steps, 1))), "--heldout-fraction", "0", "--seed", str(SEED),
             "--save-every", "50", "--eval-every", str(max(steps, 1))]
     # one of aux and aux_layers is given
     args += ["--aux", str(aux)] if aux is not None else ["--aux-layers", ",".join(map(str, aux_layers))]  # type: ignore[arg-type]
+    if exact_prefix_fraction:
+        args += ["--exact-prefix-fraction", str(exact_prefix_fraction)]
     if (out.with_name(out.name + ".train") / "checkpoint" / "state.json").is_file():
         args.append("--resume")
     if kvp_cli(args) != 0:
@@ -182,6 +190,22 @@ def kvp_heldout_ce(directory: Path, held: Batches, max_batches: int = 8) -> floa
     trainable = KVPTrainable(model.aux, model.predictor)
     values = [float(kvp_eval_ce(model.base, trainable, b)) for b in held.in_order(max_batches)]
     return sum(values) / len(values)
+
+
+def reuse_base(source: Path, out: Path, tok_dir: Path, held: Batches) -> dict:
+    """The base taken from ``source`` (cast to float32) instead of pretrained, with the world's tokenizer."""
+    import mlx.core as mx
+
+    if tokenizer_fingerprint(source / "tokenizer.model") != tokenizer_fingerprint(tok_dir / "tokenizer.model"):
+        raise SystemExit(f"--base-from {source}: its tokenizer is not this world's (different fingerprint)")
+    model, _, config = load_lm(source)
+    model.set_dtype(mx.float32)
+    config = {k: v for k, v in config.items() if k != "torch_dtype"}
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    mb.save_lm_dir(tmp, model, config, tok_dir)
+    tmp.rename(out)
+    return {"reused_from": str(source), "heldout_ce": heldout_ce(model, held)}
 
 
 def export_demo(kvp_dir: Path, dest: Path) -> None:
@@ -206,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-demo", default=str(DEFAULT_MODEL_DIR),
                         help="where to write the embedded demo model ('' to skip)")
     parser.add_argument("--force", action="store_true", help="rebuild every stage")
+    parser.add_argument("--base-from", metavar="DIR",
+                        help="take the base from DIR (an mlx-lm directory with this world's tokenizer, e.g. "
+                             "kvp_mlx/default_model/base) instead of pretraining it")
     parser.add_argument("--compare-with", metavar="RESULTS_JSON",
                         help="after building, compare with another run's results.json (e.g. the committed "
                              "bench/results/toyworld/results.json): same tokenizer, held-out losses within "
@@ -245,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg = init() if init else (mb.build_model(config, seed=seed), config)
         results[name] = train_lm(model, cfg, data, held, steps, lr, out / name, tok_dir, name)
 
+    if args.base_from and not (out / "base" / "config.json").exists():
+        stage("base", lambda: results.__setitem__("base", reuse_base(Path(args.base_from), out / "base", tok_dir,
+                                                                     held)))
     stage("base", lambda: pretrain("base", BASE_CONFIG, prof.base_steps, 2e-3, SEED))
     stage("aux-pretrained", lambda: pretrain("aux-pretrained", AUX_CONFIG, prof.aux_steps, 3e-3, SEED + 1))
     corpus = out / "corpus" / "train.jsonl"
@@ -253,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         ("kvp-c-ridge-only", {"aux": out / "aux-pretrained", "steps": 0}),
         ("kvp-c-random-init", {"aux": out / "aux-pretrained", "steps": 0, "init": "random"}),
         ("kvp-lp", {"aux_layers": LP_LAYERS, "steps": prof.kvp_steps}),
+        ("kvp-c-mixed", {"aux": out / "aux-pretrained", "steps": prof.kvp_steps, "exact_prefix_fraction": 0.5}),
     ):
         def run_kvp(name=name, kw=kw):
             if not (out / name / "kvp_config.json").exists():

@@ -125,6 +125,8 @@ def _strict_json(text: str):
     ("--seq-len", "0", "--seq-len must be at least 1, got 0"),
     ("--heldout-fraction", "1", "--heldout-fraction must be in [0, 1), got 1.0"),
     ("--heldout-fraction", "-0.1", "--heldout-fraction must be in [0, 1)"),
+    ("--exact-prefix-fraction", "1.5", "--exact-prefix-fraction must be in [0, 1], got 1.5"),
+    ("--exact-prefix-fraction", "nan", "--exact-prefix-fraction must be in [0, 1], got nan"),
 ])
 def test_bad_training_options_fail_before_any_work(tmp_path, capsys, option, value, message):
     """One-line errors before anything is read: the base model and the data do not even exist."""
@@ -184,3 +186,44 @@ def test_json_writers_never_write_nan():
 
     text = dumps_json({"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}})
     assert _strict_json(text) == {"a": None, "b": [1.5, None], "c": {"d": None}}
+
+
+def test_exact_prefix_mixes_the_base_exact_kv_before_the_split(pair):
+    """A mixed training context: positions before the split see only the base's exact K/V, so their
+    logits are the base's own; later positions attend to the predictions too."""
+    from kvp_mlx.adapters import forward_with_predicted_kv
+    from kvp_mlx.training.losses import mix_exact_prefix
+
+    from kvp_mlx import building as mb
+    from kvp_mlx.model import load_lm
+
+    base, _, _ = load_lm(pair["base"])
+    aux, _, _ = load_lm(pair["aux"])
+
+    mx.random.seed(4)
+    predictor = mb.make_predictor(base, aux, init="random")
+    tokens = mx.random.randint(0, VOCAB, (2, 12), key=mx.random.key(5))
+    exact_logits, exact_k, exact_v = forward_raw_kv(base, tokens)
+    _, aux_k, aux_v = forward_raw_kv(aux, tokens)
+    predicted = predictor(aux_k, aux_v)
+    split = mx.array([5, 0])
+    mixed = mix_exact_prefix(predicted, exact_k, exact_v, split)
+    assert mx.array_equal(mixed[0][0][0, :, :5], exact_k[0][0, :, :5])
+    assert mx.array_equal(mixed[0][0][0, :, 5:], predicted[0][0][0, :, 5:])
+    assert mx.array_equal(mixed[-1][1][1], predicted[-1][1][1])  # split 0: all predicted
+    logits = forward_with_predicted_kv(base, tokens, mixed)
+    assert mx.allclose(logits[0, :5], exact_logits[0, :5], atol=1e-4).item()
+    assert not mx.allclose(logits[0, 5:], exact_logits[0, 5:], atol=1e-2).item()
+    all_predicted = forward_with_predicted_kv(base, tokens, predicted)
+    assert mx.allclose(logits[1], all_predicted[1], atol=1e-5).item()
+
+
+def test_training_with_exact_prefixes_lowers_the_loss(pair):
+    from kvp_mlx.training.losses import LossWeights
+
+    summary = run_kvp_training(config(pair, "mixed", 12, init="random",
+                                      loss=LossWeights(exact_prefix_fraction=0.5)), force=True)
+    losses = [h["loss"] for h in summary["history"]]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    saved = json.loads((pair["root"] / "mixed" / "training.json").read_text())
+    assert saved["config"]["loss"]["exact_prefix_fraction"] == 0.5

@@ -53,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--consistency-reduce", choices=["sum", "mean"], default="sum",
                         help="consistency over layers: summed (released configs) or averaged (paper's preference)")
     parser.add_argument("--z-loss", type=float, default=1e-4)
+    parser.add_argument("--exact-prefix-fraction", type=float, default=0.0, metavar="P",
+                        help="share of training sequences whose first positions (a random split) hold the "
+                             "base's exact K/V, the rest predicted: trains for warm sessions after "
+                             "`repair` (exact history, predicted new message). 0 (default): every "
+                             "position predicted, as corenet trains")
     parser.add_argument("--heldout-fraction", type=float, default=0.05, help="documents held out for eval loss")
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--save-every", type=int, default=200)
@@ -71,7 +76,8 @@ def config_from_args(args: argparse.Namespace):
         batch_size=args.batch_size, seq_len=args.seq_len, heldout_fraction=args.heldout_fraction,
         text_field=args.text_field, predictor_only=args.predictor_only,
         loss=LossWeights(aux_ce=args.lambda_aux, consistency=args.lambda_consistency,
-                         average_layers=args.consistency_reduce == "mean", z_loss=args.z_loss),
+                         average_layers=args.consistency_reduce == "mean", z_loss=args.z_loss,
+                         exact_prefix_fraction=args.exact_prefix_fraction),
         train=TrainConfig(steps=args.steps, learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
                           weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
                           save_every=args.save_every, seed=args.seed),

@@ -74,6 +74,8 @@ def check_run_config(cfg: KVPRunConfig) -> None:
         raise KVPError(f"--weight-decay must be 0 or more, got {cfg.train.weight_decay}")
     if not (math.isfinite(cfg.ridge_lambda) and cfg.ridge_lambda >= 0):
         raise KVPError(f"--ridge-lambda must be 0 or more, got {cfg.ridge_lambda}")
+    if not (0 <= cfg.loss.exact_prefix_fraction <= 1):  # also refuses NaN
+        raise KVPError(f"--exact-prefix-fraction must be in [0, 1], got {cfg.loss.exact_prefix_fraction}")
     if not (0 <= cfg.heldout_fraction < 1):  # also refuses NaN
         raise KVPError(f"--heldout-fraction must be in [0, 1), got {cfg.heldout_fraction}")
     for name, value in (("--lambda-aux", cfg.loss.aux_ce), ("--lambda-consistency", cfg.loss.consistency),

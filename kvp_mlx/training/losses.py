@@ -17,6 +17,10 @@ class LossWeights:
     consistency: float = 1.0  # lambda_C
     average_layers: bool = False  # consistency averaged (paper's preference) or summed (released configs)
     z_loss: float = 1e-4
+    # Fraction of training sequences whose first s positions (s uniform in [0, T)) hold the base's
+    # exact K/V instead of predicted ones: a warm session after a repair (exact history, predicted
+    # new message) is then in the training distribution (conversations.md, "Repair"). 0 = corenet.
+    exact_prefix_fraction: float = 0.0
 
 
 def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
@@ -44,35 +48,64 @@ class KVPTrainable(nn.Module):
         self.predictor = predictor
 
 
-def base_targets(base: nn.Module, inputs: mx.array) -> tuple[list[mx.array], list[mx.array]]:
-    """The base's own K/V for the consistency loss: keys after its key norm (before RoPE), raw values."""
-    _, keys, values = forward_raw_kv(base, inputs)
-    keys = [_normed(attn, k) for attn, k in zip(attention_modules(base), keys)]
-    return [mx.stop_gradient(k) for k in keys], [mx.stop_gradient(v) for v in values]
-
-
 def _normed(attn: nn.Module, keys: mx.array) -> mx.array:
     return attn.k_norm(keys) if "k_norm" in attn else keys
+
+
+def exact_prefix_lengths(batch: int, length: int, fraction: float) -> mx.array:
+    """Per sequence, how many leading positions hold exact base K/V: 0 for a ``1 - fraction`` share
+    of the sequences, uniform in [0, length) for the others."""
+    mixed = mx.random.uniform(shape=(batch,)) < fraction
+    split = mx.random.randint(0, length, shape=(batch,))
+    return mx.where(mixed, split, 0)
+
+
+def mix_exact_prefix(
+    predicted: list[tuple[mx.array, mx.array]], exact_keys: list[mx.array], exact_values: list[mx.array],
+    prefix: mx.array,
+) -> list[tuple[mx.array, mx.array]]:
+    """Raw K/V [B, heads, T, D] per layer: the exact entries before ``prefix[b]``, predicted ones after."""
+    length = predicted[0][0].shape[2]
+    exact = (mx.arange(length)[None, :] < prefix[:, None])[:, None, :, None]  # [B, 1, T, 1]
+    return [(mx.where(exact, ek, k), mx.where(exact, ev, v))
+            for (k, v), ek, ev in zip(predicted, exact_keys, exact_values)]
 
 
 def kvp_loss(
     base: nn.Module, trainable: KVPTrainable, batch: mx.array, weights: LossWeights
 ) -> tuple[mx.array, dict]:
-    """CE(base attending only to predicted K/V) + lambda_A CE(aux) + lambda_C L1 consistency (+ z-loss)."""
+    """CE(base attending only to predicted K/V) + lambda_A CE(aux) + lambda_C L1 consistency (+ z-loss).
+
+    With ``weights.exact_prefix_fraction`` > 0, that share of the sequences attends to the base's
+    exact K/V before a random split and to predicted K/V after it; the base CE then counts the
+    positions from the split on (the earlier ones see exact K/V only)."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     aux_logits, aux_keys, aux_values = forward_raw_kv(trainable.aux, inputs)
     predicted = trainable.predictor(aux_keys, aux_values)
-    base_logits = forward_with_predicted_kv(base, inputs, predicted)
-    ce_base = cross_entropy(base_logits, targets)
+    raw_keys: list[mx.array] = []
+    raw_values: list[mx.array] = []
+    if weights.consistency or weights.exact_prefix_fraction:
+        _, raw_keys, raw_values = forward_raw_kv(base, inputs)
+        raw_keys = [mx.stop_gradient(k) for k in raw_keys]
+        raw_values = [mx.stop_gradient(v) for v in raw_values]
+    if weights.exact_prefix_fraction:
+        prefix = exact_prefix_lengths(inputs.shape[0], inputs.shape[1], weights.exact_prefix_fraction)
+        base_logits = forward_with_predicted_kv(base, inputs, mix_exact_prefix(predicted, raw_keys, raw_values, prefix))
+        counted = (mx.arange(inputs.shape[1])[None, :] >= prefix[:, None]).astype(mx.float32)
+        per_token = nn.losses.cross_entropy(base_logits, targets, reduction="none")
+        ce_base = mx.sum(per_token * counted) / mx.sum(counted)
+    else:
+        base_logits = forward_with_predicted_kv(base, inputs, predicted)
+        ce_base = cross_entropy(base_logits, targets)
     ce_aux = cross_entropy(aux_logits, targets)
     loss = ce_base + weights.aux_ce * ce_aux
     metrics: dict = {"ce": ce_base, "ce_aux": ce_aux}
     if weights.consistency:
-        target_k, target_v = base_targets(base, inputs)
         attns = attention_modules(base)
+        target_k = [_normed(attn, k) for attn, k in zip(attns, raw_keys)]
         l1 = [
             mx.mean(mx.abs(_normed(attn, k) - tk)) + mx.mean(mx.abs(v - tv))
-            for attn, (k, v), tk, tv in zip(attns, predicted, target_k, target_v)
+            for attn, (k, v), tk, tv in zip(attns, predicted, target_k, raw_values)
         ]
         consistency = sum(l1) / len(l1) if weights.average_layers else sum(l1)
         loss = loss + weights.consistency * consistency
