@@ -143,7 +143,8 @@ def _run_device(device: str, settings: dict, calibrate: bool = True) -> list[dic
         if calibrate:
             from kvp_mlx.bench.ttft_model import calibrate_for, calibration_line
 
-            calibration = calibrate_for(group.base, chunk=settings["prefill_step_size"], dtype=dtype)
+            auxes = tuple(v.aux for v in group.variants.values() if getattr(v, "aux", None) is not None)
+            calibration = calibrate_for(group.base, chunk=settings["prefill_step_size"], dtype=dtype, also=auxes)
             _log(f"[{device}] {group.name}: {calibration_line(calibration)}")
         for batch in settings["batch_sizes"]:
             for length in settings["prompt_lengths"]:
@@ -254,7 +255,7 @@ def predicted_markdown(result: dict) -> str:
     cals = {(run["model"], run["device"]): run["calibration"] for run in result["runs"] if run.get("calibration")}
     lines = ["## Predicted vs measured TTFT", "",
              "Predicted by the calibrated TTFT model (bench/ttft_model.py: matmul FLOPs, attention scores, SwiGLU "
-             "elements, weight bytes of one-token forwards, layer calls), calibrated just before the runs:", ""]
+             "elements, weight bytes read per forward call, layer calls), calibrated just before the runs:", ""]
     lines += [f"- {model}: {calibration_line(Calibration.from_dict(c))}" for (model, _), c in cals.items()]
     return "\n".join(lines + ["", comparison_markdown(rows)])
 
@@ -270,7 +271,8 @@ def predict_only(pairs: list[str] | None, prompt_lengths: list[int] | None, batc
     lengths = prompt_lengths or prof["prompt_lengths"]
     mxdtype = resolve_dtype(dtype)
     for pair in pairs:
-        cal = calibrate_for(pair_shapes(pair, mxdtype).base, chunk=prefill_step_size, dtype=mxdtype)
+        shapes = pair_shapes(pair, mxdtype)
+        cal = calibrate_for(shapes.base, chunk=prefill_step_size, dtype=mxdtype, also=(shapes.aux,))
         rows = []
         for batch in batch_sizes or [1]:
             rows += predict_table(cal, [pair], lengths, prefill_step_size, batch)

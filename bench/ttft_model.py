@@ -1,19 +1,22 @@
 """A calibrated TTFT model: predicted time to first token of every prefill method on this machine.
 
 FLOPs alone do not predict TTFT on MLX's CPU backend (platform.md): the softmax's exp runs scalar
-(15-17 ns per attention score), the SwiGLU's exp too, and a one-token base step is memory-bound
-(the weights are read once for almost no FLOPs). The model therefore sums five costs, each
-calibrated by a short micro-benchmark on this machine (:func:`calibrate`, well under a minute):
+(15-17 ns per attention score), the SwiGLU's exp too, and every forward call reads all the weights
+of the layers it runs (a one-token base step does little else). The model sums five costs:
 
-    TTFT = compute FLOPs / matmul FLOP/s                     (chunked prefill: compute-bound)
-         + sum over one-token forwards of max(FLOPs / FLOP/s, weight bytes / bytes/s)  (memory-bound)
-         + attention scores x cost per score                  (mask, softmax exp, unfused on the CPU)
-         + SwiGLU elements x cost per element                 (silu(gate) * up: one exp each)
-         + layer calls x fixed overhead per layer call        (graph building, dispatch)
+    TTFT = matmul FLOPs / FLOP/s                             (compute)
+         + weight bytes read by every forward call / bytes/s (each chunk and each step reads its layers)
+         + attention scores x cost per score                 (mask, softmax exp, unfused on the CPU)
+         + SwiGLU elements x cost per element                (silu(gate) * up: one exp each)
+         + layer calls x fixed overhead per layer call       (graph building, dispatch)
 
+The calibration (:func:`calibrate_for`, well under a minute) measures the costs of scores and SwiGLU
+elements with micro-benchmarks and fits FLOP/s, bytes/s and the overhead per layer call to timed
+chunks and one-token steps through two of each model's own layers (random weights), so the rates
+hold at the shapes the models run.
 FLOPs and attention scores are the methods' declared costs (``PrefillMethod.cost``); the other
-counts (SwiGLU elements, the forwards that are one token, weight bytes, layer calls) come from the
-same model shapes and the method's structure (:func:`workload`).
+counts (SwiGLU elements, weight bytes read, layer calls) come from the same model shapes and the
+method's structure (:func:`workload`).
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ _FFN_OUT = ("down_proj", "proj_2", "w2", "fc2")  # the FFN's output projection: 
 class Calibration:
     """What this machine's CPU (or GPU) does per unit of work."""
 
-    flops_per_s: float  # matmul FLOP/s at prefill-chunk shapes
+    flops_per_s: float  # matmul FLOP/s at the model's shapes
     score_s: float  # seconds per attention score beyond its matmul FLOPs (mask, softmax)
     swiglu_s: float  # seconds per SwiGLU element (silu(gate) * up)
-    bytes_per_s: float  # weight bytes per second read by a one-token (memory-bound) forward
+    bytes_per_s: float  # weight bytes per second read by a forward call
     layer_call_s: float  # fixed overhead per layer per forward call
     seconds: float = 0.0  # how long the calibration took
     device: str = "cpu"
@@ -61,8 +64,7 @@ class Work:
     """Counts of one TTFT computation."""
 
     flops: int = 0  # all matmul FLOPs (the declared cost)
-    step_flops: int = 0  # of which: in one-token forwards (bounded by weight reads instead)
-    step_bytes: int = 0  # weight bytes read by the one-token forwards
+    bytes_read: int = 0  # weight bytes read: every forward call reads the weights of the layers it runs
     scores: int = 0  # attention scores (the declared cost)
     swiglu: int = 0  # SwiGLU elements
     layer_calls: int = 0  # forward calls x layers
@@ -72,13 +74,8 @@ class Work:
 
 
 def predict_seconds(cal: Calibration, work: Work) -> float:
-    compute = (work.flops - work.step_flops) / cal.flops_per_s
-    step = (
-        max(work.step_flops / cal.flops_per_s, work.step_bytes / cal.bytes_per_s)
-        if work.step_bytes
-        else (work.step_flops / cal.flops_per_s)
-    )
-    return compute + step + work.scores * cal.score_s + work.swiglu * cal.swiglu_s + work.layer_calls * cal.layer_call_s
+    return (work.flops / cal.flops_per_s + work.bytes_read / cal.bytes_per_s + work.scores * cal.score_s
+            + work.swiglu * cal.swiglu_s + work.layer_calls * cal.layer_call_s)
 
 
 # ---------------------------------------------------------------------------------------------- counts
@@ -98,61 +95,67 @@ def swiglu_widths(model: nn.Module) -> list[int]:
     return widths
 
 
+def _nbytes(module: nn.Module) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))  # type: ignore[str-unpack, union-attr]
+
+
+def layer_bytes(model: nn.Module) -> list[int]:
+    """Per layer, the bytes of its parameters (what a forward call through it reads)."""
+    return [_nbytes(layer) for layer in model.layers]
+
+
+def head_bytes(model: nn.Module) -> int:
+    """Bytes of the output layer (the tied embedding table where there is no separate head)."""
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        return _nbytes(head)
+    emb = next(m for _, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding)))
+    return _nbytes(emb)
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes a one-token forward reads: every layer's parameters and the output layer (not the embedding
     table, of which one row is read, unless it is tied and serves as the output layer)."""
-    from mlx.utils import tree_flatten
-
-    total = 0
-    for layer in model.layers:
-        total += sum(v.nbytes for _, v in tree_flatten(layer.parameters()))  # type: ignore[str-unpack, union-attr]
-    head = getattr(model, "lm_head", None)
-    if head is not None:
-        total += sum(v.nbytes for _, v in tree_flatten(head.parameters()))  # type: ignore[str-unpack, union-attr]
-    else:
-        emb = next(m for _, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding)))
-        total += sum(v.nbytes for _, v in tree_flatten(emb.parameters()))  # type: ignore[str-unpack, union-attr]
-    return total
+    return sum(layer_bytes(model)) + head_bytes(model)
 
 
 def _fill(model: nn.Module, tokens: int, chunk: int, batch: int) -> Work:
-    """A cache-only fill of ``tokens`` in chunks: the last layer computes K/V only (no FFN)."""
+    """A cache-only fill of ``tokens`` in chunks: the last layer computes K/V only (no FFN); each
+    chunk reads every layer's weights."""
     widths = swiglu_widths(model)
     calls = math.ceil(tokens / chunk) if tokens > 0 else 0
-    return Work(swiglu=batch * tokens * sum(widths[:-1]), layer_calls=calls * len(widths))
+    return Work(bytes_read=calls * sum(layer_bytes(model)), swiglu=batch * tokens * sum(widths[:-1]),
+                layer_calls=calls * len(widths))
 
 
 def _step(model: nn.Module, offset: int, batch: int) -> Work:
-    """One token after ``offset`` cached ones through every layer and the LM head: memory-bound."""
+    """One token after ``offset`` cached ones through every layer and the LM head."""
     widths = swiglu_widths(model)
-    flops = step_flops(model_shape(model), offset, batch)
-    return Work(step_flops=flops, step_bytes=weight_bytes(model), swiglu=batch * sum(widths), layer_calls=len(widths))
+    return Work(flops=step_flops(model_shape(model), offset, batch), bytes_read=weight_bytes(model),
+                swiglu=batch * sum(widths), layer_calls=len(widths))
 
 
 def _pruned(model: nn.Module, tokens_per_layer: list[int], chunk: int) -> Work:
     widths = swiglu_widths(model)
     last = len(widths) - 1
     sw = sum(w * (1 if i == last else n) for i, (w, n) in enumerate(zip(widths, tokens_per_layer)))
-    calls = sum(max(1, math.ceil(n / chunk)) for n in tokens_per_layer)
-    return Work(swiglu=sw, layer_calls=calls)
+    calls = [max(1, math.ceil(n / chunk)) for n in tokens_per_layer]
+    return Work(bytes_read=sum(c * b for c, b in zip(calls, layer_bytes(model))) + head_bytes(model),
+                swiglu=sw, layer_calls=sum(calls))
 
 
 def structure(method: str, model: Any, tokens: int, chunk: int, batch: int, info: dict) -> Work | None:
-    """Counts beyond FLOPs and scores for a method (or a benchmark component), None if unknown."""
+    """Counts beyond FLOPs and scores for a method (or a benchmark component), None if unknown
+    (its ``flops`` count only the one-token steps; :func:`workload` takes FLOPs from declared costs)."""
     T = tokens
     if method in ("base", "mlx-lm"):
         work = _fill(model.base, T - 1, chunk, batch) + _step(model.base, T - 1, batch)
         if method == "mlx-lm":
             # generate_step queues the second token's decode step before the first is materialised;
             # on the CPU the first token waits for it (see the benchmark's case notes).
-            extra = _step(model.base, T, batch)
-            work = work + Work(
-                step_flops=extra.step_flops,
-                step_bytes=extra.step_bytes,
-                swiglu=extra.swiglu,
-                layer_calls=extra.layer_calls,
-                flops=extra.step_flops,
-            )
+            work = work + _step(model.base, T, batch)
         return work
     if method == "aux":
         return _fill(model.aux, T - 1, chunk, batch) + _step(model.aux, T - 1, batch)
@@ -214,23 +217,10 @@ def workload(
     extra = structure(method, model, tokens, chunk, batch, info)
     if extra is None:
         raise KVPError(f"the TTFT model does not know the structure of method '{method}'")
-    if method == "mlx-lm":  # the extra step's FLOPs are in the structure, on top of base's
-        return Work(
-            flops=flops + extra.flops,
-            step_flops=extra.step_flops,
-            step_bytes=extra.step_bytes,
-            scores=scores,
-            swiglu=extra.swiglu,
-            layer_calls=extra.layer_calls,
-        )
-    return Work(
-        flops=flops,
-        step_flops=extra.step_flops,
-        step_bytes=extra.step_bytes,
-        scores=scores,
-        swiglu=extra.swiglu,
-        layer_calls=extra.layer_calls,
-    )
+    if method == "mlx-lm":  # the extra step's FLOPs come on top of base's declared cost
+        flops += _step(model.base, tokens, batch).flops
+    return Work(flops=flops, bytes_read=extra.bytes_read, scores=scores, swiglu=extra.swiglu,
+                layer_calls=extra.layer_calls)
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -248,7 +238,7 @@ def _best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def calibrate(
+def micro_costs(
     dim: int = 2048,
     ffn: int = 5632,
     heads: int = 16,
@@ -257,93 +247,147 @@ def calibrate(
     keys: int = 1024,
     dtype: mx.Dtype = mx.float32,
     repeats: int = 5,
-    budget_s: float = 50.0,
-    weight_bytes_read: int = 512 << 20,
-) -> Calibration:
-    """Micro-benchmarks at a model's shapes (defaults: OpenELM-1.1B-like, prefill chunks of 256).
+) -> dict[str, float]:
+    """Micro-benchmarks of the costs that are not matmuls (defaults: OpenELM-1.1B-like shapes):
 
-    - matmul FLOP/s: ``[chunk, dim] @ [dim, ffn]``;
     - cost per attention score: MLX's ``scaled_dot_product_attention`` with a causal mask over
-      ``heads x chunk x keys`` scores, less its matmul FLOPs at the measured rate;
+      ``heads x chunk x keys`` scores, less its matmul FLOPs at the rate of ``[chunk, dim] @ [dim, ffn]``;
     - cost per SwiGLU element: ``silu(a) * b`` on ``[chunk, ffn]``;
-    - bytes/s: one-token matmuls through ``weight_bytes_read`` bytes of weights (512 MB: more than any cache);
     - overhead per layer call: a one-token forward of a tiny 4-layer model, per layer.
     """
-    tic0 = time.perf_counter()
+    from mlx_lm.models.base import create_causal_mask, scaled_dot_product_attention
+
     mx.random.seed(0)
     x = mx.random.normal((chunk, dim)).astype(dtype)
-    w = mx.random.normal((dim, ffn)).astype(dtype)
+    w = mx.random.normal((ffn, dim)).astype(dtype)
     mx.eval(x, w)
-    t_mm = _best_time(lambda: mx.eval(x @ w), repeats)
-    flops_per_s = 2 * chunk * dim * ffn / t_mm
-
-    from mlx_lm.models.base import scaled_dot_product_attention
+    matmul_flops_per_s = 2 * chunk * dim * ffn / _best_time(lambda: mx.eval(x @ w.T), repeats)
 
     q = mx.random.normal((1, heads, chunk, head_dim)).astype(dtype)
     k = mx.random.normal((1, heads, keys, head_dim)).astype(dtype)
     v = mx.random.normal((1, heads, keys, head_dim)).astype(dtype)
     mx.eval(q, k, v)
-    from mlx_lm.models.base import create_causal_mask
-
     mask = create_causal_mask(chunk, keys - chunk)
     t_att = _best_time(
         lambda: mx.eval(scaled_dot_product_attention(q, k, v, cache=None, scale=head_dim**-0.5, mask=mask)), repeats
     )
     n_scores = heads * chunk * keys
-    score_s = max(t_att - 4 * heads * head_dim * chunk * keys / flops_per_s, 0.0) / n_scores
+    score_s = max(t_att - 4 * heads * head_dim * chunk * keys / matmul_flops_per_s, 0.0) / n_scores
 
     a = mx.random.normal((chunk, ffn)).astype(dtype)
     b = mx.random.normal((chunk, ffn)).astype(dtype)
     mx.eval(a, b)
-    t_sw = _best_time(lambda: mx.eval(nn.silu(a) * b), repeats)
-    swiglu_s = t_sw / (chunk * ffn)
+    swiglu_s = _best_time(lambda: mx.eval(nn.silu(a) * b), repeats) / (chunk * ffn)
 
-    n_mats = max(1, weight_bytes_read // (dim * ffn * dtype.size))
-    mats = [mx.random.normal((dim, ffn)).astype(dtype) for _ in range(n_mats)]
-    mx.eval(mats)
-    x1 = mx.random.normal((1, dim)).astype(dtype)
-    mx.eval(x1)
-    t_bw = _best_time(lambda: mx.eval([x1 @ m for m in mats]), repeats)
-    bytes_per_s = n_mats * dim * ffn * dtype.size / t_bw
-    mats.clear()  # free the buffers
-
-    from kvp_mlx.testing import tiny_config
     from kvp_mlx.building import build_model
+    from kvp_mlx.testing import tiny_config
 
     tiny = build_model(tiny_config("openelm", n_layers=4), seed=0)
     tok = mx.array([[1]])
-    n_layers = len(tiny.layers)
-    t_call = _best_time(lambda: mx.eval(tiny(tok)), max(repeats, 20))
-    layer_call_s = t_call / n_layers
-    seconds = time.perf_counter() - tic0
-    if seconds > budget_s:
-        print(f"note: calibration took {seconds:.0f} s (budget {budget_s:.0f} s): the machine is loaded")
-    from kvp_mlx.runtime_env import dtype_name
+    layer_call_s = _best_time(lambda: mx.eval(tiny(tok)), max(repeats, 20)) / len(tiny.layers)
+    return {"score_s": score_s, "swiglu_s": swiglu_s, "layer_call_s": layer_call_s,
+            "matmul_flops_per_s": matmul_flops_per_s}
 
-    device = "gpu" if mx.default_device() == mx.gpu else "cpu"
-    return Calibration(flops_per_s, score_s, swiglu_s, bytes_per_s, layer_call_s, seconds, device, dtype_name(dtype))
+
+def layer_runs(model: nn.Module, chunk: int, repeats: int = 3, n_layers: int = 2) -> list[tuple[Work, float]]:
+    """Timed forwards through ``n_layers`` of ``model``'s own layers (evenly spaced; random weights
+    where the model has none yet), with an mlx-lm cache, and their counts: a prefill chunk of
+    ``chunk`` tokens, one of ``chunk // 2`` after ``chunk`` cached, and a one-token step after ``chunk``."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.base import create_attention_mask
+    from mlx_lm.models.cache import KVCache
+
+    shape = model_shape(model)
+    n = len(model.layers)
+    picked = sorted({min(n - 1, (2 * i + 1) * n // (2 * n_layers)) for i in range(n_layers)})
+    layers = [model.layers[i] for i in picked]
+    shapes = [shape.layers[i] for i in picked]
+    widths = [swiglu_widths(model)[i] for i in picked]
+    nbytes = [layer_bytes(model)[i] for i in picked]
+    dtype = next(v.dtype for _, v in tree_flatten(layers[0].parameters()))  # type: ignore[str-unpack, union-attr]
+    mx.eval([layer.parameters() for layer in layers])
+    dim = _hidden(model)
+    runs = []
+    for tokens, offset in ((chunk, 0), (max(1, chunk // 2), chunk), (1, chunk)):
+        caches = [KVCache() for _ in layers]
+        if offset:
+            h0 = (0.1 * mx.random.normal((1, offset, dim))).astype(dtype)
+            mask0 = create_attention_mask(h0, caches[0])
+            for layer, c in zip(layers, caches):
+                h0 = layer(h0, mask0, c)
+            mx.eval(h0, [c.state for c in caches])
+        x = (0.1 * mx.random.normal((1, tokens, dim))).astype(dtype)
+        mx.eval(x)
+
+        def run(x=x, caches=caches, tokens=tokens) -> None:
+            h = x
+            mask = create_attention_mask(h, caches[0])
+            for layer, c in zip(layers, caches):
+                h = layer(h, mask, c)
+            mx.eval(h)
+            for c in caches:
+                c.trim(tokens)
+
+        seconds = _best_time(run, repeats)
+        keys = offset + tokens
+        work = Work(flops=sum((ls.kv_proj + ls.other_proj) * tokens + ls.attention(tokens, keys) for ls in shapes),
+                    bytes_read=sum(nbytes), scores=sum(ls.scores(tokens, keys) for ls in shapes),
+                    swiglu=tokens * sum(widths), layer_calls=len(layers))
+        runs.append((work, seconds))
+    return runs
+
+
+def fit_rates(runs: list[tuple[Work, float]], score_s: float, swiglu_s: float, layer_call_s: float,
+              fallback_flops_per_s: float) -> tuple[float, float, float]:
+    """FLOP/s, bytes/s and the overhead per layer call that best predict ``runs`` (least relative
+    squares, all positive) once the micro-benchmarked costs of scores and SwiGLU are taken out.
+    Where the runs cannot separate them (a noisy machine), the micro-benchmarked overhead and then
+    FLOP/s are kept and the rest is fitted."""
+    import numpy as np
+
+    t = np.array([t for _, t in runs])
+    A = np.array([[w.flops, w.bytes_read, w.layer_calls] for w, _ in runs], float) / t[:, None]
+    y = np.array([t - w.scores * score_s - w.swiglu * swiglu_s for w, t in runs]) / t
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    if (coef > 0).all():
+        return 1.0 / coef[0], 1.0 / coef[1], float(coef[2])
+    y2 = y - A[:, 2] * layer_call_s
+    coef, *_ = np.linalg.lstsq(A[:, :2], y2, rcond=None)
+    if (coef > 0).all():
+        return 1.0 / coef[0], 1.0 / coef[1], layer_call_s
+    resid = y2 - A[:, 0] / fallback_flops_per_s
+    inv_b = max(float(np.dot(A[:, 1], resid) / np.dot(A[:, 1], A[:, 1])), 1e-15)
+    return fallback_flops_per_s, 1.0 / inv_b, layer_call_s
 
 
 def calibrate_for(
-    model: nn.Module, chunk: int = 256, keys: int | None = None, dtype: mx.Dtype = mx.float32, repeats: int = 5
+    model: nn.Module | Any, chunk: int = 256, keys: int | None = None, dtype: mx.Dtype = mx.float32,
+    repeats: int = 5, also: tuple = (), budget_s: float = 60.0,
 ) -> Calibration:
-    """:func:`calibrate` at ``model``'s shapes: its hidden and FFN widths, heads, head size; the
-    memory-bound test reads as many bytes as the model's weights (at most 512 MB)."""
+    """Calibrate at ``model``'s shapes (and those of the models in ``also``, e.g. an auxiliary):
+    micro-benchmarks for attention scores and SwiGLU elements (:func:`micro_costs`), then FLOP/s,
+    bytes/s and the overhead per layer call fitted to timed chunks and steps through two layers of
+    each model (:func:`layer_runs`)."""
     from kvp_mlx.adapters import attention_modules, kv_shapes
+    from kvp_mlx.runtime_env import dtype_name
 
+    tic0 = time.perf_counter()
     widths = [w for w in swiglu_widths(model) if w] or [4 * _hidden(model)]
     attn = attention_modules(model)[0]
-    return calibrate(
-        dim=_hidden(model),
-        ffn=max(widths),
-        heads=int(attn.n_heads),
-        head_dim=kv_shapes(model)[0].head_dim,
-        chunk=chunk,
-        keys=keys or 4 * chunk,
-        dtype=dtype,
-        repeats=repeats,
-        weight_bytes_read=min(512 << 20, max(1 << 20, weight_bytes(model))),
-    )
+    micro = micro_costs(dim=_hidden(model), ffn=max(widths), heads=int(attn.n_heads),
+                        head_dim=kv_shapes(model)[0].head_dim, chunk=chunk, keys=keys or 4 * chunk, dtype=dtype,
+                        repeats=repeats)
+    runs = []
+    for m in (model, *also):
+        runs += layer_runs(m, chunk, repeats=max(2, repeats // 2))
+    flops_per_s, bytes_per_s, layer_call_s = fit_rates(runs, micro["score_s"], micro["swiglu_s"],
+                                                       micro["layer_call_s"], micro["matmul_flops_per_s"])
+    seconds = time.perf_counter() - tic0
+    if seconds > budget_s:
+        print(f"note: calibration took {seconds:.0f} s (budget {budget_s:.0f} s): the machine is loaded")
+    device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    return Calibration(flops_per_s, micro["score_s"], micro["swiglu_s"], bytes_per_s, layer_call_s,
+                       seconds, device, dtype_name(dtype))
 
 
 def _hidden(model: nn.Module) -> int:
@@ -538,11 +582,10 @@ def load_calibration(path: Path) -> Calibration:
 
 def fit_calibration(works: list[Work], measured: list[float]) -> Calibration:
     """The calibration that best predicts ``measured`` from ``works`` (least relative squares, every
-    cost non-negative): a check of the model's form, not a calibration of a machine (it sees the answers).
-    The one-token forwards are taken as memory-bound."""
+    cost non-negative): a check of the model's form, not a calibration of a machine (it sees the answers)."""
     import numpy as np
 
-    A = np.array([[w.flops - w.step_flops, w.scores, w.swiglu, w.step_bytes, w.layer_calls] for w in works], float)
+    A = np.array([[w.flops, w.scores, w.swiglu, w.bytes_read, w.layer_calls] for w in works], float)
     y = np.array(measured, float)
     A = A / y[:, None]
     scale = np.where(A.max(axis=0) > 0, A.max(axis=0), 1.0)
@@ -589,8 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibration:
         cal = load_calibration(Path(args.calibration))
     else:
-        first = results[0]["settings"]["pairs"][0]
-        cal = calibrate_for(pair_shapes(first).base, chunk=results[0]["settings"]["prefill_step_size"])
+        first = pair_shapes(results[0]["settings"]["pairs"][0])
+        cal = calibrate_for(first.base, chunk=results[0]["settings"]["prefill_step_size"], also=(first.aux,))
     if args.save_calibration:
         Path(args.save_calibration).write_text(json.dumps(cal.to_dict(), indent=1))
     cals = [("calibrated now" if not args.calibration else f"calibration {args.calibration}", cal)]

@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 from kvp_mlx import testing as mb
 from kvp_mlx.bench import ttft_model as tm
 from kvp_mlx.bench.pareto import pareto_front
+from kvp_mlx.flops import model_shape
 from kvp_mlx.methods import get_method
 
 RESULTS = Path(__file__).parent.parent / "bench" / "results" / "2026-11-23-vm"
@@ -47,7 +48,8 @@ def test_workload_uses_declared_costs(llama):
     # cache fill of T-1 (the last layer computes K/V only) + one full step
     assert work.swiglu == (T - 1) * 2 * width + 3 * width
     assert work.layer_calls == (math.ceil((T - 1) / chunk) + 1) * 3
-    assert work.step_bytes == tm.weight_bytes(model)
+    # every chunk reads the layers; the step reads them and the head
+    assert work.bytes_read == math.ceil((T - 1) / chunk) * sum(tm.layer_bytes(model)) + tm.weight_bytes(model)
 
 
 def test_prediction_is_linear_in_the_costs(llama):
@@ -102,3 +104,29 @@ def test_pareto_front():
         {"label": "d", "t": 1.5, "accuracy": 0.5},
     ]
     assert pareto_front(pts, "t") == ["a", "b"]
+
+
+def test_fit_rates_recovers_a_known_machine(llama):
+    """Times made by a known calibration from the counts of real layer runs give back its rates."""
+    _, model = llama
+    runs = tm.layer_runs(model, chunk=16, repeats=1)
+    assert [w.layer_calls for w, _ in runs] == [2, 2, 2]
+    assert runs[0][0].bytes_read == tm.layer_bytes(model)[0] + tm.layer_bytes(model)[2]
+    other = tm.layer_runs(tm.pair_shapes("kvp-c-270m").aux, chunk=16, repeats=1)  # other shapes, other bytes
+    known = tm.Calibration(flops_per_s=8e10, score_s=15e-9, swiglu_s=2e-9, bytes_per_s=9e9, layer_call_s=3e-4)
+    synthetic = [(w, tm.predict_seconds(known, w)) for w, _ in runs + other]
+    f, b, o = tm.fit_rates(synthetic, known.score_s, known.swiglu_s, 1e-3, 1e11)
+    assert f == pytest.approx(known.flops_per_s, rel=1e-6)
+    assert b == pytest.approx(known.bytes_per_s, rel=1e-6)
+    assert o == pytest.approx(known.layer_call_s, rel=1e-6)
+
+
+def test_layer_runs_count_what_they_run(llama):
+    _, model = llama
+    shape = model_shape(model)
+    (fill, _), (half, _), (step, _) = tm.layer_runs(model, chunk=16, repeats=1)
+    layers = [shape.layers[i] for i in (0, 2)]  # two of three layers, evenly spaced
+    assert fill.flops == sum((ls.kv_proj + ls.other_proj) * 16 + ls.attention(16, 16) for ls in layers)
+    assert half.scores == sum(ls.scores(8, 24) for ls in layers)
+    assert step.flops == sum((ls.kv_proj + ls.other_proj) + ls.attention(1, 17) for ls in layers)
+    assert fill.swiglu == 16 * 2 * tm.swiglu_widths(model)[0]
