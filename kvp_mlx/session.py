@@ -173,11 +173,12 @@ class Session:
         ids = self.tokens + new
         warn_context(len(ids), self.model, strict)
         if self.kv is not None:
-            self.kv.before_turn(self, prompt, ids, max(len(ids) - 1, 0), dec.max_tokens)
+            # decoding feeds the last prompt token and every reply token into the cache
+            held = self.kv.before_turn(self, prompt, ids, max(len(ids) - 1, 0), dec.max_tokens + 1)
         assert self.caches is not None
         if self.offset >= len(ids):  # nothing new (a regenerated reply): run the last token again
             self._trim_caches(self.offset - len(ids) + 1)
-        reused = self.offset
+        reused = self.offset if self.kv is None else min(held, self.offset)
         stats = TurnStats(reused, len(ids) - reused, None)
         recorded: list[int] = []
 
@@ -219,9 +220,9 @@ class Session:
         new = self.render(prompt, use_chat_template=use_chat_template, add_generation_prompt=False)
         ids = self.tokens + new
         spec = get_method(self.method or "base")
-        if self.kv is not None:
-            self.kv.before_turn(self, prompt, ids, len(ids), 0)
         reused = self.offset
+        if self.kv is not None:
+            reused = self.kv.before_turn(self, prompt, ids, len(ids), 0)
         assert spec.fill is not None  # checked when the session was made
         filled = spec.fill(self.model, mx.array([ids], dtype=mx.int32), prefill_step_size=self.prefill_step_size,
                            max_kv_size=self.max_kv_size, warm=self.caches, **self.method_options)
@@ -245,10 +246,11 @@ class Session:
         new = self.render(prompt)
         ids = self.tokens + new
         spec = get_method(self.method or "base")
+        held = None
         if self.kv is not None:
-            self.kv.before_turn(self, prompt, ids, len(ids) - 1, len(continuation) + 1)
+            held = self.kv.before_turn(self, prompt, ids, len(ids) - 1, len(continuation) + 1)
         assert spec.fill is not None and self.caches is not None
-        reused = self.offset
+        reused = self.offset if held is None else min(held, self.offset)
         if reused >= len(ids):
             self._trim_caches(reused - len(ids) + 1)
             reused = self.offset

@@ -326,15 +326,16 @@ class BoundedMemory:
 
     # --- the session's hooks -------------------------------------------------------------------
 
-    def before_turn(self, session: "Session", prompt: Any, ids: Sequence[int], fill_to: int, reserve: int) -> None:
+    def before_turn(self, session: "Session", prompt: Any, ids: Sequence[int], fill_to: int, reserve: int) -> int:
         """Before a turn fills ``ids[:fill_to]`` and then adds up to ``reserve`` positions (the
         reply): route the message to its episode's cache, and when the turn would take that cache
-        past ``budget + block``, prefill what it lacks block-wise with eviction now."""
+        past ``budget + block``, prefill what it lacks block-wise with eviction now. Returns the
+        positions that cache held before (what the turn reused)."""
         from kvp_mlx.methods import FilledCache
 
         if reserve > self.block:
-            raise KVPError(f"a reply of up to {reserve} tokens does not fit in a KV block of {self.block} "
-                           "(the reply is part of the block): lower max_tokens or raise the block")
+            raise KVPError(f"a turn's decoding (its last prompt token and the reply: up to {reserve} positions) does "
+                           f"not fit in a KV block of {self.block}: lower max_tokens or raise the block")
         text = _text_of(self.model, prompt)
         self.active = self.route(text)
         cache = self.cache
@@ -350,6 +351,7 @@ class BoundedMemory:
                 self._evict(self.active, session.tokens)
             self._extend(self.active, list(ids[held:fill_to]))
         session.caches = FilledCache(self.cache, self.model.base)
+        return held
 
     def after_turn(self, prompt: Any, reply: Sequence[int] | None) -> None:
         """After a turn: its utterances (for episodes) and the peak it reached."""
