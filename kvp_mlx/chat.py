@@ -86,14 +86,14 @@ def open_session(model: KVPModel, path: Path | None, *, method: str | None = Non
                        prefill_step_size=prefill_step_size, kv=kv_budget(model, kv)), False
     session = Session.load(model, path)
     session.prefill_step_size = prefill_step_size
-    saved = session.kv.spec() if session.kv is not None else None
-    if kv is not None and saved is None:
+    spec = session.kv.spec() if session.kv is not None else None
+    if kv is not None and spec is None:
         raise KVPError(f"{path} holds a session without a KV budget (leave out --kv-budget to continue it, "
                        "or use another file)")
     for key, wanted in (kv or {}).items():
-        if saved is not None and wanted != saved[key]:
+        if spec is not None and wanted != spec[key]:
             flag = KV_FLAGS[key]
-            raise KVPError(f"{path} holds a session with {flag} {saved[key]!r}, not {wanted!r} "
+            raise KVPError(f"{path} holds a session with {flag} {spec[key]!r}, not {wanted!r} "
                            f"(leave {flag} out to continue it, or use another file)")
     asked = (("--method", method, session.method), ("--max-kv-size", max_kv_size, session.max_kv_size),
              ("--system-prompt", system_prompt, session.system_prompt))

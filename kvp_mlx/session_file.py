@@ -132,7 +132,8 @@ def _load_caches(path: Path) -> list:
     """mlx-lm's prompt-cache format read back, with compressed caches as well as mlx-lm's own."""
     from kvp_mlx.epicache.cache import CompressedKVCache
 
-    arrays, flat = mx.load(str(path), return_metadata=True)
+    loaded: Any = mx.load(str(path), return_metadata=True)
+    arrays, flat = loaded
     _, classes, scalars = tree_unflatten(list(flat.items()))
     values: dict[str, Any] = dict(arrays)
     for pos, kind in scalars[1:]:
