@@ -13,6 +13,13 @@ the chunk in progress. MLX is only ever used by the main thread: the input threa
 MLX does not exit cleanly once it has computed on another thread (ml-explore/mlx#3126: "terminate
 called without an active exception" at exit).
 
+With a KV budget (``--kv-budget``: the session's ``kv`` is a
+:class:`~kvp_mlx.epicache.memory.BoundedMemory`) the same idle time compresses the history instead
+(:meth:`Session.compress`: evict back to the budget, bring the other episodes' caches up to date),
+stopping between caches once the line has arrived; each statistics line then also gives the
+entries the cache holds per KV head and layer, the most it has held, the episode the message went
+to and the KV memory of every cache.
+
 ``cache_prompt`` prefills a session with a prompt and saves it (``kvp-mlx cache-prompt``);
 ``open_session`` resumes a saved one (``--prompt-cache-file``).
 """
@@ -55,16 +62,39 @@ def save_session(session: Session, path: Path) -> Path:
         raise KVPError(f"cannot save the session to {path}: {e.strerror or e}") from None
 
 
+KV_FLAGS = {"policy": "--kv-policy", "budget": "--kv-budget", "block": "--kv-block", "n_episodes": "--kv-episodes"}
+
+
+def kv_budget(model: KVPModel, kv: dict | None) -> Any:
+    """The :class:`BoundedMemory` of ``kv`` (``policy``, ``budget``, ``block``, ``n_episodes``: the
+    chat's ``--kv-*`` flags), or None."""
+    if kv is None:
+        return None
+    from kvp_mlx.epicache.memory import BoundedMemory
+
+    return BoundedMemory(model, **kv)
+
+
 def open_session(model: KVPModel, path: Path | None, *, method: str | None = None, max_kv_size: int | None = None,
-                 system_prompt: str | None = None, prefill_step_size: int = 2048) -> tuple[Session, bool]:
+                 system_prompt: str | None = None, prefill_step_size: int = 2048,
+                 kv: dict | None = None) -> tuple[Session, bool]:
     """The saved session at ``path`` if that file exists (checked against what was asked: a method,
-    a cache size or a system prompt other than the file's is refused), else a new one. Returns
-    ``(session, loaded)``."""
+    a cache size, a system prompt or a KV budget other than the file's is refused), else a new one
+    (``kv``: a KV budget, see :func:`kv_budget`). Returns ``(session, loaded)``."""
     if path is None or not path.exists():
         return Session(model, method=method, max_kv_size=max_kv_size, system_prompt=system_prompt,
-                       prefill_step_size=prefill_step_size), False
+                       prefill_step_size=prefill_step_size, kv=kv_budget(model, kv)), False
     session = Session.load(model, path)
     session.prefill_step_size = prefill_step_size
+    spec = session.kv.spec() if session.kv is not None else None
+    if kv is not None and spec is None:
+        raise KVPError(f"{path} holds a session without a KV budget (leave out --kv-budget to continue it, "
+                       "or use another file)")
+    for key, wanted in (kv or {}).items():
+        if spec is not None and wanted != spec[key]:
+            flag = KV_FLAGS[key]
+            raise KVPError(f"{path} holds a session with {flag} {spec[key]!r}, not {wanted!r} "
+                           f"(leave {flag} out to continue it, or use another file)")
     asked = (("--method", method, session.method), ("--max-kv-size", max_kv_size, session.max_kv_size),
              ("--system-prompt", system_prompt, session.system_prompt))
     for flag, wanted, saved in asked:
@@ -139,11 +169,13 @@ class ChatTurnStats:
     generated: int
     context: int  # tokens the session holds after the turn
     idle_repaired: int  # positions the idle repair recomputed while waiting for this turn's message
+    kv: dict | None = None  # with a KV budget: kv_entries, kv_peak, episode, kv_mib
 
     def line(self) -> str:
+        extra = "".join(f" {k}={v}" for k, v in (self.kv or {}).items())
         return (f"[stats] ttft_s={self.ttft_s:.4f} prefilled={self.prefilled} reused={self.reused} "
                 f"predicted={self.predicted} generated={self.generated} context={self.context} "
-                f"idle_repaired={self.idle_repaired}")
+                f"idle_repaired={self.idle_repaired}{extra}")
 
 
 class Chat:
@@ -200,7 +232,10 @@ class Chat:
 
     def run(self) -> int:
         """Read and answer messages until ``q`` or the end of the input; save; exit status 0."""
-        self.say(f"[chat] {self.session.model.path} (method {self.session.method}, repair {self.repair}); "
+        kv = self.session.kv
+        budget = "" if kv is None else (f", KV budget {kv.policy} {kv.budget} per head per layer, "
+                                        f"block {kv.block}")
+        self.say(f"[chat] {self.session.model.path} (method {self.session.method}, repair {self.repair}{budget}); "
                  f"{HELP_TEXT}")
         while True:
             line = self._wait_for_input()
@@ -238,6 +273,8 @@ class Chat:
         self.stdout.flush()
         self.reader.start()
         try:
+            if self.session.kv is not None:  # idle compression (the next turn does what is left)
+                self.session.compress(should_stop=self.reader.ready)
             if self.repairing:
                 report = self.session.repair(should_stop=self.reader.ready, prefill_step_size=self.repair_step_size)
                 self._idle_repaired += report.positions
@@ -269,8 +306,11 @@ class Chat:
             return None
         t = self.session.turns[-1]
         span = t.predicted
+        kv = self.session.kv
+        kv_stats = None if kv is None else dict(kv_entries=kv.entries(kv.cache), kv_peak=kv.peak_entries,
+                                                episode=kv.active, kv_mib=f"{kv.kv_bytes() / 2**20:.3f}")
         stats = ChatTurnStats(t.ttft_s, t.prefilled_tokens, t.reused_tokens, span[1] - span[0] if span else 0,
-                              t.generated_tokens, self.session.offset, self._idle_repaired)
+                              t.generated_tokens, self.session.offset, self._idle_repaired, kv_stats)
         self._idle_repaired = 0
         self.stats.append(stats)
         self.say(stats.line())

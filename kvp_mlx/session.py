@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
@@ -29,6 +29,9 @@ from kvp_mlx.methods import FilledCache, get_method
 from kvp_mlx.methods.base import held_positions
 from kvp_mlx.model import KVPModel
 from kvp_mlx.prompting import Message, render_prompt
+
+if TYPE_CHECKING:
+    from kvp_mlx.epicache.memory import BoundedMemory, CompressReport
 
 
 @dataclass
@@ -65,7 +68,10 @@ class Session:
     """A conversation with ``model``; ``method`` must be able to extend a warm cache (base, kvp, aux).
 
     ``max_kv_size`` is fixed for the session's life (its caches are built with it). ``system_prompt``
-    goes into the first turn's chat template.
+    goes into the first turn's chat template. ``kv``: a
+    :class:`~kvp_mlx.epicache.memory.BoundedMemory` keeps the history within a KV budget (EpiCache
+    or a baseline policy; method ``base``): turns are routed to its episode caches and
+    :meth:`compress` evicts between turns.
     """
 
     model: KVPModel
@@ -78,9 +84,17 @@ class Session:
     predicted: list[tuple[int, int]] = field(default_factory=list)  # [start, end) base positions
     turns: list[TurnStats] = field(default_factory=list)
     caches: FilledCache | None = None
+    kv: "BoundedMemory | None" = None
     _repair: _RepairState | None = None
 
     def __post_init__(self) -> None:
+        if self.kv is not None:
+            if self.method not in (None, "base"):
+                raise KVPError(f"a KV budget compresses the base model's own cache: it runs with method 'base', "
+                               f"not '{self.method}'")
+            if self.max_kv_size is not None:
+                raise KVPError("a KV budget and max_kv_size both bound the cache: use one of them")
+            self.method = "base"
         self.method = self.method or default_method(self.model)
         spec = get_method(self.method)
         if spec.fill is None or not spec.capabilities.extends_cache:
@@ -89,6 +103,8 @@ class Session:
                 "history (cold). Sessions run base, kvp or aux; use generate for one cold prompt"
             )
         self.method_options = spec.resolve_options(self.method_options)
+        if self.caches is None and self.kv is not None:
+            self.caches = FilledCache(self.kv.cache, self.model.base)
         if self.caches is None:
             self.caches = spec.fill(self.model, mx.zeros((1, 0), dtype=mx.int32), max_kv_size=self.max_kv_size,
                                     prefill_step_size=self.prefill_step_size, **self.method_options)
@@ -111,6 +127,8 @@ class Session:
     def reset(self) -> None:
         """Forget the conversation (fresh caches)."""
         self.tokens, self.predicted, self.turns, self.caches, self._repair = [], [], [], None, None
+        if self.kv is not None:
+            self.kv.reset()
         self.__post_init__()
 
     # --- a turn --------------------------------------------------------------------------------
@@ -154,10 +172,13 @@ class Session:
         new = self.render(prompt, **render)
         ids = self.tokens + new
         warn_context(len(ids), self.model, strict)
+        if self.kv is not None:
+            # decoding feeds the last prompt token and every reply token into the cache
+            held = self.kv.before_turn(self, prompt, ids, max(len(ids) - 1, 0), dec.max_tokens + 1)
         assert self.caches is not None
         if self.offset >= len(ids):  # nothing new (a regenerated reply): run the last token again
             self._trim_caches(self.offset - len(ids) + 1)
-        reused = self.offset
+        reused = self.offset if self.kv is None else min(held, self.offset)
         stats = TurnStats(reused, len(ids) - reused, None)
         recorded: list[int] = []
 
@@ -186,6 +207,8 @@ class Session:
             stats.generated_tokens = len(recorded)
             stats.ttft_s = last.ttft_s if last is not None else 0.0
             self.turns.append(stats)
+            if self.kv is not None:
+                self.kv.after_turn(prompt, recorded)
 
     def generate(self, prompt: str | list[Message] | list[int], **kwargs: Any) -> str:
         return "".join(r.text for r in self.stream_generate(prompt, **kwargs))
@@ -198,6 +221,8 @@ class Session:
         ids = self.tokens + new
         spec = get_method(self.method or "base")
         reused = self.offset
+        if self.kv is not None:
+            reused = self.kv.before_turn(self, prompt, ids, len(ids), 0)
         assert spec.fill is not None  # checked when the session was made
         filled = spec.fill(self.model, mx.array([ids], dtype=mx.int32), prefill_step_size=self.prefill_step_size,
                            max_kv_size=self.max_kv_size, warm=self.caches, **self.method_options)
@@ -207,6 +232,8 @@ class Session:
             self._add_predicted(filled.predicted)
         self._settle(ids)
         self.turns.append(stats)
+        if self.kv is not None:
+            self.kv.after_turn(prompt, None)
         return stats
 
     def score(self, prompt: str | list[Message] | list[int], continuation: list[int]) -> mx.array:
@@ -219,8 +246,11 @@ class Session:
         new = self.render(prompt)
         ids = self.tokens + new
         spec = get_method(self.method or "base")
+        held = None
+        if self.kv is not None:
+            held = self.kv.before_turn(self, prompt, ids, len(ids) - 1, len(continuation) + 1)
         assert spec.fill is not None and self.caches is not None
-        reused = self.offset
+        reused = self.offset if held is None else min(held, self.offset)
         if reused >= len(ids):
             self._trim_caches(reused - len(ids) + 1)
             reused = self.offset
@@ -235,7 +265,19 @@ class Session:
         mx.eval(logprobs)
         self._settle(ids + list(continuation))
         self.turns.append(TurnStats(reused, len(ids) - reused, filled.predicted, len(continuation)))
+        if self.kv is not None:
+            self.kv.after_turn(prompt, continuation)
         return logprobs
+
+    def compress(self, should_stop: Callable[[], bool] | None = None) -> "CompressReport":
+        """A KV-budget session's work between turns (:meth:`BoundedMemory.compress`): evict back to
+        the budget, bring other episodes' caches up to date; stops between caches when
+        ``should_stop()`` (the next turn does what is left, or the next call)."""
+        if self.kv is None:
+            raise KVPError("this session has no KV budget: nothing to compress")
+        report = self.kv.compress(self, should_stop)
+        self.caches = FilledCache(self.kv.cache, self.model.base)
+        return report
 
     def _settle(self, tokens: list[int]) -> None:
         """After a turn (finished, stopped early or failed): the history is what the cache holds."""
@@ -318,6 +360,17 @@ class Session:
 
     def _trim_caches(self, n: int) -> None:
         assert self.caches is not None
+        if self.kv is not None:
+            keep = self.offset - n
+            if n > self.kv.tail(self.caches.cache):
+                raise KVPError(f"cannot trim {n} positions: only the {self.kv.tail(self.caches.cache)} appended "
+                               "since the last compression can be dropped (the rest were evicted or merged)")
+            for other in self.kv.caches:
+                extra = self.kv.held(other) - keep
+                if other is not self.caches.cache and extra > 0:
+                    if extra > self.kv.tail(other):
+                        raise KVPError("cannot trim into an episode cache's compressed history")
+                    trim_prompt_cache(other, extra)
         if not can_trim_prompt_cache(self.caches.cache):
             raise KVPError("this session's cache cannot be trimmed (sliding-window or rotating layers); reset it")
         trim_prompt_cache(self.caches.cache, n)

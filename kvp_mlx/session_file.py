@@ -1,7 +1,12 @@
 """Saved sessions (``--prompt-cache-file``): mlx-lm's prompt-cache format (``save_prompt_cache``,
 safetensors + metadata) holding the decoder's and the auxiliary's caches, with the tokens, the
 predicted positions and the model's identity in the metadata. Written to a temporary file and
-renamed; a file from another model, a truncated or corrupt one is refused with one line."""
+renamed; a file from another model, a truncated or corrupt one is refused with one line.
+
+Compressed caches (EpiCache, :class:`~kvp_mlx.epicache.cache.CompressedKVCache`: kept entries,
+their mask and true positions) are saved in the same format; a session with a KV budget also
+records its policy, budget, block and episodes, and keeps every episode's cache (after the
+decoder's, in episode order), so a loaded session continues exactly as the saved one would have."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import cache as mlx_cache
 
 from kvp_mlx.errors import KVPError
@@ -27,7 +32,8 @@ if TYPE_CHECKING:
 FORMAT = "kvp-mlx-session"
 VERSION = "1"
 # Cache classes a file may name (mlx-lm's load_prompt_cache looks names up in its cache module).
-CACHE_CLASSES = {"KVCache", "RotatingKVCache", "QuantizedKVCache", "ConcatenateKVCache", "ChunkedKVCache"}
+CACHE_CLASSES = {"KVCache", "RotatingKVCache", "QuantizedKVCache", "ConcatenateKVCache", "ChunkedKVCache",
+                 "CompressedKVCache"}
 
 
 def model_identity(model: KVPModel) -> str:
@@ -54,7 +60,12 @@ def save_session(session: "Session", path: Path) -> Path:
     assert session.caches is not None
     caches = session.caches
     aux = caches.draft_cache or []
+    kv = session.kv
+    episodes: list = []
+    if kv is not None:
+        episodes = [c for i, cache in enumerate(kv.caches) if i != kv.active for c in cache]
     metadata = {
+        "kv": json.dumps(_kv_state(kv)),
         "format": FORMAT, "version": VERSION, "model": str(session.model.path),
         "model_identity": model_identity(session.model), "method": str(session.method),
         "decoder_layers": str(len(caches.cache)), "aux_layers": str(len(aux)),
@@ -65,11 +76,79 @@ def save_session(session: "Session", path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")
     try:
-        mlx_cache.save_prompt_cache(str(tmp), caches.cache + aux, metadata)
+        mlx_cache.save_prompt_cache(str(tmp), caches.cache + aux + episodes, metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _kv_state(kv: Any) -> dict | None:
+    """A KV budget's settings and state (episodes: centroids, medoids, texts; utterances)."""
+    if kv is None:
+        return None
+    ep = kv.episodes
+    return dict(kv.spec(), active=kv.active, peak_entries=kv.peak_entries, n_caches=len(kv.caches),
+                clustered_windows=kv.clustered_windows, prior_windows=kv.prior_windows,
+                utterances=[[u.speaker, u.text] for u in kv.utterances],
+                episodes=None if ep is None else dict(centroids=np.asarray(ep.centroids).tolist(),
+                                                       labels=np.asarray(ep.labels).tolist(), medoids=ep.medoids,
+                                                       texts=ep.texts))
+
+
+def _restore_kv(model: KVPModel, state: dict, active: list, others: list, path: Path) -> Any:
+    """The :class:`BoundedMemory` of a saved session (its caches: the decoder's, then the others)."""
+    from kvp_mlx.epicache.episodes import Episodes, Utterance, patched_prompt, INSTRUCTION
+    from kvp_mlx.epicache.memory import BoundedMemory
+    from kvp_mlx.epicache.prefill import PromptScorer
+
+    try:
+        kv = BoundedMemory(model, state["policy"], state["budget"], block=state["block"],
+                           n_episodes=state["n_episodes"], n_medoids=state["n_medoids"], window=state["window"],
+                           level=state["level"], seed=state["seed"])
+        n, layers = int(state["n_caches"]), len(active)
+        if len(others) != (n - 1) * layers:
+            raise ValueError("episode caches")
+        rest = [others[i * layers : (i + 1) * layers] for i in range(n - 1)]
+        kv.active = int(state["active"])
+        kv.caches = rest[: kv.active] + [active] + rest[kv.active :]
+        kv.peak_entries = int(state["peak_entries"])
+        kv.clustered_windows = int(state["clustered_windows"])
+        kv.prior_windows = [str(w) for w in state["prior_windows"]]
+        kv.utterances = [Utterance(str(a), str(b)) for a, b in state["utterances"]]
+        ep = state["episodes"]
+        if ep is not None:
+            kv.episodes = Episodes(np.asarray(ep["centroids"], dtype=np.float64), np.asarray(ep["labels"]),
+                                   [list(m) for m in ep["medoids"]], list(ep["texts"]))
+            kv.scorers = [PromptScorer(tuple(patched_prompt(model.tokenizer, INSTRUCTION, t))) for t in ep["texts"]]
+            if len(kv.scorers) != n:
+                raise ValueError("episodes")
+    except (KeyError, ValueError, TypeError) as e:
+        raise KVPError(f"{path}: malformed KV budget metadata ({type(e).__name__}: {e})") from None
+    return kv
+
+
+def _load_caches(path: Path) -> list:
+    """mlx-lm's prompt-cache format read back, with compressed caches as well as mlx-lm's own."""
+    from kvp_mlx.epicache.cache import CompressedKVCache
+
+    loaded: Any = mx.load(str(path), return_metadata=True)
+    arrays, flat = loaded
+    _, classes, scalars = tree_unflatten(list(flat.items()))
+    values: dict[str, Any] = dict(arrays)
+    for pos, kind in scalars[1:]:
+        a = values[pos]
+        if kind == "scalar":
+            values[pos] = a.item()
+        elif kind == "string":
+            values[pos] = "".join(chr(i) for i in a.tolist())
+        elif kind == "none":
+            values[pos] = None
+        else:
+            raise ValueError(f"unknown scalar kind {kind!r}")
+    states = tree_unflatten(list(values.items()))
+    ours = {"CompressedKVCache": CompressedKVCache}
+    return [(ours.get(c) or getattr(mlx_cache, c)).from_state(state) for c, state in zip(classes, states)]
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -105,9 +184,11 @@ def read_metadata(path: Path) -> dict[str, Any]:
             "tokens": json.loads(raw["tokens"]), "predicted": [tuple(p) for p in json.loads(raw["predicted"])],
             "max_kv_size": json.loads(raw["max_kv_size"]), "system_prompt": json.loads(raw["system_prompt"]),
             "method_options": json.loads(raw["method_options"]),
+            "kv": json.loads(raw.get("kv", "null")),
         }
     except (KeyError, ValueError, TypeError) as e:
         raise KVPError(f"{path}: malformed session metadata ({type(e).__name__}: {e})") from None
+    meta["classes"] = names
     bad = sorted({n for n in names if n not in CACHE_CLASSES})
     if bad:
         raise KVPError(f"{path}: unknown cache class(es) {', '.join(bad)}")
@@ -120,11 +201,16 @@ def load_session(cls: type, model: KVPModel, path: Path) -> "Session":
     meta = read_metadata(path)
     if meta["identity"] != model_identity(model):
         raise KVPError(f"{path} was saved for another model ({meta['model']}); load it with that model")
+    kv_state = meta["kv"]
     try:
-        caches = mlx_cache.load_prompt_cache(str(path))
+        caches = _load_caches(path) if kv_state is not None or "CompressedKVCache" in meta["classes"] \
+            else mlx_cache.load_prompt_cache(str(path))
     except Exception as e:  # the arrays did not fit the classes: a damaged file
         raise KVPError(f"cannot read prompt cache file {path} (truncated or corrupt?): {type(e).__name__}") from None
     n_dec, n_aux = meta["decoder_layers"], meta["aux_layers"]
+    caches, others = caches[: n_dec + n_aux], caches[n_dec + n_aux :]
+    if others and kv_state is None:
+        raise KVPError(f"{path}: holds {len(caches) + len(others)} cache layers, its metadata says {n_dec} + {n_aux}")
     if len(caches) != n_dec + n_aux:
         raise KVPError(f"{path}: holds {len(caches)} cache layers, its metadata says {n_dec} + {n_aux}")
     spec = get_method(meta["method"])
@@ -138,7 +224,14 @@ def load_session(cls: type, model: KVPModel, path: Path) -> "Session":
     if held_positions(dec_cache) != len(meta["tokens"]):
         raise KVPError(f"{path}: the cache holds {held_positions(dec_cache)} positions for "
                        f"{len(meta['tokens'])} tokens (corrupt)")
+    kv = None
+    if kv_state is not None or "CompressedKVCache" in meta["classes"]:
+        from kvp_mlx.epicache.cache import enable_compressed_caches
+
+        enable_compressed_caches(decoder)  # compressed caches give each layer its own mask
+    if kv_state is not None:
+        kv = _restore_kv(model, kv_state, dec_cache, others, path)
     filled = FilledCache(dec_cache, decoder, aux_cache)
     return cls(model, method=meta["method"], max_kv_size=meta["max_kv_size"], system_prompt=meta["system_prompt"],
                method_options=meta["method_options"], tokens=meta["tokens"], predicted=meta["predicted"],
-               caches=filled)
+               caches=filled, kv=kv)

@@ -17,7 +17,26 @@ K/V), generated, context (tokens held after the turn) and idle_repaired (positio
 recomputed before this turn). --repair idle (the default) makes predicted K/V exact while the chat
 waits for your next message (the input is read in a background thread; the repair stops between
 chunks of --repair-step-size positions once your line arrives). --prompt-cache-file F continues the session
-saved in F if it exists, and saves it there (atomically) when the chat ends."""
+saved in F if it exists, and saves it there (atomically) when the chat ends.
+
+Bounded KV memory (EpiCache): --kv-budget M keeps the history in a compressed base-model cache of at
+most M entries per KV head and layer between turns, and never more than M + B (B = --kv-block,
+default 2048) while a turn runs. A turn appends its message and reply; while the chat waits for
+your next message the cache is scored and evicted back to M with --kv-policy (epicache, the
+default: the turns are the utterances, clustered into --kv-episodes episodes (default 4) the first
+time the history is evicted and again whenever it has twice as many windows of 4 utterances; one
+cache per episode, each evicted with its episode's prompt, and each new message goes to its
+nearest episode's cache while the others catch up in idle time; streaming: 4 sinks + the most
+recent; snapkv: the last 64 queries; kvzip / infinipot: a "repeat" / "summarize" prompt). A message
+that would take the cache past M + B is prefilled in blocks of B with eviction after each. The reply
+counts against the block (--max-tokens must be below --kv-block). Until the history exceeds the
+budget nothing is evicted and the chat is exactly the plain one. The statistics line adds kv_entries
+(entries per head the cache holds after the turn, the most over layers), kv_peak (the most it has
+held), episode (the cache the message went to) and kv_mib (the KV memory of every cache). The
+turns run on the base model (--method base; --method kvp/aux and --max-kv-size are refused with a
+budget: to build a memory with KV Prediction use the Python API,
+kvp_mlx.epicache.ConversationMemory(..., kvp_build=True).session()). A saved session records the
+policy, budget, block and episodes and continues with them."""
 
 # Flags taken over from `kvp-mlx generate` (same names, types, help), by destination.
 GENERATE_FLAGS = ("model", "system_prompt", "max_kv_size", "prefill_step_size", "extra_eos_token", "dtype", "device",
@@ -50,6 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repair-step-size", type=int, default=DEFAULT_REPAIR_STEP_SIZE,
                         help="positions per repair chunk: the longest a message waits for the idle repair "
                         f"(default: {DEFAULT_REPAIR_STEP_SIZE})")
+    kv = parser.add_argument_group("bounded KV memory (EpiCache)")
+    kv.add_argument("--kv-budget", type=int, default=None, metavar="M",
+                    help="keep at most M KV entries per head and layer between turns (M + B during one)")
+    kv.add_argument("--kv-policy", default=None, metavar="P",
+                    help="what to keep: epicache (default), streaming, snapkv, kvzip, infinipot")
+    kv.add_argument("--kv-block", type=int, default=None, metavar="B",
+                    help="block size: most entries a turn adds before eviction (default: 2048)")
+    kv.add_argument("--kv-episodes", type=int, default=None, metavar="E",
+                    help="episodes for --kv-policy epicache (default: 4)")
     group = parser.add_argument_group("as kvp-mlx generate")
     for action in _generate_parser()._actions:
         if action.dest not in GENERATE_FLAGS:
@@ -74,6 +102,43 @@ def session_generation_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def kv_options(args: argparse.Namespace) -> dict | None:
+    """The chat's KV budget from its flags (None: none asked), with one-line errors."""
+    from kvp_mlx.epicache.memory import BOUNDED_POLICIES
+    from kvp_mlx.errors import KVPError
+
+    given = [f for f, v in (("--kv-policy", args.kv_policy), ("--kv-block", args.kv_block),
+                            ("--kv-episodes", args.kv_episodes)) if v is not None]
+    if args.kv_budget is None:
+        if given:
+            raise KVPError(f"{given[0]} needs --kv-budget M (the KV entries per head and layer to keep)")
+        return None
+    policy = args.kv_policy if args.kv_policy is not None else "epicache"
+    if policy not in BOUNDED_POLICIES:
+        raise KVPError(f"unknown --kv-policy '{policy}' (choose from {', '.join(BOUNDED_POLICIES)})")
+    for flag, value in (("--kv-budget", args.kv_budget), ("--kv-block", args.kv_block),
+                        ("--kv-episodes", args.kv_episodes)):
+        if value is not None and value < 1:
+            raise KVPError(f"{flag} must be a positive integer, got {value}")
+    if args.kv_episodes is not None and policy != "epicache":
+        raise KVPError(f"--kv-episodes is for --kv-policy epicache, not {policy}")
+    if args.method in ("kvp", "aux"):
+        raise KVPError(f"--kv-budget compresses the base model's own cache turn by turn: it runs with --method base, "
+                       f"not {args.method} (leave --method out)")
+    if args.max_kv_size is not None:
+        raise KVPError("--kv-budget and --max-kv-size both bound the cache: use one of them")
+    block = args.kv_block if args.kv_block is not None else 2048
+    if args.max_tokens >= block:
+        raise KVPError(f"--max-tokens {args.max_tokens} must be below --kv-block {block}: a reply (and the message's "
+                       "last token) must fit in a block")
+    kv: dict = dict(policy=policy, budget=args.kv_budget)
+    if args.kv_block is not None:
+        kv["block"] = args.kv_block
+    if args.kv_episodes is not None:
+        kv["n_episodes"] = args.kv_episodes
+    return kv
+
+
 def run(args: argparse.Namespace) -> int:
     from kvp_mlx.chat import Chat, open_session, prompt_cache_path
     from kvp_mlx.commands.generate import _with_extra_eos
@@ -85,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     sampling_keys = set(sampling_options().__dataclass_fields__)
     sampling_options(**{k: v for k, v in kwargs.items() if k in sampling_keys}).check()  # before any work
     check_decoding(args.max_tokens, args.prefill_step_size, args.max_kv_size, None, 64, 0, 1)
+    kv = kv_options(args)
     path = prompt_cache_path(args.prompt_cache_file) if args.prompt_cache_file else None
     set_device(args.device)
     from kvp_mlx.model import load
@@ -93,8 +159,10 @@ def run(args: argparse.Namespace) -> int:
     if model.is_random:
         print("note: this model has RANDOM weights (a demo/timing model, not trained): expect meaningless text",
               file=sys.stderr)
-    session, loaded = open_session(model, path, method=args.method, max_kv_size=args.max_kv_size,
-                                   system_prompt=args.system_prompt, prefill_step_size=args.prefill_step_size)
+    method = "base" if kv is not None and args.method is None else args.method
+    session, loaded = open_session(model, path, method=method, max_kv_size=args.max_kv_size,
+                                   system_prompt=args.system_prompt,
+                                   prefill_step_size=args.prefill_step_size, kv=kv)
     if loaded:
         print(f"[chat] continuing the session in {path} ({len(session.tokens)} tokens, "
               f"{session.predicted_positions()} predicted)", file=sys.stderr)

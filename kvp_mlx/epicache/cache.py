@@ -157,10 +157,27 @@ class CompressedKVCache(_BaseCache):
         twin.valid, twin.positions = self.valid, self.positions
         return twin
 
-    @property  # type: ignore[misc]  # read-only: a compressed cache is not restored from state
+    @property
     def state(self) -> list:
+        """What a saved session holds (mlx-lm's prompt-cache format): the stored keys and values,
+        the validity mask, the true positions, and ``[n_heads, n_q_heads, offset, compressed]``."""
+        scalars = mx.array([self.n_heads, self.n_q_heads, self.offset, self.compressed], dtype=mx.int64)
+        if self.keys is None or self.values is None:
+            return [scalars]
         k, v = self.stored()
-        return [k, v]
+        return [k, v, self.valid_mask(), self.positions, scalars]
+
+    @state.setter
+    def state(self, v: list) -> None:
+        n_heads, n_q_heads, offset, compressed = (int(x) for x in v[-1].tolist())
+        CompressedKVCache.__init__(self, n_heads, n_q_heads)
+        self.offset = offset
+        if len(v) == 5:
+            keys, values, valid, positions = v[:4]
+            if keys.shape[1] != n_heads or valid.shape != (n_heads, keys.shape[2]) or positions.shape != valid.shape:
+                raise ValueError("inconsistent compressed cache state")
+            self.replace(keys, values, valid.astype(mx.bool_), positions.astype(mx.int32))
+        self.compressed = compressed
 
     @property
     def nbytes(self) -> int:

@@ -5,24 +5,37 @@ Policies (all with the same block-wise prefill, epicache.md 5): ``epicache`` (ep
 the scoring prompt), ``streaming`` (sinks + recent), ``snapkv`` (each block's last 64 queries),
 ``kvzip`` ("Repeat the previous context."), ``infinipot`` ("Summarize the previous context."),
 ``full`` (no eviction).
+
+:class:`BoundedMemory` keeps a live conversation (a :class:`kvp_mlx.Session`'s ``kv``, ``kvp-mlx
+chat --kv-budget``) within a budget turn after turn: the turns' tokens play the blocks of the
+block-wise prefill (see its docstring for when it evicts and what it bounds).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from kvp_mlx.epicache.cache import CompressedKVCache, copy_cache
 from kvp_mlx.epicache.episodes import (
-    INSTRUCTION, Embedder, Episodes, TokenEmbedder, cluster, patched_prompt,
+    INSTRUCTION, Embedder, Episodes, TokenEmbedder, Utterance, cluster, patched_prompt, windows,
 )
-from kvp_mlx.epicache.prefill import LEVELS, Memory, PromptScorer, RecencyScorer, Scorer, WindowScorer, build_memory
+from kvp_mlx.epicache.prefill import (
+    LEVELS, Memory, PromptScorer, RecencyScorer, Scorer, WindowScorer, build_memory, compress_tail, extend_memory,
+    layer_budgets, make_compressed_cache,
+)
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import KVPModel
 
+if TYPE_CHECKING:
+    from kvp_mlx.session import Session
+
 POLICIES = ("epicache", "streaming", "snapkv", "kvzip", "infinipot", "full")
+BOUNDED_POLICIES = tuple(p for p in POLICIES if p != "full")  # those that evict (a chat's --kv-policy)
 KVZIP_QUERY = "Repeat the previous context."
 INFINIPOT_QUERY = "Summarize the previous context."
 
@@ -71,6 +84,9 @@ class ConversationMemory:
         if kvp_build and (model.aux is None or model.predictor is None):
             raise KVPError("--kvp-build needs a KV Prediction model (auxiliary + predictor)")
         self.model, self.history, self.policy = model, [int(t) for t in history], policy
+        self.budget, self.block, self.level = budget, block, level
+        self.windows = list(windows)
+        self.n_episodes, self.n_medoids, self.seed = n_episodes, n_medoids, seed
         self.embedder = embedder if embedder is not None else TokenEmbedder(model.base, model.tokenizer)
         self.episodes: Episodes | None = None
         tok = model.tokenizer
@@ -82,6 +98,7 @@ class ConversationMemory:
             scorers: list[Scorer] = [PromptScorer(tuple(patched_prompt(tok, INSTRUCTION, t))) for t in texts]
         else:
             scorers = [policy_scorer(policy, tok)]
+        self.scorers = scorers
         tic = time.perf_counter()
         self.memories: list[Memory] = []
         for scorer in scorers:
@@ -105,10 +122,278 @@ class ConversationMemory:
 
     def session(self, question: str = "", **session_options: Any):
         """A :class:`kvp_mlx.Session` (method ``base``) whose caches hold the compressed history of
-        the episode ``question`` routes to; its turns continue at the true conversation position."""
+        the episode ``question`` routes to; its turns continue at the true conversation position.
+
+        Under an evicting policy the session stays bounded (its ``kv`` is a :class:`BoundedMemory`
+        holding copies of every episode's memory, the same episodes, budget and block): its turns
+        are routed and compressed like ``kvp-mlx chat --kv-budget``'s. ``full`` gives a plain one."""
         from kvp_mlx.methods import FilledCache
         from kvp_mlx.session import Session
 
-        memory = self.memory_for(question)
-        return Session(self.model, method="base", tokens=list(self.history),
-                       caches=FilledCache(memory.cache, self.model.base), **session_options)
+        if self.policy == "full" or self.budget is None:
+            memory = self.memory_for(question)
+            return Session(self.model, method="base", tokens=list(self.history),
+                           caches=FilledCache(memory.cache, self.model.base), **session_options)
+        kv = BoundedMemory(self.model, self.policy, self.budget, block=self.block, level=self.level,
+                           n_episodes=self.n_episodes, n_medoids=self.n_medoids, seed=self.seed,
+                           embedder=self.embedder)
+        kv.caches = [m.copy().cache for m in self.memories]
+        kv.episodes, kv.scorers = self.episodes, list(self.scorers)
+        kv.prior_windows = list(self.windows)
+        kv.clustered_windows = len(self.windows)
+        kv.active = self.route(question)
+        kv.peak_entries = max(kv.entries(c) for c in kv.caches)
+        return Session(self.model, method="base", tokens=list(self.history), kv=kv, **session_options)
+
+
+@dataclass
+class CompressReport:
+    """What :meth:`BoundedMemory.compress` (a session's idle-time work) did."""
+
+    caught_up: int = 0  # positions forwarded onto episode caches that lagged behind the conversation
+    evictions: int = 0  # caches scored and evicted back to the budget
+    complete: bool = True  # False: stopped (a message arrived) with work left for the next call
+    seconds: float = 0.0
+
+
+def _text_of(model: KVPModel, prompt: Any) -> str:
+    """A turn's user text, for episodes and routing (chat messages: their contents joined)."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+        return "\n".join(str(m.get("content", "")) for m in prompt if m.get("role") != "system")
+    return str(model.tokenizer.decode([int(t) for t in prompt])) if prompt else ""
+
+
+@dataclass
+class BoundedMemory:
+    """A conversation's KV cache kept within ``budget`` entries per KV head and layer (a
+    :class:`kvp_mlx.Session`'s ``kv``; ``kvp-mlx chat --kv-budget``).
+
+    The turns' tokens are the blocks of the block-wise prefill (:mod:`kvp_mlx.epicache.prefill`):
+    a turn appends its message and reply to the live compressed cache; :meth:`compress` (between
+    turns, in idle time) scores and evicts it back to ``budget`` once it holds more. A turn that
+    would take the cache past ``budget + block`` (a long message) is first prefilled block by block
+    with eviction after each block, exactly as :func:`build_memory` does, so the cache never holds
+    more than ``budget + block`` entries per head and layer (``pair``: per layer, ``(budget +
+    block) * n_kv_heads``), provided a reply (``max_tokens``) fits in a block.
+
+    ``epicache``: the utterances are the turns (the user's messages and the replies, in windows of
+    ``window``). The first time the cache must be evicted, they are clustered into ``n_episodes``
+    episodes (fewer while there are fewer windows); the cache is copied once per episode and each
+    copy evicted with its episode's patched prompt. From then on each new message is routed to its
+    nearest episode (:meth:`Episodes.route`), the turn runs on that episode's cache, and
+    :meth:`compress` brings the other episodes' caches up to date (block-wise, evicting with their
+    own prompts). Whenever the conversation has twice as many windows as at the last clustering,
+    the episodes are found again, from the live cache (what was evicted stays evicted: the
+    conversation is not replayed), so the total cost of clustering stays linear. The other
+    policies keep one cache. Before any eviction every policy keeps exactly what a plain session
+    keeps.
+    """
+
+    model: KVPModel
+    policy: str = "epicache"
+    budget: int | Sequence[int] = 2048
+    block: int = 2048
+    n_episodes: int = 4
+    n_medoids: int = 4
+    window: int = 4
+    level: str = "pair"
+    seed: int = 0
+    embedder: Embedder | None = None
+    caches: list[list] = field(default_factory=list)  # per episode (one before episodes are found)
+    episodes: Episodes | None = None
+    scorers: list[Scorer] = field(default_factory=list)  # per cache; [None] for epicache before episodes
+    active: int = 0  # the cache the session's turns run on
+    utterances: list[Utterance] = field(default_factory=list)
+    peak_entries: int = 0  # the most entries per KV head any layer of any cache held
+    clustered_windows: int = 0  # windows of utterances when the episodes were last found
+    prior_windows: list[str] = field(default_factory=list)  # windows of a history given as text (ConversationMemory)
+
+    def __post_init__(self) -> None:
+        if self.policy not in BOUNDED_POLICIES:
+            raise KVPError(f"unknown KV policy '{self.policy}' (choose from {', '.join(BOUNDED_POLICIES)})")
+        budgets = [self.budget] if isinstance(self.budget, int) else list(self.budget)
+        for name, value in (("KV budget", min(budgets, default=0)), ("KV block", self.block),
+                            ("number of episodes", self.n_episodes), ("number of medoids", self.n_medoids),
+                            ("episode window", self.window)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise KVPError(f"the {name} must be a positive integer, got {value!r}")
+        if self.level not in LEVELS:
+            raise KVPError(f"unknown eviction level '{self.level}' (choose from {', '.join(LEVELS)})")
+        if self.embedder is None and self.policy == "epicache":
+            self.embedder = TokenEmbedder(self.model.base, self.model.tokenizer)
+        if not self.caches:
+            self.reset()
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the conversation: one fresh cache, no episodes."""
+        self.caches = [make_compressed_cache(self.model.base)]
+        self.scorers = [None if self.policy == "epicache" else policy_scorer(self.policy, self.model.tokenizer)]
+        self.episodes, self.active, self.utterances, self.peak_entries = None, 0, [], 0
+        self.clustered_windows, self.prior_windows = 0, []
+
+    @property
+    def cache(self) -> list:
+        """The cache the session's turns run on."""
+        return self.caches[self.active]
+
+    def _budgets(self) -> list[int]:
+        return layer_budgets(self.budget, len(self.cache))
+
+    @staticmethod
+    def entries(cache: list) -> int:
+        """The most entries per KV head any compressed layer of ``cache`` holds (pair eviction: the
+        layer's valid entries over its heads, rounded up)."""
+        return max((math.ceil(c.kept_entries() / c.n_heads) for c in cache if isinstance(c, CompressedKVCache)),
+                   default=0)
+
+    @staticmethod
+    def held(cache: list) -> int:
+        return int(cache[0].offset) if cache else 0
+
+    @staticmethod
+    def tail(cache: list) -> int:
+        """Entries appended since the last eviction (the current block)."""
+        return next((c.length - c.compressed for c in cache if isinstance(c, CompressedKVCache)), 0)
+
+    def over(self, cache: list) -> bool:
+        """Whether some layer holds more than its budget per head."""
+        budgets = self._budgets()
+        return any(math.ceil(c.kept_entries() / c.n_heads) > budgets[i]
+                   for i, c in enumerate(cache) if isinstance(c, CompressedKVCache))
+
+    def kv_bytes(self) -> int:
+        """Bytes every cache holds (all episodes)."""
+        return sum(int(c.nbytes) for cache in self.caches for c in cache)
+
+    def _see(self, cache: list) -> None:
+        self.peak_entries = max(self.peak_entries, self.entries(cache))
+
+    # --- eviction --------------------------------------------------------------------------------
+
+    def _evict(self, index: int, tokens: Sequence[int]) -> None:
+        """Score and evict cache ``index`` back to the budget (its tail forwarded by the turns)."""
+        cache = self.caches[index]
+        held = self.held(cache)
+        tail = self.tail(cache)
+        compress_tail(self.model.base, cache, tokens[held - tail : held], self.budget, self.scorers[index],
+                      level=self.level)
+
+    def _windows(self, pending: str | None = None) -> list[str]:
+        utterances = list(self.utterances) + ([Utterance("User", pending)] if pending else [])
+        return list(self.prior_windows) + windows(utterances, self.window)
+
+    def _cluster_due(self, pending: str | None = None) -> bool:
+        """epicache: no episodes yet, or twice the windows of the last clustering."""
+        if self.policy != "epicache":
+            return False
+        return self.episodes is None or len(self._windows(pending)) >= 2 * self.clustered_windows
+
+    def _find_episodes(self, tokens: Sequence[int], pending: str | None = None) -> None:
+        """Cluster the turns so far into episodes: one copy of the live cache per episode, each
+        evicted with its episode's patched prompt."""
+        texts = self._windows(pending) or [pending or ""]
+        self.clustered_windows = len(texts)
+        assert self.embedder is not None
+        self.episodes = cluster(texts, self.embedder, self.n_episodes, self.n_medoids, self.seed)
+        tok = self.model.tokenizer
+        self.scorers = [PromptScorer(tuple(patched_prompt(tok, INSTRUCTION, t))) for t in self.episodes.texts]
+        base = self.caches[self.active]
+        self.caches = [base] + [copy_cache(base) for _ in self.scorers[1:]]
+        self.active = 0
+        for e in range(len(self.caches)):
+            self._evict(e, tokens)
+
+    def route(self, text: str) -> int:
+        """The episode a message goes to (0 before episodes exist, or for one-cache policies)."""
+        if self.episodes is None:
+            return 0
+        assert self.embedder is not None
+        return self.episodes.route(np.asarray(self.embedder([text]))[0])
+
+    def _extend(self, index: int, tokens: Sequence[int]) -> int:
+        """Forward ``tokens`` onto cache ``index`` block by block, evicting after each block."""
+        if not tokens:
+            return 0
+        cache = self.caches[index]
+        track = extend_memory(self.model.base, cache, tokens, self.budget, self.scorers[index], block=self.block,
+                              level=self.level)
+        self.peak_entries = max(self.peak_entries, track.peak_entries)
+        return len(tokens)
+
+    # --- the session's hooks -------------------------------------------------------------------
+
+    def before_turn(self, session: "Session", prompt: Any, ids: Sequence[int], fill_to: int, reserve: int) -> int:
+        """Before a turn fills ``ids[:fill_to]`` and then adds up to ``reserve`` positions (the
+        reply): route the message to its episode's cache, and when the turn would take that cache
+        past ``budget + block``, prefill what it lacks block-wise with eviction now. Returns the
+        positions that cache held before (what the turn reused)."""
+        from kvp_mlx.methods import FilledCache
+
+        if reserve > self.block:
+            raise KVPError(f"a turn's decoding (its last prompt token and the reply: up to {reserve} positions) does "
+                           f"not fit in a KV block of {self.block}: lower max_tokens or raise the block")
+        text = _text_of(self.model, prompt)
+        self.active = self.route(text)
+        cache = self.cache
+        held = self.held(cache)
+        if held > fill_to:
+            raise KVPError("internal: an episode cache holds more than the conversation")
+        if self.entries(cache) + (fill_to - held) + reserve > max(self._budgets()) + self.block:
+            if self._cluster_due(text):
+                self._find_episodes(session.tokens, pending=text)
+                self.active = self.route(text)
+                cache = self.cache
+            elif self.over(cache) and self.tail(cache):
+                self._evict(self.active, session.tokens)
+            self._extend(self.active, list(ids[held:fill_to]))
+        session.caches = FilledCache(self.cache, self.model.base)
+        return held
+
+    def after_turn(self, prompt: Any, reply: Sequence[int] | None) -> None:
+        """After a turn: its utterances (for episodes) and the peak it reached."""
+        text = _text_of(self.model, prompt)
+        if text:
+            self.utterances.append(Utterance("User", text))
+        if reply:
+            self.utterances.append(Utterance("Assistant", str(self.model.tokenizer.decode(list(reply)))))
+        self._see(self.cache)
+
+    def compress(self, session: "Session", should_stop: Callable[[], bool] | None = None) -> CompressReport:
+        """The idle-time work between turns: evict the live cache back to the budget if it holds
+        more (epicache: find the episodes the first time), then bring every other episode's cache
+        up to the conversation (block-wise, evicting with its own prompt). ``should_stop`` is asked
+        between caches (a message has arrived): the rest waits for the next call or turn."""
+        import time as _time
+
+        tic = _time.perf_counter()
+        report = CompressReport()
+        tokens = session.tokens
+        if self.over(self.cache) and self.tail(self.cache):
+            if self._cluster_due():
+                self._find_episodes(tokens)
+                report.evictions += len(self.caches)
+            else:
+                self._evict(self.active, tokens)
+                report.evictions += 1
+        target = self.held(self.cache)
+        for e in range(len(self.caches)):
+            cache = self.caches[e]
+            if e == self.active or self.held(cache) >= target:
+                continue
+            if should_stop is not None and should_stop():
+                report.complete = False
+                break
+            report.caught_up += self._extend(e, tokens[self.held(cache) : target])
+            report.evictions += 1
+        report.seconds = _time.perf_counter() - tic
+        return report
+
+    def spec(self) -> dict:
+        """What a saved session records of its KV policy."""
+        return dict(policy=self.policy, budget=self.budget if isinstance(self.budget, int) else list(self.budget),
+                    block=self.block, n_episodes=self.n_episodes, n_medoids=self.n_medoids, window=self.window,
+                    level=self.level, seed=self.seed)

@@ -230,10 +230,13 @@ class _Track:
     peak_slots: int = 0
     peak_bytes: int = 0
     blocks: int = 0
+    peak_entries: int = 0  # most valid entries per KV head (a layer's over its heads, rounded up)
     extra: dict = field(default_factory=dict)
 
     def see(self, cache: list) -> None:
         self.peak_slots = max([self.peak_slots] + [int(c.length) for _, c in _compressed(cache)])
+        per_head = [-(-c.kept_entries() // c.n_heads) for _, c in _compressed(cache)]
+        self.peak_entries = max([self.peak_entries] + per_head)
         self.peak_bytes = max(self.peak_bytes, sum(int(c.nbytes) for c in cache))
 
 
@@ -297,27 +300,57 @@ def build_memory(
     ids = [int(t) for t in flat]
     if not ids:
         raise KVPError("the history to compress is empty")
+    if aux is not None and predictor is None:
+        raise KVPError("a KV-Prediction-built memory needs the predictor with the auxiliary model")
+    cache = make_compressed_cache(model)
+    aux_cache = make_compressed_cache(aux) if aux is not None else None
+    tic = time.perf_counter()
+    track = extend_memory(model, cache, ids, budget, scorer, block=block, level=level, aux=aux,
+                          aux_cache=aux_cache, predictor=predictor, dtype=dtype, aux_scorer=aux_scorer)
+    return Memory(cache, len(ids), track.peak_slots, track.peak_bytes, time.perf_counter() - tic, track.blocks,
+                  aux_cache)
+
+
+def extend_memory(
+    model: nn.Module,
+    cache: list,
+    tokens: Sequence[int],
+    budget: int | Sequence[int] | None,
+    scorer: Scorer,
+    *,
+    block: int = 2048,
+    level: str = "pair",
+    aux: nn.Module | None = None,
+    aux_cache: list | None = None,
+    predictor: Any = None,
+    dtype: mx.Dtype | None = None,
+    aux_scorer: Scorer = None,
+) -> _Track:
+    """The block-wise prefill itself: ``tokens`` forwarded onto ``cache`` (a compressed cache of
+    :func:`make_compressed_cache`, continuing at its true position) in blocks of ``block``, each
+    followed by scoring and eviction to ``budget``. :func:`build_memory` runs it on a fresh cache; a
+    bounded conversation (:class:`kvp_mlx.epicache.memory.BoundedMemory`) on its live one."""
+    ids = [int(t) for t in tokens]
     if block < 1:
         raise KVPError("the block size must be positive")
     if level not in LEVELS:
         raise KVPError(f"unknown eviction level '{level}' (choose from {', '.join(LEVELS)})")
     kvp = aux is not None
-    if kvp and predictor is None:
+    if kvp and (predictor is None or aux_cache is None):
         raise KVPError("a KV-Prediction-built memory needs the predictor with the auxiliary model")
     if kvp and isinstance(scorer, WindowScorer):
         raise KVPError("SnapKV scores with the base's queries of each block, which a KV-Prediction-built "
                        "memory never computes: build it with the base")
-    cache = make_compressed_cache(model)
+    enable_compressed_caches(model)
     budgets = layer_budgets(budget, len(cache)) if budget is not None and scorer is not None else None
-    aux_cache = make_compressed_cache(aux) if aux is not None else None
     aux_budgets = [max(budgets)] * len(aux_cache) if budgets is not None and aux_cache is not None else None
+    origin = int(cache[0].offset) if cache else 0
     track = _Track()
-    tic = time.perf_counter()
     for start in range(0, len(ids), block):
         chunk = mx.array([ids[start : start + block]], dtype=mx.int32)
         if aux is not None and aux_cache is not None:
             _, keys, values, _ = prefill_capturing_raw_kv(aux, chunk, chunk.shape[1], cache=aux_cache)
-            inject_raw_kv(model, predictor(keys, values), cache=cache, offset=start, dtype=dtype,
+            inject_raw_kv(model, predictor(keys, values), cache=cache, offset=origin + start, dtype=dtype,
                           prefill_step_size=chunk.shape[1])
             window = None
         else:
@@ -328,5 +361,39 @@ def build_memory(
             _evict_all(model, cache, scorer, budgets, level, window)
             if aux is not None and aux_cache is not None and aux_budgets is not None:
                 _evict_all(aux, aux_cache, aux_scorer if aux_scorer is not None else scorer, aux_budgets, level, None)
-    return Memory(cache, len(ids), track.peak_slots, track.peak_bytes, time.perf_counter() - tic, track.blocks,
-                  aux_cache)
+    return track
+
+
+def compress_tail(model: nn.Module, cache: list, tail_tokens: Sequence[int], budget: int | Sequence[int],
+                  scorer: Scorer, *, level: str = "pair") -> None:
+    """Score and evict ``cache`` in place, as after a block of the block-wise prefill, when the
+    block (``tail_tokens``: the tokens appended since the last eviction, the last of them the
+    newest position the cache holds) was forwarded by someone else (a conversation's turns).
+
+    SnapKV needs the block's own last queries: those last tokens are trimmed off the compressed
+    layers and forwarded again at the same positions, which records them (and recomputes the same
+    K/V); sliding-window layers take that pass on a copy trimmed the same way."""
+    if scorer is None:
+        return
+    budgets = layer_budgets(budget, len(cache))
+    window = None
+    if isinstance(scorer, WindowScorer):
+        n = min(scorer.window, len(tail_tokens))
+        if n == 0:
+            return
+        run: list = []
+        for c in cache:
+            if isinstance(c, CompressedKVCache):
+                if c.length - c.compressed < n:
+                    raise KVPError("internal: fewer appended entries than the block to re-score")
+                c.trim(n)
+                run.append(c)
+            else:
+                twin = copy_cache([c])[0]
+                if not twin.is_trimmable():
+                    raise KVPError("snapkv cannot re-score a sliding-window layer that has wrapped around; "
+                                   "use another --kv-policy with this model")
+                twin.trim(n)
+                run.append(twin)
+        window = _forward_block(model, run, mx.array([list(tail_tokens)[-n:]], dtype=mx.int32), scorer)
+    _evict_all(model, cache, scorer, budgets, level, window)
