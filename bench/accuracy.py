@@ -59,6 +59,7 @@ class Entry:
 ENTRIES = (
     Entry("base", "kvp-c", "base"),
     Entry("kvp-C", "kvp-c", "kvp"),
+    Entry("kvp-C mixed (--exact-prefix-fraction 0.5)", "kvp-c-mixed", "kvp"),
     Entry("kvp-LP", "kvp-lp", "kvp"),
     Entry("aux-only", "aux-only", "base"),
     Entry("LP-only", "lp-only", "base"),
@@ -66,6 +67,7 @@ ENTRIES = (
     Entry("kvp-C random init (--steps 0)", "kvp-c-random-init", "kvp"),
     *(Entry(f"LazyLLM {p}", "kvp-c", "lazy", (("schedule", p),))
       for p in ("L0.75-0.75", "L0.75-0.5", "L0.75-0.25", "L0.75-0.1")),
+    Entry("rp (keep 0.5)", "kvp-c", "rp", (("keep", 0.5),)),
 )
 
 

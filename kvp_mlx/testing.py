@@ -103,9 +103,16 @@ def build_byte_tokenizer(directory: str | Path, texts: Iterable[str], vocab_size
     return directory
 
 
+TOKENIZER_TEXT_MODULES = ("argparse.py", "textwrap.py", "json/decoder.py", "json/encoder.py", "string.py", "shlex.py")
+
+
 def default_tokenizer_texts() -> list[str]:
-    """Text for the test/demo tokenizer: this package's own sources (always present, offline)."""
-    return [p.read_text() for p in sorted(Path(__file__).parent.glob("*.py"))]
+    """Text for the test/demo tokenizer: a fixed set of the standard library's sources (always present,
+    offline, and unchanged by edits to this package, so tests see the same tokens from commit to commit)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [(root / name).read_text(encoding="utf-8") for name in TOKENIZER_TEXT_MODULES]
 
 
 def build_random_demo(directory: str | Path, seed: int = 0) -> Path:
