@@ -79,6 +79,11 @@ PROFILES = {
                     base=(4, 128, 2, 1, 4.0), aux=(2, 64, 1, 1, 2.0), batch=8, base_steps=3000, base_lr=3e-3,
                     check_every=50, target_em=0.9, aux_steps=300, kvp_steps=150, block=64, episodes=4, medoids=2,
                     window=4),
+    # the feasibility scale: three sessions per conversation (histories of ~350 tokens)
+    "scaled": Profile(train_convs=12000, dev_convs=8, test_convs=40, sessions=3, filler=2, vocab=1024, seq_len=512,
+                      base=(4, 128, 2, 1, 4.0), aux=(2, 64, 1, 1, 2.0), batch=8, base_steps=1500, base_lr=3e-3,
+                      check_every=50, target_em=0.9, aux_steps=150, kvp_steps=80, block=32, episodes=3, medoids=2,
+                      window=4),
     "smoke": Profile(train_convs=40, dev_convs=2, test_convs=2, sessions=2, filler=1, vocab=400, seq_len=512,
                      # a tiny learning rate: the smoke models stay near their random init, whose answers are
                      # not all an immediate EOS (so comparing decodes means something)
