@@ -59,8 +59,8 @@ class Profile:
     filler: int
     vocab: int
     seq_len: int  # one conversation (history + questions + answers) per sequence, padded with EOS
-    base: tuple  # openelm_config(n_layers, dim, q_heads, kv_heads, ffn_mult)
-    aux: tuple
+    base: tuple[int, int, int, int, float]  # openelm_config(n_layers, dim, q_heads, kv_heads, ffn_mult)
+    aux: tuple[int, int, int, int, float]
     batch: int
     base_steps: int  # at most
     base_lr: float
