@@ -50,14 +50,15 @@ SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__", "lib2to
              "turtledemo", "ensurepip"}
 
 
-def openelm_config(n_layers: int, dim: int, q_heads: int, kv_heads: int, ffn_mult: float) -> dict:
+def openelm_config(n_layers: int, dim: int, q_heads: int, kv_heads: int, ffn_mult: float, vocab: int = VOCAB,
+                   max_context: int = SEQ_LEN) -> dict:
     return {
         "model_type": "openelm", "head_dim": 64, "num_transformer_layers": n_layers, "model_dim": dim,
-        "vocab_size": VOCAB, "ffn_dim_divisor": 256, "num_query_heads": [q_heads] * n_layers,
+        "vocab_size": vocab, "ffn_dim_divisor": 256, "num_query_heads": [q_heads] * n_layers,
         "num_kv_heads": [kv_heads] * n_layers, "ffn_multipliers": [ffn_mult] * n_layers,
         "normalize_qk_projections": True, "share_input_output_layers": True,
         "rope_freq_constant": 10000, "rms_norm_eps": 1e-6,
-        "max_context_length": SEQ_LEN,  # trained on SEQ_LEN-token sequences: longer prompts get a warning
+        "max_context_length": max_context,  # trained on sequences this long: longer prompts get a warning
     }
 
 
@@ -103,7 +104,7 @@ def build_corpus(out: Path, heldout_fraction: float = 0.05) -> tuple[Path, Path]
     return train_path, held_path
 
 
-def train_tokenizer(train_jsonl: Path, out: Path) -> Path:
+def train_tokenizer(train_jsonl: Path, out: Path, vocab: int = VOCAB) -> Path:
     """SentencePiece BPE (byte fallback) on the train split, turned into files mlx-lm loads."""
     import sentencepiece as spm
 
@@ -115,7 +116,7 @@ def train_tokenizer(train_jsonl: Path, out: Path) -> Path:
     texts = [json.loads(line)["text"] for line in train_jsonl.read_text().splitlines()]
     lines = [ln for t in texts for ln in t.splitlines() if ln.strip()]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(out / "sp"), vocab_size=VOCAB, model_type="bpe",
+        sentence_iterator=iter(lines), model_prefix=str(out / "sp"), vocab_size=vocab, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, split_digits=True, remove_extra_whitespaces=False,
         max_sentence_length=100000, num_threads=1, input_sentence_size=2_000_000, shuffle_input_sentence=False,
         user_defined_symbols=["    ", "\t"], seed_sentencepiece_size=200_000, minloglevel=2,
@@ -167,9 +168,10 @@ def train_lm(model, config: dict, data: Batches, held: Batches, steps: int, lr: 
 
 
 def kvp_train(base: Path, out: Path, data: Path, steps: int, init: str = "ridge", aux: Path | None = None,
-              aux_layers: list[int] | None = None, exact_prefix_fraction: float = 0.0) -> None:
+              aux_layers: list[int] | None = None, exact_prefix_fraction: float = 0.0, batch: int = BATCH,
+              seq_len: int = SEQ_LEN) -> None:
     args = ["train", "--base", str(base), "--data", str(data), "--out", str(out), "--steps", str(steps),
-            "--init", init, "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN), "--learning-rate", "1e-3",
+            "--init", init, "--batch-size", str(batch), "--seq-len", str(seq_len), "--learning-rate", "1e-3",
             "--warmup-steps", str(min(20, max(steps, 1))), "--heldout-fraction", "0", "--seed", str(SEED),
             "--save-every", "50", "--eval-every", str(max(steps, 1))]
     # one of aux and aux_layers is given

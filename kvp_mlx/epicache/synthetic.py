@@ -5,7 +5,8 @@ the conversation world (issue 14 item 7), and the default text of ``kvp-mlx epic
 from __future__ import annotations
 
 import random
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 NAMES = ["Alice", "Bruno", "Chen", "Dana", "Emeka", "Farah", "Goran", "Hana", "Ivan", "Jade"]
 TOPICS: dict[str, list[tuple[str, str, list[str]]]] = {
@@ -59,3 +60,166 @@ def profile_text(chars: int, seed: int = 0) -> str:
             parts.extend(f'{t["speaker"]} said, "{t["text"]}"\n' for t in s["turns"])
         i += 1
     return "".join(parts)
+
+
+# --- the conversation world (issue 14 item 7): richer sessions, facts of five kinds -----------------
+
+CITIES = ["Lisbon", "Kyoto", "Nairobi", "Oslo", "Lima", "Hanoi", "Dublin", "Cairo", "Quito", "Vienna", "Seoul",
+          "Perth", "Tunis", "Bergen", "Porto", "Riga"]
+PEOPLE = ["Maria", "Sofia", "Lena", "Priya", "Aiko", "Nora", "Omar", "Felix", "Hugo", "Ines", "Jonas", "Kira",
+          "Luca", "Mila", "Nils", "Rosa"]
+PET_NAMES = ["Biscuit", "Pepper", "Mochi", "Rocket", "Olive", "Ziggy", "Bean", "Pickle", "Noodle", "Maple",
+             "Pixel", "Waffle"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+SKILLS = ["Spanish", "Italian", "pottery", "welding", "chess", "sailing", "Arabic", "knitting", "juggling", "Greek",
+          "salsa", "archery"]
+DISHES = ["paella", "lasagna", "curry", "ramen", "tacos", "risotto", "goulash", "sushi", "dumplings", "falafel",
+          "pancakes", "chili"]
+FURNITURE = ["sofa", "piano", "rug", "lamp", "bookshelf", "armchair", "aquarium", "television", "clock", "mirror",
+             "desk", "heater"]
+GEAR = ["kayak", "bicycle", "racket", "helmet", "skateboard", "surfboard", "treadmill", "tent", "compass", "camera",
+        "drone", "telescope"]
+SUBJECTS = ["biology", "history", "physics", "drawing", "economics", "poetry", "geology", "astronomy", "law",
+            "music", "statistics", "robotics"]
+DATES = "dates"  # a pool drawn as "<Month> <day>"
+
+
+@dataclass(frozen=True)
+class FactTemplate:
+    kind: str  # name, place, date, possession, plan
+    statement: str  # with {x}
+    question: str  # with {p} (the speaker)
+    pool: list[str] | str  # answers, or DATES
+
+
+@dataclass(frozen=True)
+class Topic:
+    facts: list[FactTemplate]
+    filler: list[str]  # topic talk that states no fact
+
+
+WORLD_TOPICS: dict[str, Topic] = {
+    "travel": Topic([
+        FactTemplate("place", "I just booked a trip to {x} for the spring.", "Where is {p} travelling in the spring?",
+                     CITIES),
+        FactTemplate("date", "My flight leaves on {x}.", "When does {p}'s flight leave?", DATES),
+    ], ["I love the window seat on long flights.", "The hotel has a pool on the roof.",
+        "I still need to buy a good suitcase.", "The museums there are supposed to be great.",
+        "Trains are my favourite way to travel.", "Did you get travel insurance last time?"]),
+    "work": Topic([
+        FactTemplate("name", "My new boss is called {x}.", "What is the name of {p}'s new boss?", PEOPLE),
+        FactTemplate("place", "Our office is moving to {x}.", "Where is {p}'s office moving?", CITIES),
+        FactTemplate("date", "My big presentation is on {x}.", "When is {p}'s big presentation?", DATES),
+    ], ["The meetings this week were endless.", "I finally finished that report.",
+        "My team is small but very friendly.", "Work has been busy since the summer.",
+        "I might ask for a raise soon.", "The new project starts next month."]),
+    "family": Topic([
+        FactTemplate("name", "My sister {x} is getting married.", "What is the name of {p}'s sister?", PEOPLE),
+        FactTemplate("place", "My parents live in {x} now.", "Where do {p}'s parents live?", CITIES),
+        FactTemplate("date", "My grandmother turns ninety on {x}.", "When does {p}'s grandmother turn ninety?",
+                     DATES),
+    ], ["My cousins visit us every winter.", "We had a big family dinner on Sunday.",
+        "My brother still calls me every week.", "Family holidays are always a bit chaotic.",
+        "My aunt tells the best stories.", "We are planning a reunion."]),
+    "hobbies": Topic([
+        FactTemplate("plan", "Next year I plan to learn {x}.", "What does {p} plan to learn next year?", SKILLS),
+        FactTemplate("name", "My chess partner is called {x}.", "What is the name of {p}'s chess partner?", PEOPLE),
+    ], ["I spend most evenings reading novels.", "Painting helps me relax after work.",
+        "I joined a club that meets on Thursdays.", "My garden takes up most of my weekends.",
+        "I have been baking bread a lot lately.", "Hobbies are the best part of the week."]),
+    "pets": Topic([
+        FactTemplate("name", "We adopted a puppy and named it {x}.", "What did {p} name the puppy?", PET_NAMES),
+        FactTemplate("name", "Our cat is called {x}.", "What is the name of {p}'s cat?", PET_NAMES),
+    ], ["The vet says the dog is very healthy.", "Walking the dog twice a day is tiring.",
+        "Pets make a home feel warm.", "The cat sleeps on my keyboard all day.",
+        "We need a bigger garden for the dog.", "Dog food is getting expensive."]),
+    "food": Topic([
+        FactTemplate("plan", "For the party I want to cook {x}.", "What does {p} want to cook for the party?",
+                     DISHES),
+        FactTemplate("place", "The best meal I ever had was in {x}.", "Where did {p} have the best meal ever?",
+                     CITIES),
+    ], ["I have been trying new recipes every week.", "Fresh herbs make everything taste better.",
+        "The market near me has great vegetables.", "I burned the rice again yesterday.",
+        "Spicy food is my weakness.", "We should have dinner together soon."]),
+    "home": Topic([
+        FactTemplate("possession", "We finally bought a new {x} for the living room.",
+                     "What did {p} buy for the living room?", FURNITURE),
+        FactTemplate("date", "We move into the new flat on {x}.", "When does {p} move into the new flat?", DATES),
+    ], ["The neighbours are quite noisy.", "I painted the bedroom a light blue.",
+        "The kitchen needs a lot of work.", "Our landlord fixed the heating at last.",
+        "I love the big windows in the hall.", "Cleaning the house takes forever."]),
+    "health": Topic([
+        FactTemplate("name", "My new doctor is called {x}.", "What is the name of {p}'s doctor?", PEOPLE),
+        FactTemplate("plan", "To stay fit I will start {x} classes.", "What classes will {p} start to stay fit?",
+                     SKILLS),
+    ], ["I have been sleeping much better.", "I drink more water these days.",
+        "My back hurts after long days at the desk.", "Walking to work helps a lot.",
+        "I gave up sugar for a month.", "Stretching in the morning feels great."]),
+    "school": Topic([
+        FactTemplate("plan", "I signed up for a course in {x}.", "Which course did {p} sign up for?", SUBJECTS),
+        FactTemplate("date", "My final exam is on {x}.", "When is {p}'s final exam?", DATES),
+    ], ["The library is open late now.", "My classmates are very helpful.",
+        "The lectures start early in the morning.", "I study best in the afternoon.",
+        "Homework takes up my evenings.", "Our teacher gives great feedback."]),
+    "sports": Topic([
+        FactTemplate("possession", "I just got a new {x} for training.", "What did {p} get for training?", GEAR),
+        FactTemplate("place", "The tournament will be held in {x}.", "Where will {p}'s tournament be held?",
+                     CITIES),
+    ], ["Our team lost the last match.", "I train three times a week.", "The coach is strict but fair.",
+        "My legs were sore for days.", "Watching the final was so exciting.", "I need new running shoes."]),
+}
+OPENERS = ["Hi {o}, how was your week?", "Hey {o}, what is new with you?", "Good to see you, {o}!",
+           "Hello {o}, how are things?"]
+REPLIES = ["Pretty good, thanks for asking.", "Busy as always, but fine.", "Great, I have news to share.",
+           "Not bad at all."]
+GENERIC = ["That sounds great!", "Really? Tell me more.", "I had no idea.", "Nice, good for you.",
+           "Let me know how it goes.", "Wow, that is exciting.", "Oh, interesting.", "I am happy for you."]
+CLOSERS = ["Talk to you soon!", "See you next week.", "Take care!", "Bye for now."]
+
+
+def _value(rng: random.Random, pool: list[str] | str) -> str:
+    if pool == DATES:
+        return f"{rng.choice(MONTHS)} {rng.randint(1, 28)}"
+    return rng.choice(list(pool))
+
+
+def world_conversation(seed: int, sessions: int = 6, facts_per_session: int = 2, filler: int = 5,
+                       topics: Sequence[str] | None = None) -> dict[str, Any]:
+    """One conversation of the world in the ``synthetic`` format: two speakers, ``sessions`` sessions
+    each on its own topic, ``facts_per_session`` facts stated once among ``filler`` topic or generic
+    lines; one question per fact (a one- or two-word answer), with its ``category`` (the fact's kind)
+    and ``session``."""
+    rng = random.Random(seed)
+    a, b = rng.sample(NAMES, 2)
+    names = sorted(WORLD_TOPICS) if topics is None else list(topics)
+    chosen = rng.sample(names, min(sessions, len(names)))
+    out_sessions, qa = [], []
+    for s, topic in enumerate(chosen):
+        t = WORLD_TOPICS[topic]
+        opener = rng.choice([a, b])
+        other = b if opener == a else a
+        lines: list[tuple[str, str]] = []
+        for fact in rng.sample(t.facts, min(facts_per_session, len(t.facts))):
+            speaker = rng.choice([a, b])
+            x = _value(rng, fact.pool)
+            lines.append((speaker, fact.statement.format(x=x)))
+            qa.append({"question": fact.question.format(p=speaker), "answer": x, "category": fact.kind,
+                       "session": s})
+        talk = rng.sample(t.filler, min(filler, len(t.filler)))
+        for line in talk:
+            lines.insert(rng.randint(0, len(lines)), (rng.choice([a, b]), line))
+        turns = [{"speaker": opener, "text": rng.choice(OPENERS).format(o=other)},
+                 {"speaker": other, "text": rng.choice(REPLIES)}]
+        for speaker, text in lines:
+            turns.append({"speaker": speaker, "text": text})
+            if rng.random() < 0.35:
+                turns.append({"speaker": b if speaker == a else a, "text": rng.choice(GENERIC)})
+        turns.append({"speaker": rng.choice([a, b]), "text": rng.choice(CLOSERS)})
+        out_sessions.append({"date": f"day {1 + s * 7 + rng.randint(0, 6)}", "turns": turns})
+    return {"id": f"world-{seed}", "sessions": out_sessions, "qa": qa}
+
+
+def world_conversations(n: int, seed: int = 0, **kwargs: Any) -> list[dict[str, Any]]:
+    """``n`` world conversations; ``seed`` picks a disjoint range of per-conversation seeds."""
+    return [world_conversation(seed * 1_000_003 + i, **kwargs) for i in range(n)]

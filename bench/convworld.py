@@ -1,0 +1,358 @@
+"""The conversation world: EpiCache and its baselines on a model trained to answer from a history.
+
+    python -m kvp_mlx.bench.convworld [--out models/convworld] [--profile full|smoke] [--results DIR]
+
+1. data: synthetic multi-session conversations between two speakers (kvp_mlx.epicache.synthetic
+   ``world_conversations``): each session on one topic, facts (names, places, dates, possessions,
+   plans) stated once among filler, one question per fact (one- or two-word answers). Train, dev
+   (stopping rule) and test splits in the ``synthetic`` format; the train split as text too;
+2. a SentencePiece BPE tokenizer (toyworld's recipe) on the train text;
+3. an OpenELM base trained with the project's loop (``training.loop.train`` + ``lm_loss``) on one
+   conversation per sequence (the history, then every question with its answer and EOS, tokenised
+   as ``kvp-mlx conv-eval`` prompts them), until full-KV exact match on dev reaches the target or
+   the step limit; a smaller auxiliary pretrained alone, then KV Prediction (``kvp-mlx train``);
+4. evaluation on the test split with ``kvp_mlx.epicache.evaluate``: full KV, then every policy at
+   budgets of 1/8, 1/4, 1/2 of the mean history length (entries per KV head per layer): exact match,
+   F1, peak KV bytes, build (offline) and answer time; EpiCache with KV-Prediction-built episodes
+   next to base-built ones.
+
+Every stage is skipped when its output exists; the base's training resumes from its checkpoint.
+Outputs: ``convworld.json``, ``convworld.md`` and ``convworld.png`` in ``--results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
+
+import numpy as np
+
+from kvp_mlx import building as mb
+from kvp_mlx.bench.toyworld import kvp_train, openelm_config, train_tokenizer
+from kvp_mlx.epicache.evaluate import EvalReport, evaluate, prompt_parts
+from kvp_mlx.epicache.loaders import Conversation, load_synthetic
+from kvp_mlx.epicache.memory import POLICIES
+from kvp_mlx.epicache.synthetic import world_conversations
+from kvp_mlx.model import KVPModel, load
+from kvp_mlx.training.data import Batches
+from kvp_mlx.training.loop import TrainConfig, train
+from kvp_mlx.training.losses import lm_loss
+
+SEED = 0
+FRACTIONS = (0.125, 0.25, 0.5)
+BASELINES = tuple(p for p in POLICIES if p not in ("epicache", "full"))
+
+
+@dataclass
+class Profile:
+    train_convs: int
+    dev_convs: int
+    test_convs: int
+    sessions: int
+    filler: int
+    vocab: int
+    seq_len: int  # one conversation (history + questions + answers) per sequence, padded with EOS
+    base: tuple[int, int, int, int, float]  # openelm_config(n_layers, dim, q_heads, kv_heads, ffn_mult)
+    aux: tuple[int, int, int, int, float]
+    batch: int
+    base_steps: int  # at most
+    base_lr: float
+    check_every: int  # dev exact match every this many steps (the stopping rule)
+    target_em: float  # stop the base's training once dev full-KV exact match reaches this
+    aux_steps: int
+    kvp_steps: int
+    block: int  # block-wise prefill
+    episodes: int
+    medoids: int
+    window: int
+
+
+PROFILES = {
+    "full": Profile(train_convs=12000, dev_convs=8, test_convs=40, sessions=6, filler=2, vocab=1024, seq_len=1024,
+                    base=(4, 128, 2, 1, 4.0), aux=(2, 64, 1, 1, 2.0), batch=8, base_steps=3000, base_lr=3e-3,
+                    check_every=50, target_em=0.9, aux_steps=300, kvp_steps=150, block=64, episodes=4, medoids=2,
+                    window=4),
+    # the feasibility scale: three sessions per conversation (histories of ~350 tokens)
+    "scaled": Profile(train_convs=12000, dev_convs=8, test_convs=40, sessions=3, filler=2, vocab=1024, seq_len=512,
+                      base=(4, 128, 2, 1, 4.0), aux=(2, 64, 1, 1, 2.0), batch=8, base_steps=1500, base_lr=3e-3,
+                      check_every=50, target_em=0.9, aux_steps=150, kvp_steps=80, block=32, episodes=3, medoids=2,
+                      window=4),
+    "smoke": Profile(train_convs=40, dev_convs=2, test_convs=2, sessions=2, filler=1, vocab=400, seq_len=512,
+                     # a tiny learning rate: the smoke models stay near their random init, whose answers are
+                     # not all an immediate EOS (so comparing decodes means something)
+                     base=(2, 64, 1, 1, 2.0), aux=(1, 64, 1, 1, 1.0), batch=2, base_steps=4, base_lr=1e-5,
+                     check_every=2, target_em=1.01, aux_steps=2, kvp_steps=2, block=32, episodes=2, medoids=1,
+                     window=4),
+}
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def conversation_text(conv: Conversation) -> str:
+    """A conversation as training text (tokenizer and KV Prediction): history, then each Q/A."""
+    return conv.history_text() + "".join(f"\nQuestion: {qa.question}\nAnswer: {qa.answer}" for qa in conv.questions)
+
+
+def build_data(out: Path, prof: Profile) -> dict[str, Path]:
+    """train/dev/test ``.json`` (synthetic format) and ``train.jsonl`` (text); disjoint seeds."""
+    paths = {name: out / f"{name}.json" for name in ("train", "dev", "test")}
+    paths["text"] = out / "train.jsonl"
+    if all(p.exists() for p in paths.values()):
+        return paths
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {"train": prof.train_convs, "dev": prof.dev_convs, "test": prof.test_convs}
+    for seed, (name, n) in enumerate(sizes.items(), start=1):
+        convs = world_conversations(n, seed=seed, sessions=prof.sessions, filler=prof.filler)
+        paths[name].write_text(json.dumps(convs))
+    with open(paths["text"], "w") as f:
+        for conv in load_synthetic(paths["train"]):
+            f.write(json.dumps({"text": conversation_text(conv)}) + "\n")
+    return paths
+
+
+def conversation_ids(tokenizer: Any, conv: Conversation) -> list[int]:
+    """The history as ``conv-eval`` prompts it, then each question's prompt, answer and EOS."""
+    history = conv.history_text()
+    ids, _ = prompt_parts(tokenizer, history, "")
+    for qa in conv.questions:
+        _, q_ids = prompt_parts(tokenizer, "", qa.question)  # the question's ids do not depend on the history
+        ids += q_ids + list(tokenizer.encode(qa.answer, add_special_tokens=False)) + [tokenizer.eos_token_id]
+    return ids
+
+
+def sequences(tokenizer: Any, convs: list[Conversation], seq_len: int) -> np.ndarray:
+    """[N, seq_len + 1]: one conversation per row, padded with EOS (longer ones are skipped)."""
+    eos = tokenizer.eos_token_id
+    rows = [ids + [eos] * (seq_len + 1 - len(ids)) for ids in (conversation_ids(tokenizer, c) for c in convs)
+            if len(ids) <= seq_len + 1]
+    if not rows:
+        raise SystemExit(f"no conversation fits in {seq_len + 1} tokens")
+    return np.asarray(rows, dtype=np.int32)
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+def dev_exact_match(model: Any, tokenizer: Any, dev: list[Conversation], prof: Profile) -> float:
+    """Full-KV exact match on the dev split (the base's stopping rule)."""
+    report = evaluate(KVPModel(base=model, tokenizer=tokenizer), dev, "full", None, block=prof.block, max_tokens=8)
+    return report.mean_em
+
+
+def train_until(name: str, out: Path, config: dict, data: Batches, prof: Profile, steps: int, lr: float, seed: int,
+                tokenizer: Any, tok_dir: Path, dev: list[Conversation] | None) -> dict:
+    """Train a fresh model with the project's loop; with ``dev``, check full-KV exact match every
+    ``check_every`` steps and stop at ``target_em``. Resumes from ``<name>.train/checkpoint``."""
+    model = mb.build_model(config, seed=seed)
+    every = prof.check_every if dev is not None else max(steps, 1)
+    cfg = TrainConfig(steps=steps, learning_rate=lr, warmup_steps=min(100, steps), eval_every=max(steps, 1),
+                      save_every=every, seed=SEED)
+    work = out / f"{name}.train"
+    log_path = work / "dev_em.json"
+    log: list[dict] = json.loads(log_path.read_text()) if log_path.exists() else []
+    step, history = 0, []
+    while True:
+        ckpt = work / "checkpoint" / "state.json"
+        resume = ckpt.is_file()
+        if resume:
+            step = int(json.loads(ckpt.read_text())["step"])
+        if step >= steps or (log and log[-1]["em"] >= prof.target_em):
+            if resume:  # load the last checkpoint's weights
+                history = train(model, lambda b: lm_loss(model, b), data, cfg, checkpoint_dir=work, resume=True,
+                                desc=name, stop_after=step)
+            break
+        tic = time.perf_counter()
+        history = train(model, lambda b: lm_loss(model, b), data, cfg, checkpoint_dir=work, resume=resume, desc=name,
+                        stop_after=min(steps, step + every))
+        seconds = time.perf_counter() - tic
+        step = min(steps, step + every)
+        if dev is not None:
+            log.append({"step": step, "em": dev_exact_match(model, tokenizer, dev, prof), "train_seconds": seconds,
+                        "loss": history[-1]["loss"]})
+            log_path.write_text(json.dumps(log, indent=1))
+            print(f"{name}: step {step} loss {history[-1]['loss']:.3f} dev full-KV EM {log[-1]['em']:.3f}", flush=True)
+    tmp = out / f"{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    mb.save_lm_dir(tmp, model, config, tok_dir)
+    (tmp / "train_history.json").write_text(json.dumps(history))
+    (tmp / "dev_em.json").write_text(json.dumps(log, indent=1))
+    tmp.rename(out / name)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"steps": step, "final_loss": history[-1]["loss"] if history else None, "dev_em": log}
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+def summary(report: EvalReport) -> dict:
+    return {"policy": report.policy, "budget": report.budget, "em": report.mean_em, "f1": report.mean_f1,
+            "questions": len(report.results), "peak_kv_bytes": report.peak_kv_bytes,
+            "build_seconds": round(report.build_seconds, 3), "answer_seconds": round(report.answer_seconds, 3),
+            "answers": [[r.prediction, r.answer, r.episode] for r in report.results]}
+
+
+def run_eval(model: KVPModel, test: list[Conversation], prof: Profile, path: Path) -> dict:
+    """Every policy at each budget; EpiCache also KV-Prediction-built. Resumes from ``path``."""
+    results: dict = json.loads(path.read_text()) if path.exists() else {}
+    hist = [len(prompt_parts(model.tokenizer, c.history_text(), "")[0]) for c in test]
+    mean_hist = float(np.mean(hist))
+    results.update(history_tokens={"mean": mean_hist, "min": min(hist), "max": max(hist)},
+                   budgets={str(f): max(1, round(f * mean_hist)) for f in FRACTIONS})
+    runs = results.setdefault("runs", {})
+    opts = dict(block=prof.block, n_episodes=prof.episodes, n_medoids=prof.medoids, window=prof.window,
+                max_tokens=8)
+    todo: list[tuple[str, str, int | None, bool]] = [("full", "full", None, False)]
+    for f in FRACTIONS:
+        budget = results["budgets"][str(f)]
+        todo += [(f"{p}@{f}", p, budget, False) for p in ("epicache",) + BASELINES]
+        todo.append((f"epicache-kvp@{f}", "epicache", budget, True))
+    for key, policy, budget, kvp in todo:
+        if key in runs:
+            continue
+        report = evaluate(model, test, policy, budget, kvp_build=kvp, **opts)  # type: ignore[arg-type]
+        runs[key] = {**summary(report), "fraction": None if budget is None else float(key.split("@")[1]),
+                     "kvp_build": kvp}
+        print(f"{key:24s} budget {budget}  EM {report.mean_em:.3f}  F1 {report.mean_f1:.3f}  "
+              f"peak KV {report.peak_kv_bytes / 2**10:.0f} KiB  build {report.build_seconds:.1f} s", flush=True)
+        path.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def standing(results: dict) -> list[str]:
+    """EpiCache vs the best baseline at each budget, as measured."""
+    runs, lines = results["runs"], []
+    for f in FRACTIONS:
+        epi = runs[f"epicache@{f}"]
+        best = max(BASELINES, key=lambda p: (runs[f"{p}@{f}"]["em"], runs[f"{p}@{f}"]["f1"]))
+        b = runs[f"{best}@{f}"]
+        diff = epi["em"] - b["em"]
+        verdict = "beats" if diff > 0 else "ties with" if diff == 0 else "trails"
+        lines.append(f"At 1/{round(1 / f)} of the history (M = {epi['budget']}), EpiCache {verdict} the best baseline "
+                     f"({best}): EM {epi['em']:.3f} vs {b['em']:.3f}, F1 {epi['f1']:.3f} vs {b['f1']:.3f}.")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    runs = results["runs"]
+    full = runs["full"]
+    h = results["history_tokens"]
+    out = [f"# Conversation world ({results['profile']} profile)", "",
+           f"{full['questions']} held-out questions over {results['test_conversations']} conversations; histories "
+           f"of {h['min']}-{h['max']} tokens (mean {h['mean']:.0f}); block {results['profile_settings']['block']}; "
+           f"budgets M per KV head per layer. Full KV: EM {full['em']:.3f}, F1 {full['f1']:.3f}, "
+           f"peak KV {full['peak_kv_bytes'] / 2**10:.0f} KiB.", "",
+           "| policy | " + " | ".join(f"1/{round(1 / f)} (M={results['budgets'][str(f)]}) EM / F1" for f in FRACTIONS)
+           + " | peak KV at 1/8 (KiB) |", "|---|" + "---|" * (len(FRACTIONS) + 1)]
+    for p in ("epicache", "epicache-kvp") + BASELINES:
+        cells = [f"{runs[f'{p}@{f}']['em']:.3f} / {runs[f'{p}@{f}']['f1']:.3f}" for f in FRACTIONS]
+        out.append(f"| {p} | " + " | ".join(cells) + f" | {runs[f'{p}@{FRACTIONS[0]}']['peak_kv_bytes'] / 2**10:.0f} |")
+    out.append("| full | " + " | ".join(f"{full['em']:.3f} / {full['f1']:.3f}" for _ in FRACTIONS)
+               + f" | {full['peak_kv_bytes'] / 2**10:.0f} |")
+    out += ["", *standing(results), "", "EpiCache episodes built with the base vs with KV Prediction (offline time "
+            "over all test conversations):", "",
+            "| budget | base-built EM / F1 | build s | KVP-built EM / F1 | build s |", "|---|---|---|---|---|"]
+    for f in FRACTIONS:
+        b, k = runs[f"epicache@{f}"], runs[f"epicache-kvp@{f}"]
+        out.append(f"| 1/{round(1 / f)} | {b['em']:.3f} / {b['f1']:.3f} | {b['build_seconds']:.1f} | "
+                   f"{k['em']:.3f} / {k['f1']:.3f} | {k['build_seconds']:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("em", "f1")):
+        for p in ("epicache", "epicache-kvp") + BASELINES:
+            ax.plot(FRACTIONS, [runs[f"{p}@{f}"][metric] for f in FRACTIONS], marker="o", label=p)
+        ax.axhline(runs["full"][metric], color="black", linestyle="--", label="full KV")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(FRACTIONS, [f"1/{round(1 / f)}" for f in FRACTIONS])
+        ax.set_xlabel("KV budget (fraction of the history)")
+        ax.set_ylabel("exact match" if metric == "em" else "token F1")
+        ax.set_ylim(0, 1.02)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Conversation world ({results['profile']} profile)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="models/convworld", help="working directory (default: models/convworld)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--results", default="bench/results/convworld",
+                        help="where convworld.json/.md/.png go (default: bench/results/convworld)")
+    parser.add_argument("--force", action="store_true", help="rebuild every stage")
+    args = parser.parse_args(argv)
+    out, prof = Path(args.out), PROFILES[args.profile]
+    if args.force:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state.update(profile=args.profile, seed=SEED, profile_settings=asdict(prof))
+    timings = state.setdefault("seconds", {})
+
+    def stage(name: str, fn):
+        t0 = time.perf_counter()
+        value = fn()
+        if name not in timings:
+            timings[name] = round(time.perf_counter() - t0, 1)
+        state_path.write_text(json.dumps(state, indent=1))
+        return value
+
+    paths = stage("data", lambda: build_data(out / "data", prof))
+    tok_dir = stage("tokenizer", lambda: train_tokenizer(paths["text"], out / "tokenizer", vocab=prof.vocab))
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tokenizer = load_tokenizer(tok_dir)
+    train_convs, dev = load_synthetic(paths["train"]), load_synthetic(paths["dev"])
+    rows = sequences(tokenizer, train_convs, prof.seq_len)
+    state["train_sequences"] = len(rows)
+    data = Batches(rows, prof.batch, SEED)
+    base_cfg = openelm_config(*prof.base, vocab=prof.vocab, max_context=prof.seq_len)
+    aux_cfg = openelm_config(*prof.aux, vocab=prof.vocab, max_context=prof.seq_len)
+    state.update(base_config=base_cfg, aux_config=aux_cfg)
+
+    def model_stage(name: str, cfg: dict, steps: int, lr: float, seed: int, dev_set):
+        if not (out / name / "config.json").exists():
+            state[name] = train_until(name, out, cfg, data, prof, steps, lr, seed, tokenizer, tok_dir, dev_set)
+
+    stage("base", lambda: model_stage("base", base_cfg, prof.base_steps, prof.base_lr, SEED, dev))
+    stage("aux-pretrained", lambda: model_stage("aux-pretrained", aux_cfg, prof.aux_steps, prof.base_lr, SEED + 1,
+                                                None))
+
+    def kvp_stage():
+        if not (out / "kvp" / "kvp_config.json").exists():
+            kvp_train(out / "base", out / "kvp", paths["text"], prof.kvp_steps, aux=out / "aux-pretrained",
+                      batch=prof.batch, seq_len=prof.seq_len)
+
+    stage("kvp", kvp_stage)
+    model = load(out / "kvp")
+    test = load_synthetic(paths["test"])
+    results = stage("eval", lambda: run_eval(model, test, prof, out / "eval.json"))
+    results.update(profile=args.profile, test_conversations=len(test), profile_settings=asdict(prof),
+                   base_config=base_cfg, aux_config=aux_cfg, train_sequences=state["train_sequences"],
+                   training={k: state.get(k) for k in ("base", "aux-pretrained")}, seconds=timings)
+    dest = Path(args.results)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "convworld.json").write_text(json.dumps(results, indent=1))
+    (dest / "convworld.md").write_text(markdown(results))
+    plot(results, dest / "convworld.png")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

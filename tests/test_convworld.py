@@ -1,0 +1,101 @@
+"""The conversation world (bench/convworld.py), end to end on its smoke profile: the files, the
+numbers' shapes, full KV answering as mlx-lm's own greedy generation does, the KV memory bound."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvp_mlx.bench.convworld import BASELINES, FRACTIONS, PROFILES, conversation_ids, main
+from kvp_mlx.epicache.evaluate import prompt_parts
+from kvp_mlx.epicache.loaders import load_synthetic
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("convworld")
+    out, res = root / "work", root / "results"
+    assert main(["--out", str(out), "--profile", "smoke", "--results", str(res)]) == 0
+    return out, res, json.loads((res / "convworld.json").read_text())
+
+
+def test_files_and_numbers(world):
+    out, res, results = world
+    runs = results["runs"]
+    expected = {"full"} | {f"{p}@{f}" for f in FRACTIONS for p in ("epicache", "epicache-kvp") + BASELINES}
+    assert set(runs) == expected
+    n_questions = sum(len(c.questions) for c in load_synthetic(out / "data" / "test.json"))
+    mean_hist = results["history_tokens"]["mean"]
+    for key, run in runs.items():
+        assert run["questions"] == n_questions == len(run["answers"])
+        assert 0.0 <= run["em"] <= run["f1"] <= 1.0, key  # an exact match has F1 1
+        assert run["build_seconds"] > 0 and run["peak_kv_bytes"] > 0
+        if key != "full":
+            assert run["budget"] == max(1, round(run["fraction"] * mean_hist))
+    md = (res / "convworld.md").read_text()
+    for p in ("epicache", "epicache-kvp") + BASELINES:
+        assert f"| {p} |" in md
+    assert md.count("EpiCache ") >= len(FRACTIONS)  # one standing sentence per budget
+    assert (res / "convworld.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peak_kv_is_bounded_by_budget_plus_block(world):
+    _, _, results = world
+    cfg, prof = results["base_config"], PROFILES["smoke"]
+    per_entry = 2 * cfg["head_dim"] * 4 * sum(cfg["num_kv_heads"])  # K and V, float32, over layers and heads
+    for key, run in results["runs"].items():
+        if key == "full":
+            assert run["peak_kv_bytes"] == per_entry * results["history_tokens"]["max"]
+        else:
+            assert run["peak_kv_bytes"] <= per_entry * (run["budget"] + prof.block), key
+    assert results["runs"]["streaming@0.125"]["peak_kv_bytes"] == per_entry * (
+        results["runs"]["streaming@0.125"]["budget"] + prof.block)
+
+
+def test_full_kv_answers_equal_mlx_lm_greedy_generation(world):
+    """The 'full' policy (block-wise prefill, no eviction) answers as mlx-lm's stream_generate does
+    from one plain prefill of the same history and question (greedy, up to EOS)."""
+    from mlx_lm import stream_generate
+
+    from kvp_mlx.model import load
+
+    out, _, results = world
+    model = load(out / "kvp")
+    eos = set(model.tokenizer.eos_token_ids)
+    answers = iter(results["runs"]["full"]["answers"])
+    predictions = []
+    for conv in load_synthetic(out / "data" / "test.json"):
+        history = conv.history_text()
+        for qa in conv.questions:
+            h_ids, q_ids = prompt_parts(model.tokenizer, history, qa.question)
+            ids = [r.token for r in stream_generate(model.base, model.tokenizer, h_ids + q_ids, max_tokens=8)]
+            ids = ids[: next((i for i, t in enumerate(ids) if t in eos), len(ids))]
+            prediction, gold, _ = next(answers)
+            assert gold == qa.answer
+            assert prediction == model.tokenizer.decode(ids).strip().split("\n", 1)[0].strip()
+            predictions.append(prediction)
+    assert any(predictions)  # not all an immediate EOS
+
+
+def test_training_sequences_hold_each_answer_after_its_question(world):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    out, _, _ = world
+    tokenizer = load_tokenizer(out / "tokenizer")
+    conv = load_synthetic(out / "data" / "train.json")[0]
+    ids = conversation_ids(tokenizer, conv)
+    h_ids, q_ids = prompt_parts(tokenizer, conv.history_text(), conv.questions[0].question)
+    answer = list(tokenizer.encode(conv.questions[0].answer, add_special_tokens=False))
+    assert ids[: len(h_ids) + len(q_ids) + len(answer) + 1] == h_ids + q_ids + answer + [tokenizer.eos_token_id]
+    assert ids.count(tokenizer.eos_token_id) == len(conv.questions)
+
+
+def test_rerun_skips_every_stage(world):
+    out, res, results = world
+    weights = out / "base" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert main(["--out", str(out), "--profile", "smoke", "--results", str(res)]) == 0
+    assert weights.stat().st_mtime_ns == before
+    assert json.loads((res / "convworld.json").read_text())["runs"] == results["runs"]
