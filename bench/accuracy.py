@@ -347,13 +347,14 @@ def heldout_path(toyworld: Path, given: str | None, scratch: Path) -> Path:
 
 
 def write_conversation(model: KVPModel, model_dir: str, heldout: Path, out: Path, max_files: int | None = None,
-                       windows: int = 1, name: str = "conversation-accuracy") -> dict:
+                       windows: int = 1, name: str = "conversation-accuracy",
+                       prompt_tokens: int = TURN_PROMPT_TOKENS) -> dict:
     """The conversation report on ``model`` (:func:`conversation_report`): ``out/<name>.json/.md``."""
-    conversations = conversation_samples(heldout, model.tokenizer, windows=windows)
+    conversations = conversation_samples(heldout, model.tokenizer, prompt_tokens=prompt_tokens, windows=windows)
     if max_files is not None:
         conversations = conversations[:max_files]
     if not conversations:
-        raise KVPError(f"no held-out file in {heldout} has {TURNS} x ({TURN_PROMPT_TOKENS} + "
+        raise KVPError(f"no held-out file in {heldout} has {TURNS} x ({prompt_tokens} + "
                        f"{TURN_CONTINUATION_TOKENS}) tokens")
     report = conversation_report(model, conversations, model_dir)
     report["windows_per_file"] = windows
@@ -381,14 +382,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=1,
                         help="conversations per held-out file: its first N stretches of 3 x (128 + 64) tokens "
                              "(0: all; written as conversation-accuracy-windows.json/.md when not 1)")
+    parser.add_argument("--turn-prompt-tokens", type=int, default=TURN_PROMPT_TOKENS,
+                        help=f"conversations: each turn's new message, in tokens (default {TURN_PROMPT_TOKENS}; "
+                             f"the continuation is {TURN_CONTINUATION_TOKENS}); written as <name>-prompt<N> "
+                             "when not the default")
     args = parser.parse_args(argv)
+    if args.turn_prompt_tokens < 1:
+        parser.error(f"--turn-prompt-tokens must be at least 1, got {args.turn_prompt_tokens}")
     root, out = Path(args.toyworld), Path(args.out)
     model_dir = args.model_dir or str(root / "kvp-c")
     if args.conversation:
         name = "conversation-accuracy" if args.windows == 1 else "conversation-accuracy-windows"
+        if args.turn_prompt_tokens != TURN_PROMPT_TOKENS:
+            name += f"-prompt{args.turn_prompt_tokens}"
         with tempfile.TemporaryDirectory(prefix="kvp-corpus-") as scratch:
             write_conversation(load(model_dir), model_dir, heldout_path(root, args.heldout, Path(scratch)), out,
-                               args.max_files, args.windows, name)
+                               args.max_files, args.windows, name, args.turn_prompt_tokens)
         return 0
     reference = load(root / "kvp-c")
     sets = {
