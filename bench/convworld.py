@@ -35,7 +35,7 @@ import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import numpy as np
 
 from kvp_mlx import building as mb
-from kvp_mlx.bench.toyworld import kvp_train, openelm_config, train_tokenizer
+from kvp_mlx.bench.toyworld import kvp_train, open_stages, openelm_config, train_tokenizer
 from kvp_mlx.epicache.evaluate import EvalReport, evaluate, prompt_parts
 from kvp_mlx.epicache.loaders import Conversation, load_synthetic
 from kvp_mlx.epicache.memory import POLICIES
@@ -296,21 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild every stage")
     args = parser.parse_args(argv)
     out, prof = Path(args.out), PROFILES[args.profile]
-    if args.force:
-        shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state, stage = open_stages(out, "state.json", args.force)
     state.update(profile=args.profile, seed=SEED, profile_settings=asdict(prof))
-    timings = state.setdefault("seconds", {})
-
-    def stage(name: str, fn):
-        t0 = time.perf_counter()
-        value = fn()
-        if name not in timings:
-            timings[name] = round(time.perf_counter() - t0, 1)
-        state_path.write_text(json.dumps(state, indent=1))
-        return value
 
     paths = stage("data", lambda: build_data(out / "data", prof))
     tok_dir = stage("tokenizer", lambda: train_tokenizer(paths["text"], out / "tokenizer", vocab=prof.vocab))
@@ -344,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     results = stage("eval", lambda: run_eval(model, test, prof, out / "eval.json"))
     results.update(profile=args.profile, test_conversations=len(test), profile_settings=asdict(prof),
                    base_config=base_cfg, aux_config=aux_cfg, train_sequences=state["train_sequences"],
-                   training={k: state.get(k) for k in ("base", "aux-pretrained")}, seconds=timings)
+                   training={k: state.get(k) for k in ("base", "aux-pretrained")}, seconds=state["seconds"])
     dest = Path(args.results)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "convworld.json").write_text(json.dumps(results, indent=1))

@@ -31,6 +31,7 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 
@@ -225,6 +226,28 @@ def export_demo(kvp_dir: Path, dest: Path) -> None:
     tmp.rename(dest)
 
 
+def open_stages(out: Path, state_file: str, force: bool) -> tuple[dict, Callable[[str, Callable[[], Any]], Any]]:
+    """A world's working folder (emptied with ``force``), its state (``out/state_file``, kept across
+    runs; ``state["seconds"]`` times each stage the first time it runs) and ``stage(name, fn)``, which
+    runs ``fn`` and saves the state."""
+    if force:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / state_file
+    state = json.loads(path.read_text()) if path.exists() else {}
+    timings = state.setdefault("seconds", {})
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        value = fn()
+        if name not in timings:
+            timings[name] = round(time.perf_counter() - t0, 1)
+        path.write_text(json.dumps(state, indent=2))
+        return value
+
+    return state, stage
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="models/toyworld", help="working directory (default: models/toyworld)")
@@ -242,22 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.02, help="nats per token (default 0.02)")
     args = parser.parse_args(argv)
     out, prof = Path(args.out), PROFILES[args.profile]
-    if args.force:
-        shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results, stage = open_stages(out, "results.json", args.force)
     results.update(profile=args.profile, seed=SEED, vocab=VOCAB, seq_len=SEQ_LEN, batch=BATCH,
                    base_config=BASE_CONFIG, aux_config=AUX_CONFIG, lp_layers=LP_LAYERS)
-    timings = results.setdefault("seconds", {})
-
-    def stage(name: str, fn):
-        t0 = time.perf_counter()
-        value = fn()
-        if name not in timings:
-            timings[name] = round(time.perf_counter() - t0, 1)
-        results_path.write_text(json.dumps(results, indent=2))
-        return value
+    results_path = out / "results.json"
+    timings = results["seconds"]
 
     train_jsonl, held_jsonl = stage("corpus", lambda: build_corpus(out / "corpus"))
     tok_dir = stage("tokenizer", lambda: train_tokenizer(train_jsonl, out / "tokenizer"))
