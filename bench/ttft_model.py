@@ -12,7 +12,7 @@ of the layers it runs (a one-token base step does little else). The model sums f
 
 The calibration (:func:`calibrate_for`, well under a minute) measures the costs of scores and SwiGLU
 elements with micro-benchmarks and fits FLOP/s, bytes/s and the overhead per layer call to timed
-chunks and one-token steps through two of each model's own layers (random weights), so the rates
+chunks and one-token steps through four of each model's own layers (random weights), so the rates
 hold at the shapes the models run.
 FLOPs and attention scores are the methods' declared costs (``PrefillMethod.cost``); the other
 counts (SwiGLU elements, weight bytes read, layer calls) come from the same model shapes and the
@@ -289,8 +289,9 @@ def micro_costs(
             "matmul_flops_per_s": matmul_flops_per_s}
 
 
-def layer_runs(model: nn.Module, chunk: int, repeats: int = 3, n_layers: int = 2) -> list[tuple[Work, float]]:
-    """Timed forwards through ``n_layers`` of ``model``'s own layers (evenly spaced; random weights
+def layer_runs(model: nn.Module, chunk: int, repeats: int = 3, n_layers: int = 4,
+               step_repeats: int = 10) -> list[tuple[Work, float]]:
+    """Timed forwards through ``n_layers`` (at most) of ``model``'s own layers (evenly spaced; random weights
     where the model has none yet), with an mlx-lm cache, and their counts: a prefill chunk of
     ``chunk`` tokens, one of ``chunk // 2`` after ``chunk`` cached, and a one-token step after ``chunk``."""
     from mlx.utils import tree_flatten
@@ -328,7 +329,7 @@ def layer_runs(model: nn.Module, chunk: int, repeats: int = 3, n_layers: int = 2
             for c in caches:
                 c.trim(tokens)
 
-        seconds = _best_time(run, repeats)
+        seconds = _best_time(run, step_repeats if tokens == 1 else repeats)  # a step is quick: more tries
         keys = offset + tokens
         work = Work(flops=sum((ls.kv_proj + ls.other_proj) * tokens + ls.attention(tokens, keys) for ls in shapes),
                     bytes_read=sum(nbytes), scores=sum(ls.scores(tokens, keys) for ls in shapes),
@@ -366,7 +367,7 @@ def calibrate_for(
 ) -> Calibration:
     """Calibrate at ``model``'s shapes (and those of the models in ``also``, e.g. an auxiliary):
     micro-benchmarks for attention scores and SwiGLU elements (:func:`micro_costs`), then FLOP/s,
-    bytes/s and the overhead per layer call fitted to timed chunks and steps through two layers of
+    bytes/s and the overhead per layer call fitted to timed chunks and steps through four layers of
     each model (:func:`layer_runs`)."""
     from kvp_mlx.adapters import attention_modules, kv_shapes
     from kvp_mlx.runtime_env import dtype_name

@@ -109,7 +109,7 @@ def test_pareto_front():
 def test_fit_rates_recovers_a_known_machine(llama):
     """Times made by a known calibration from the counts of real layer runs give back its rates."""
     _, model = llama
-    runs = tm.layer_runs(model, chunk=16, repeats=1)
+    runs = tm.layer_runs(model, chunk=16, repeats=1, n_layers=2)
     assert [w.layer_calls for w, _ in runs] == [2, 2, 2]
     assert runs[0][0].bytes_read == tm.layer_bytes(model)[0] + tm.layer_bytes(model)[2]
     other = tm.layer_runs(tm.pair_shapes("kvp-c-270m").aux, chunk=16, repeats=1)  # other shapes, other bytes
@@ -124,7 +124,7 @@ def test_fit_rates_recovers_a_known_machine(llama):
 def test_layer_runs_count_what_they_run(llama):
     _, model = llama
     shape = model_shape(model)
-    (fill, _), (half, _), (step, _) = tm.layer_runs(model, chunk=16, repeats=1)
+    (fill, _), (half, _), (step, _) = tm.layer_runs(model, chunk=16, repeats=1, n_layers=2)
     layers = [shape.layers[i] for i in (0, 2)]  # two of three layers, evenly spaced
     assert fill.flops == sum((ls.kv_proj + ls.other_proj) * 16 + ls.attention(16, 16) for ls in layers)
     assert half.scores == sum(ls.scores(8, 24) for ls in layers)
