@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -263,8 +264,12 @@ def markdown(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
+def plot(results: dict, path: Path) -> bool:
+    """The accuracy-vs-budget plot; False (nothing written) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -285,6 +290,7 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "convworld.json").write_text(json.dumps(results, indent=1))
     (dest / "convworld.md").write_text(markdown(results))
-    plot(results, dest / "convworld.png")
+    if not plot(results, dest / "convworld.png"):
+        print("note: no plot (it needs matplotlib: pip install 'kvp-mlx[bench]')", file=sys.stderr)
     print(markdown(results))
     return 0
 

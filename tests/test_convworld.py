@@ -38,7 +38,12 @@ def test_files_and_numbers(world):
     for p in ("epicache", "epicache-kvp") + BASELINES:
         assert f"| {p} |" in md
     assert md.count("EpiCache ") >= len(FRACTIONS)  # one standing sentence per budget
-    assert (res / "convworld.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    try:
+        import matplotlib  # noqa: F401  (the bench extra; CI installs only the test extra)
+    except ImportError:
+        assert not (res / "convworld.png").exists()
+    else:
+        assert (res / "convworld.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_peak_kv_is_bounded_by_budget_plus_block(world):
