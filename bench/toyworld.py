@@ -199,6 +199,9 @@ def reuse_base(source: Path, out: Path, tok_dir: Path, held: Batches) -> dict:
     """The base taken from ``source`` (cast to float32) instead of pretrained, with the world's tokenizer."""
     import mlx.core as mx
 
+    if not (source / "config.json").is_file() or not (source / "tokenizer.model").is_file():
+        raise SystemExit(f"--base-from {source}: not a model directory with a SentencePiece tokenizer "
+                         "(config.json and tokenizer.model)")
     if tokenizer_fingerprint(source / "tokenizer.model") != tokenizer_fingerprint(tok_dir / "tokenizer.model"):
         raise SystemExit(f"--base-from {source}: its tokenizer is not this world's (different fingerprint)")
     model, _, config = load_lm(source)
@@ -286,10 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg = init() if init else (mb.build_model(config, seed=seed), config)
         results[name] = train_lm(model, cfg, data, held, steps, lr, out / name, tok_dir, name)
 
-    if args.base_from and not (out / "base" / "config.json").exists():
-        stage("base", lambda: results.__setitem__("base", reuse_base(Path(args.base_from), out / "base", tok_dir,
-                                                                     held)))
-    stage("base", lambda: pretrain("base", BASE_CONFIG, prof.base_steps, 2e-3, SEED))
+    def make_base() -> None:
+        if args.base_from and not (out / "base" / "config.json").exists():
+            results["base"] = reuse_base(Path(args.base_from), out / "base", tok_dir, held)
+        pretrain("base", BASE_CONFIG, prof.base_steps, 2e-3, SEED)  # nothing to do once the base exists
+
+    stage("base", make_base)
     stage("aux-pretrained", lambda: pretrain("aux-pretrained", AUX_CONFIG, prof.aux_steps, 3e-3, SEED + 1))
     corpus = out / "corpus" / "train.jsonl"
     for name, kw in (

@@ -303,8 +303,9 @@ def layer_runs(model: nn.Module, chunk: int, repeats: int = 3, n_layers: int = 4
     picked = sorted({min(n - 1, (2 * i + 1) * n // (2 * n_layers)) for i in range(n_layers)})
     layers = [model.layers[i] for i in picked]
     shapes = [shape.layers[i] for i in picked]
-    widths = [swiglu_widths(model)[i] for i in picked]
-    nbytes = [layer_bytes(model)[i] for i in picked]
+    all_widths, all_bytes = swiglu_widths(model), layer_bytes(model)
+    widths = [all_widths[i] for i in picked]
+    nbytes = [all_bytes[i] for i in picked]
     dtype = next(v.dtype for _, v in tree_flatten(layers[0].parameters()))  # type: ignore[str-unpack, union-attr]
     mx.eval([layer.parameters() for layer in layers])
     dim = _hidden(model)
