@@ -4,13 +4,16 @@
 
 1. data: synthetic multi-session conversations between two speakers (kvp_mlx.epicache.synthetic
    ``world_conversations``): each session on one topic, facts (names, places, dates, possessions,
-   plans) stated once among filler, one question per fact (one- or two-word answers). Train, dev
-   (stopping rule) and test splits in the ``synthetic`` format; the train split as text too;
+   plans) stated once among filler, one question per fact (one- or two-word answers), in cloze form
+   (the question quotes the statement up to the value: a model this small, trained this briefly, at
+   chance on the natural questions, learns these). Train, dev (stopping rule) and test splits in the
+   ``synthetic`` format; the train split as text too;
 2. a SentencePiece BPE tokenizer (toyworld's recipe) on the train text;
-3. an OpenELM base trained with the project's loop (``training.loop.train`` + ``lm_loss``) on one
-   conversation per sequence (the history, then every question with its answer and EOS, tokenised
-   as ``kvp-mlx conv-eval`` prompts them), until full-KV exact match on dev reaches the target or
-   the step limit; a smaller auxiliary pretrained alone, then KV Prediction (``kvp-mlx train``);
+3. an OpenELM base trained with the project's loop (``training.loop.train`` + ``targeted_lm_loss``:
+   LM CE plus ``answer_weight`` x the CE of the answer tokens) on one conversation per sequence (the
+   history, then every question with its answer and EOS, tokenised as ``kvp-mlx conv-eval`` prompts
+   them), until full-KV exact match on dev reaches the target or the step limit; a smaller
+   auxiliary pretrained alone, then KV Prediction (``kvp-mlx train``);
 4. evaluation on the test split with ``kvp_mlx.epicache.evaluate``: full KV, then every policy at
    budgets of 1/8, 1/4, 1/2 of the mean history length (entries per KV head per layer): exact match,
    F1, peak KV bytes, build (offline) and answer time; EpiCache with KV-Prediction-built episodes
@@ -44,7 +47,7 @@ from kvp_mlx.epicache.synthetic import world_conversations
 from kvp_mlx.model import KVPModel, load
 from kvp_mlx.training.data import Batches
 from kvp_mlx.training.loop import TrainConfig, train
-from kvp_mlx.training.losses import lm_loss
+from kvp_mlx.training.losses import targeted_lm_loss
 
 SEED = 0
 FRACTIONS = (0.125, 0.25, 0.5)
@@ -73,18 +76,17 @@ class Profile:
     episodes: int
     medoids: int
     window: int
+    answer_weight: float = 5.0  # the base's loss: LM CE + this x CE on the answer tokens
+    cloze: bool = True  # questions quote the fact's statement up to its value (synthetic.cloze_question)
+    distinct_cues: bool = True  # no two facts of a conversation share the word before their value
 
 
 PROFILES = {
-    "full": Profile(train_convs=12000, dev_convs=8, test_convs=40, sessions=6, filler=2, vocab=1024, seq_len=1024,
-                    base=(4, 128, 2, 1, 4.0), aux=(2, 64, 1, 1, 2.0), batch=8, base_steps=3000, base_lr=3e-3,
-                    check_every=50, target_em=0.9, aux_steps=300, kvp_steps=150, block=64, episodes=4, medoids=2,
+    # three sessions per conversation (histories of ~330 tokens; ~460 with the questions and answers)
+    "full": Profile(train_convs=12000, dev_convs=16, test_convs=40, sessions=3, filler=2, vocab=1024, seq_len=512,
+                    base=(4, 128, 2, 1, 4.0), aux=(2, 64, 1, 1, 2.0), batch=8, base_steps=1500, base_lr=3e-3,
+                    check_every=100, target_em=0.9, aux_steps=150, kvp_steps=80, block=32, episodes=3, medoids=2,
                     window=4),
-    # the feasibility scale: three sessions per conversation (histories of ~350 tokens)
-    "scaled": Profile(train_convs=12000, dev_convs=8, test_convs=40, sessions=3, filler=2, vocab=1024, seq_len=512,
-                      base=(4, 128, 2, 1, 4.0), aux=(2, 64, 1, 1, 2.0), batch=8, base_steps=1500, base_lr=3e-3,
-                      check_every=50, target_em=0.9, aux_steps=150, kvp_steps=80, block=32, episodes=3, medoids=2,
-                      window=4),
     "smoke": Profile(train_convs=40, dev_convs=2, test_convs=2, sessions=2, filler=1, vocab=400, seq_len=512,
                      # a tiny learning rate: the smoke models stay near their random init, whose answers are
                      # not all an immediate EOS (so comparing decodes means something)
@@ -110,7 +112,8 @@ def build_data(out: Path, prof: Profile) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     sizes = {"train": prof.train_convs, "dev": prof.dev_convs, "test": prof.test_convs}
     for seed, (name, n) in enumerate(sizes.items(), start=1):
-        convs = world_conversations(n, seed=seed, sessions=prof.sessions, filler=prof.filler)
+        convs = world_conversations(n, seed=seed, sessions=prof.sessions, filler=prof.filler, cloze=prof.cloze,
+                                    distinct_cues=prof.distinct_cues)
         paths[name].write_text(json.dumps(convs))
     with open(paths["text"], "w") as f:
         for conv in load_synthetic(paths["train"]):
@@ -118,21 +121,29 @@ def build_data(out: Path, prof: Profile) -> dict[str, Path]:
     return paths
 
 
-def conversation_ids(tokenizer: Any, conv: Conversation) -> list[int]:
-    """The history as ``conv-eval`` prompts it, then each question's prompt, answer and EOS."""
+def conversation_ids(tokenizer: Any, conv: Conversation) -> tuple[list[int], list[int]]:
+    """The history as ``conv-eval`` prompts it, then each question's prompt, answer and EOS; with a
+    0/1 mark per token: 1 on the answers and their EOS."""
     history = conv.history_text()
     ids, _ = prompt_parts(tokenizer, history, "")
+    marks = [0] * len(ids)
     for qa in conv.questions:
         _, q_ids = prompt_parts(tokenizer, "", qa.question)  # the question's ids do not depend on the history
-        ids += q_ids + list(tokenizer.encode(qa.answer, add_special_tokens=False)) + [tokenizer.eos_token_id]
-    return ids
+        answer = list(tokenizer.encode(qa.answer, add_special_tokens=False)) + [tokenizer.eos_token_id]
+        ids += q_ids + answer
+        marks += [0] * len(q_ids) + [1] * len(answer)
+    return ids, marks
 
 
 def sequences(tokenizer: Any, convs: list[Conversation], seq_len: int) -> np.ndarray:
-    """[N, seq_len + 1]: one conversation per row, padded with EOS (longer ones are skipped)."""
-    eos = tokenizer.eos_token_id
-    rows = [ids + [eos] * (seq_len + 1 - len(ids)) for ids in (conversation_ids(tokenizer, c) for c in convs)
-            if len(ids) <= seq_len + 1]
+    """[N, 2, seq_len + 1]: one conversation per row (ids, then the answer marks), padded with EOS
+    (marked 0); longer conversations are skipped."""
+    eos, rows = tokenizer.eos_token_id, []
+    for conv in convs:
+        ids, marks = conversation_ids(tokenizer, conv)
+        pad = seq_len + 1 - len(ids)
+        if pad >= 0:
+            rows.append([ids + [eos] * pad, marks + [0] * pad])
     if not rows:
         raise SystemExit(f"no conversation fits in {seq_len + 1} tokens")
     return np.asarray(rows, dtype=np.int32)
@@ -151,6 +162,10 @@ def train_until(name: str, out: Path, config: dict, data: Batches, prof: Profile
     """Train a fresh model with the project's loop; with ``dev``, check full-KV exact match every
     ``check_every`` steps and stop at ``target_em``. Resumes from ``<name>.train/checkpoint``."""
     model = mb.build_model(config, seed=seed)
+
+    def loss(batch):
+        return targeted_lm_loss(model, batch, prof.answer_weight)
+
     every = prof.check_every if dev is not None else max(steps, 1)
     cfg = TrainConfig(steps=steps, learning_rate=lr, warmup_steps=min(100, steps), eval_every=max(steps, 1),
                       save_every=every, seed=SEED)
@@ -165,11 +180,11 @@ def train_until(name: str, out: Path, config: dict, data: Batches, prof: Profile
             step = int(json.loads(ckpt.read_text())["step"])
         if step >= steps or (log and log[-1]["em"] >= prof.target_em):
             if resume:  # load the last checkpoint's weights
-                history = train(model, lambda b: lm_loss(model, b), data, cfg, checkpoint_dir=work, resume=True,
+                history = train(model, loss, data, cfg, checkpoint_dir=work, resume=True,
                                 desc=name, stop_after=step)
             break
         tic = time.perf_counter()
-        history = train(model, lambda b: lm_loss(model, b), data, cfg, checkpoint_dir=work, resume=resume, desc=name,
+        history = train(model, loss, data, cfg, checkpoint_dir=work, resume=resume, desc=name,
                         stop_after=min(steps, step + every))
         seconds = time.perf_counter() - tic
         step = min(steps, step + every)

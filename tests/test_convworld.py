@@ -90,11 +90,18 @@ def test_training_sequences_hold_each_answer_after_its_question(world):
     out, _, _ = world
     tokenizer = load_tokenizer(out / "tokenizer")
     conv = load_synthetic(out / "data" / "train.json")[0]
-    ids = conversation_ids(tokenizer, conv)
+    ids, marks = conversation_ids(tokenizer, conv)
     h_ids, q_ids = prompt_parts(tokenizer, conv.history_text(), conv.questions[0].question)
     answer = list(tokenizer.encode(conv.questions[0].answer, add_special_tokens=False))
-    assert ids[: len(h_ids) + len(q_ids) + len(answer) + 1] == h_ids + q_ids + answer + [tokenizer.eos_token_id]
+    first = len(h_ids) + len(q_ids)
+    assert ids[: first + len(answer) + 1] == h_ids + q_ids + answer + [tokenizer.eos_token_id]
     assert ids.count(tokenizer.eos_token_id) == len(conv.questions)
+    # the answers and their EOS are marked, nothing else
+    assert len(marks) == len(ids) and marks[: first] == [0] * first and marks[first: first + len(answer) + 1] == [1] * (
+        len(answer) + 1)
+    assert sum(marks) == sum(len(tokenizer.encode(qa.answer, add_special_tokens=False)) + 1 for qa in conv.questions)
+    # the questions quote the statement whose value they ask for (cloze)
+    assert all(qa.question.split('"')[1] in conv.history_text() for qa in conv.questions)
 
 
 def test_rerun_skips_every_stage(world):
@@ -104,3 +111,24 @@ def test_rerun_skips_every_stage(world):
     assert main(["--out", str(out), "--profile", "smoke", "--results", str(res)]) == 0
     assert weights.stat().st_mtime_ns == before
     assert json.loads((res / "convworld.json").read_text())["runs"] == results["runs"]
+
+
+def test_world_conversations_with_distinct_cues():
+    """Every fact is stated once, word for word, and answered by its question; with distinct cues no
+    two facts of a conversation share the word before their value; cloze questions quote it."""
+    import re
+
+    from kvp_mlx.epicache.synthetic import WORLD_TOPICS, cue_word, world_conversations
+
+    templates = [f.statement for t in WORLD_TOPICS.values() for f in t.facts]
+    assert len({cue_word(s) for s in templates}) < len(templates)  # so the option has work to do
+    for conv in world_conversations(50, seed=3, sessions=3, filler=2, cloze=True, distinct_cues=True):
+        assert len(conv["sessions"]) == 3
+        lines = [t["text"] for s in conv["sessions"] for t in s["turns"]]
+        cues = []
+        for qa in conv["qa"]:
+            quote = re.fullmatch(r'How did \w+ finish "(.*)"\?', qa["question"]).group(1)
+            stated = [ln for ln in lines if ln.startswith(quote + " " + qa["answer"])]
+            assert len(stated) == 1, (quote, qa["answer"])
+            cues.append(quote.split()[-1])
+        assert len(cues) == len(set(cues)) >= 3

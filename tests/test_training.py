@@ -227,3 +227,28 @@ def test_training_with_exact_prefixes_lowers_the_loss(pair):
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
     saved = json.loads((pair["root"] / "mixed" / "training.json").read_text())
     assert saved["config"]["loss"]["exact_prefix_fraction"] == 0.5
+
+
+def test_targeted_lm_loss_adds_the_ce_of_the_marked_tokens(pair):
+    """``targeted_lm_loss`` = lm_loss + w x the mean CE over the marked targets (numpy reference)."""
+    import numpy as np
+
+    from kvp_mlx.model import load_lm
+    from kvp_mlx.training.losses import lm_loss, targeted_lm_loss
+
+    base, _, _ = load_lm(pair["base"])
+    ids = mx.random.randint(0, VOCAB, (2, 10), key=mx.random.key(7))
+    marks = mx.zeros_like(ids).at[0, 3].add(1).at[1, 7].add(1).at[1, 8].add(1)
+    batch = mx.stack([ids, marks], axis=1)  # [B, 2, T + 1]
+    plain, _ = lm_loss(base, ids, z_weight=0)
+    loss, metrics = targeted_lm_loss(base, batch, 4.0, z_weight=0)
+    logits = np.array(base(ids[:, :-1]).astype(mx.float32))
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    target = np.array(ids[:, 1:])
+    ce = -np.take_along_axis(logp, target[..., None], -1)[..., 0]
+    marked = ce[[0, 1, 1], [2, 6, 7]].mean()  # mark at position t is the target of position t - 1
+    assert abs(metrics["target_ce"].item() - marked) < 1e-4
+    assert abs(loss.item() - (plain.item() + 4.0 * marked)) < 1e-4
+    unmarked, _ = targeted_lm_loss(base, mx.stack([ids, mx.zeros_like(ids)], axis=1), 4.0, z_weight=0)
+    assert abs(unmarked.item() - plain.item()) < 1e-5

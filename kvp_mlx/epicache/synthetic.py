@@ -184,27 +184,59 @@ def _value(rng: random.Random, pool: list[str] | str) -> str:
     return rng.choice(list(pool))
 
 
+def cloze_question(statement: str, speaker: str) -> str:
+    """The fill-in form of a fact's question: the statement's words up to the value."""
+    return f'How did {speaker} finish "{statement.split("{x}", 1)[0].strip()}"?'
+
+
+def cue_word(statement: str) -> str:
+    """The word right before a statement's value (``... is called {x}`` -> ``called``)."""
+    return statement.split("{x}", 1)[0].split()[-1]
+
+
+def _pick_facts(rng: random.Random, names: list[str], sessions: int, per_session: int,
+                distinct_cues: bool) -> list[tuple[str, list[FactTemplate]]]:
+    """(topic, facts) per session; with ``distinct_cues`` no two facts share a ``cue_word`` (a session
+    then states the facts of its topic whose cue is still free, at least one)."""
+    if not distinct_cues:
+        chosen = rng.sample(names, min(sessions, len(names)))
+        return [(t, rng.sample(WORLD_TOPICS[t].facts, min(per_session, len(WORLD_TOPICS[t].facts))))
+                for t in chosen]
+    order, used, out = rng.sample(names, len(names)), set[str](), []
+    for topic in order:
+        facts = [f for f in WORLD_TOPICS[topic].facts if cue_word(f.statement) not in used]
+        if len(out) == sessions or not facts:
+            continue
+        picked = rng.sample(facts, min(per_session, len(facts)))
+        used.update(cue_word(f.statement) for f in picked)
+        out.append((topic, picked))
+    return out
+
+
 def world_conversation(seed: int, sessions: int = 6, facts_per_session: int = 2, filler: int = 5,
-                       topics: Sequence[str] | None = None) -> dict[str, Any]:
+                       topics: Sequence[str] | None = None, cloze: bool = False,
+                       distinct_cues: bool = False) -> dict[str, Any]:
     """One conversation of the world in the ``synthetic`` format: two speakers, ``sessions`` sessions
     each on its own topic, ``facts_per_session`` facts stated once among ``filler`` topic or generic
     lines; one question per fact (a one- or two-word answer), with its ``category`` (the fact's kind)
-    and ``session``."""
+    and ``session``. With ``cloze`` each question quotes its statement up to the value instead; with
+    ``distinct_cues`` no two facts of a conversation have the same word before their value (so the
+    quote's last word finds its fact)."""
     rng = random.Random(seed)
     a, b = rng.sample(NAMES, 2)
     names = sorted(WORLD_TOPICS) if topics is None else list(topics)
-    chosen = rng.sample(names, min(sessions, len(names)))
     out_sessions, qa = [], []
-    for s, topic in enumerate(chosen):
+    for s, (topic, facts) in enumerate(_pick_facts(rng, names, sessions, facts_per_session, distinct_cues)):
         t = WORLD_TOPICS[topic]
         opener = rng.choice([a, b])
         other = b if opener == a else a
         lines: list[tuple[str, str]] = []
-        for fact in rng.sample(t.facts, min(facts_per_session, len(t.facts))):
+        for fact in facts:
             speaker = rng.choice([a, b])
             x = _value(rng, fact.pool)
             lines.append((speaker, fact.statement.format(x=x)))
-            qa.append({"question": fact.question.format(p=speaker), "answer": x, "category": fact.kind,
+            question = cloze_question(fact.statement, speaker) if cloze else fact.question.format(p=speaker)
+            qa.append({"question": question, "answer": x, "category": fact.kind,
                        "session": s})
         talk = rng.sample(t.filler, min(filler, len(t.filler)))
         for line in talk:

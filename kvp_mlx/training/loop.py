@@ -110,7 +110,7 @@ def train(
         optimizer.update(module, grads)
         mx.eval(module.parameters(), optimizer.state, loss, metrics)
         step += 1
-        tokens_seen += batch[:, :-1].size
+        tokens_seen += batch.shape[0] * (batch.shape[-1] - 1)  # [B, T + 1] or [B, channels, T + 1]
         record = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
         if eval_fn is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
             record["eval_ce"] = eval_fn()

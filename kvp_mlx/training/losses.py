@@ -39,6 +39,22 @@ def lm_loss(model: nn.Module, batch: mx.array, z_weight: float = 1e-4) -> tuple[
     return loss, {"ce": ce}
 
 
+def targeted_lm_loss(model: nn.Module, batch: mx.array, target_weight: float,
+                     z_weight: float = 1e-4) -> tuple[mx.array, dict]:
+    """``lm_loss`` plus ``target_weight`` times the CE over marked tokens: ``batch`` [B, 2, T + 1] holds
+    token ids in row 0 and a 0/1 mark per token in row 1 (e.g. the answers of a question-answering
+    corpus, so that the signal a small model must learn from is not drowned in easy text)."""
+    ids, marks = batch[:, 0], batch[:, 1, 1:].astype(mx.float32)
+    logits = model(ids[:, :-1])
+    per_token = nn.losses.cross_entropy(logits, ids[:, 1:], reduction="none")
+    ce = per_token.mean()
+    target_ce = (per_token * marks).sum() / mx.maximum(marks.sum(), 1.0)
+    loss = ce + target_weight * target_ce
+    if z_weight:
+        loss = loss + z_weight * z_loss(logits)
+    return loss, {"ce": ce, "target_ce": target_ce}
+
+
 class KVPTrainable(nn.Module):
     """What a KV Prediction run trains: the auxiliary model (possibly frozen) and the predictor."""
 
