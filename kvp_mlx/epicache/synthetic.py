@@ -202,7 +202,8 @@ def _pick_facts(rng: random.Random, names: list[str], sessions: int, per_session
         chosen = rng.sample(names, min(sessions, len(names)))
         return [(t, rng.sample(WORLD_TOPICS[t].facts, min(per_session, len(WORLD_TOPICS[t].facts))))
                 for t in chosen]
-    order, used, out = rng.sample(names, len(names)), set[str](), []
+    order, used = rng.sample(names, len(names)), set[str]()
+    out: list[tuple[str, list[FactTemplate]]] = []
     for topic in order:
         facts = [f for f in WORLD_TOPICS[topic].facts if cue_word(f.statement) not in used]
         if len(out) == sessions or not facts:
