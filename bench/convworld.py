@@ -5,8 +5,9 @@
 1. data: synthetic multi-session conversations between two speakers (kvp_mlx.epicache.synthetic
    ``world_conversations``): each session on one topic, facts (names, places, dates, possessions,
    plans) stated once among filler, one question per fact (one- or two-word answers), in cloze form
-   (the question quotes the statement up to the value: a model this small, trained this briefly, at
-   chance on the natural questions, learns these). Train, dev (stopping rule) and test splits in the
+   (the question quotes the statement up to the value; no two facts share the word before their
+   value): a model this small learns these faster than the natural questions (first answer token
+   right 38% vs 16% after about 1,000 steps). Train, dev (stopping rule) and test splits in the
    ``synthetic`` format; the train split as text too;
 2. a SentencePiece BPE tokenizer (toyworld's recipe) on the train text;
 3. an OpenELM base trained with the project's loop (``training.loop.train`` + ``targeted_lm_loss``:
