@@ -31,7 +31,8 @@ def conversation(seed: int, sessions: int = 5, filler: int = 3) -> dict[str, Any
     rng = random.Random(seed)
     a, b = rng.sample(NAMES, 2)
     topics = rng.sample(sorted(TOPICS), min(sessions, len(TOPICS)))
-    out_sessions, qa = [], []
+    out_sessions: list[dict[str, Any]] = []
+    qa: list[dict[str, Any]] = []
     for s, topic in enumerate(topics):
         statement, question, answers = TOPICS[topic][0]
         speaker = rng.choice([a, b])
@@ -184,34 +185,19 @@ def _value(rng: random.Random, pool: list[str] | str) -> str:
     return rng.choice(list(pool))
 
 
+def statement_prefix(statement: str) -> str:
+    """A fact statement's words before its value (``My new boss is called {x}.`` -> ``My new boss is called``)."""
+    return statement.split("{x}", 1)[0].strip()
+
+
 def cloze_question(statement: str, speaker: str) -> str:
     """The fill-in form of a fact's question: the statement's words up to the value."""
-    return f'How did {speaker} finish "{statement.split("{x}", 1)[0].strip()}"?'
+    return f'How did {speaker} finish "{statement_prefix(statement)}"?'
 
 
 def cue_word(statement: str) -> str:
     """The word right before a statement's value (``... is called {x}`` -> ``called``)."""
-    return statement.split("{x}", 1)[0].split()[-1]
-
-
-def _pick_facts(rng: random.Random, names: list[str], sessions: int, per_session: int,
-                distinct_cues: bool) -> list[tuple[str, list[FactTemplate]]]:
-    """(topic, facts) per session; with ``distinct_cues`` no two facts share a ``cue_word`` (a session
-    then states the facts of its topic whose cue is still free, at least one)."""
-    if not distinct_cues:
-        chosen = rng.sample(names, min(sessions, len(names)))
-        return [(t, rng.sample(WORLD_TOPICS[t].facts, min(per_session, len(WORLD_TOPICS[t].facts))))
-                for t in chosen]
-    order, used = rng.sample(names, len(names)), set[str]()
-    out: list[tuple[str, list[FactTemplate]]] = []
-    for topic in order:
-        facts = [f for f in WORLD_TOPICS[topic].facts if cue_word(f.statement) not in used]
-        if len(out) == sessions or not facts:
-            continue
-        picked = rng.sample(facts, min(per_session, len(facts)))
-        used.update(cue_word(f.statement) for f in picked)
-        out.append((topic, picked))
-    return out
+    return statement_prefix(statement).split()[-1]
 
 
 def world_conversation(seed: int, sessions: int = 6, facts_per_session: int = 2, filler: int = 5,
@@ -226,13 +212,26 @@ def world_conversation(seed: int, sessions: int = 6, facts_per_session: int = 2,
     rng = random.Random(seed)
     a, b = rng.sample(NAMES, 2)
     names = sorted(WORLD_TOPICS) if topics is None else list(topics)
-    out_sessions, qa = [], []
-    for s, (topic, facts) in enumerate(_pick_facts(rng, names, sessions, facts_per_session, distinct_cues)):
+    # with distinct cues every topic is a candidate, in random order, and a session states the facts
+    # of its topic whose cue word is still free (at least one)
+    order = rng.sample(names, len(names) if distinct_cues else min(sessions, len(names)))
+    used: set[str] = set()
+    out_sessions: list[dict[str, Any]] = []
+    qa: list[dict[str, Any]] = []
+    for topic in order:
+        if len(out_sessions) == sessions:
+            break
         t = WORLD_TOPICS[topic]
+        free = [f for f in t.facts if cue_word(f.statement) not in used]
+        if not free:
+            continue
+        s = len(out_sessions)
         opener = rng.choice([a, b])
         other = b if opener == a else a
         lines: list[tuple[str, str]] = []
-        for fact in facts:
+        for fact in rng.sample(free, min(facts_per_session, len(free))):
+            if distinct_cues:
+                used.add(cue_word(fact.statement))
             speaker = rng.choice([a, b])
             x = _value(rng, fact.pool)
             lines.append((speaker, fact.statement.format(x=x)))
