@@ -5,11 +5,17 @@
 1. data: synthetic multi-session conversations between two speakers (kvp_mlx.epicache.synthetic
    ``world_conversations``): each session on one topic, facts (names, places, dates, possessions,
    plans) stated once among filler, one question per fact (one- or two-word answers), in cloze form
-   (the question quotes the statement up to the value; no two facts share the word before their
-   value): a model this small learns these faster than the natural questions (first answer token
-   right 38% vs 16% after about 1,000 steps). Train, dev (stopping rule) and test splits in the
-   ``synthetic`` format; the train split as text too;
-2. a SentencePiece BPE tokenizer (toyworld's recipe) on the train text;
+   (``Finish what Chen said: My new boss``, the statement up to its value; the value's cue word
+   occurs once in the history), asked in random order (in the facts' order, a base trained on every
+   question of a conversation in a row answered the next question with the next fact: first answer
+   token right 96% in that layout, 40% for a question asked alone, as ``conv-eval`` asks it). Train,
+   dev (stopping rule) and test splits in the ``synthetic`` format; the train split as text too;
+2. a SentencePiece BPE tokenizer (toyworld's recipe) on the train text, with pieces that join letters and
+   punctuation, so that ``conv-eval``'s answer cue ``Answer:`` is one token: the question's last word
+   then sits right before the answer, as it sits right before the value in the history, and the
+   answer is a copy of what followed that word. (An earlier form, a quoted question ending in
+   ``"?`` with ``Answer`` and ``:`` two tokens, and cue words that also occurred in the filler,
+   reached dev exact match 0.24 after 1,500 steps.)
 3. an OpenELM base trained with the project's loop (``training.loop.train`` + ``targeted_lm_loss``:
    LM CE plus ``answer_weight`` x the CE of the answer tokens) on one conversation per sequence (the
    history, then every question with its answer and EOS, tokenised as ``kvp-mlx conv-eval`` prompts
@@ -79,13 +85,12 @@ class Profile:
     window: int
     answer_weight: float = 5.0  # the base's loss: LM CE + this x CE on the answer tokens
     cloze: bool = True  # questions quote the fact's statement up to its value (synthetic.cloze_question)
-    distinct_cues: bool = True  # no two facts of a conversation share the word before their value
 
 
 PROFILES = {
-    # three sessions per conversation (histories of ~330 tokens; ~460 with the questions and answers)
-    "full": Profile(train_convs=12000, dev_convs=16, test_convs=40, sessions=3, filler=2, vocab=1024, seq_len=512,
-                    base=(4, 128, 2, 1, 4.0), aux=(2, 64, 1, 1, 2.0), batch=8, base_steps=1500, base_lr=3e-3,
+    # three sessions per conversation (histories of ~230 tokens; ~310 with the questions and answers)
+    "full": Profile(train_convs=12000, dev_convs=16, test_convs=40, sessions=3, filler=2, vocab=1536, seq_len=384,
+                    base=(4, 128, 2, 1, 4.0), aux=(2, 64, 1, 1, 2.0), batch=8, base_steps=1600, base_lr=3e-3,
                     check_every=100, target_em=0.9, aux_steps=150, kvp_steps=80, block=32, episodes=3, medoids=2,
                     window=4),
     "smoke": Profile(train_convs=40, dev_convs=2, test_convs=2, sessions=2, filler=1, vocab=400, seq_len=512,
@@ -113,8 +118,7 @@ def build_data(out: Path, prof: Profile) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     sizes = {"train": prof.train_convs, "dev": prof.dev_convs, "test": prof.test_convs}
     for seed, (name, n) in enumerate(sizes.items(), start=1):
-        convs = world_conversations(n, seed=seed, sessions=prof.sessions, filler=prof.filler, cloze=prof.cloze,
-                                    distinct_cues=prof.distinct_cues)
+        convs = world_conversations(n, seed=seed, sessions=prof.sessions, filler=prof.filler, cloze=prof.cloze)
         paths[name].write_text(json.dumps(convs))
     with open(paths["text"], "w") as f:
         for conv in load_synthetic(paths["train"]):
@@ -322,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     state.update(profile=args.profile, seed=SEED, profile_settings=asdict(prof))
 
     paths = stage("data", lambda: build_data(out / "data", prof))
-    tok_dir = stage("tokenizer", lambda: train_tokenizer(paths["text"], out / "tokenizer", vocab=prof.vocab))
+    tok_dir = stage("tokenizer", lambda: train_tokenizer(paths["text"], out / "tokenizer", vocab=prof.vocab,
+                                                         split_by_script=False))
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     tokenizer = load_tokenizer(tok_dir)

@@ -105,8 +105,9 @@ def build_corpus(out: Path, heldout_fraction: float = 0.05) -> tuple[Path, Path]
     return train_path, held_path
 
 
-def train_tokenizer(train_jsonl: Path, out: Path, vocab: int = VOCAB) -> Path:
-    """SentencePiece BPE (byte fallback) on the train split, turned into files mlx-lm loads."""
+def train_tokenizer(train_jsonl: Path, out: Path, vocab: int = VOCAB, split_by_script: bool = True) -> Path:
+    """SentencePiece BPE (byte fallback) on the train split, turned into files mlx-lm loads; without
+    ``split_by_script``, pieces may join letters and punctuation (``Answer:``)."""
     import sentencepiece as spm
 
     from kvp_mlx.tokenizer_files import write_tokenizer_files
@@ -120,8 +121,8 @@ def train_tokenizer(train_jsonl: Path, out: Path, vocab: int = VOCAB) -> Path:
         sentence_iterator=iter(lines), model_prefix=str(out / "sp"), vocab_size=vocab, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, split_digits=True, remove_extra_whitespaces=False,
         max_sentence_length=100000, num_threads=1, input_sentence_size=2_000_000, shuffle_input_sentence=False,
-        user_defined_symbols=["    ", "\t"], seed_sentencepiece_size=200_000, minloglevel=2,
-        bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        split_by_unicode_script=split_by_script, user_defined_symbols=["    ", "\t"], seed_sentencepiece_size=200_000,
+        minloglevel=2, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
     )
     shutil.move(str(out / "sp.model"), out / "tokenizer.model")
     (out / "sp.vocab").unlink()

@@ -101,7 +101,7 @@ def test_training_sequences_hold_each_answer_after_its_question(world):
         len(answer) + 1)
     assert sum(marks) == sum(len(tokenizer.encode(qa.answer, add_special_tokens=False)) + 1 for qa in conv.questions)
     # the questions quote the statement whose value they ask for (cloze)
-    assert all(qa.question.split('"')[1] in conv.history_text() for qa in conv.questions)
+    assert all(qa.question.split(': ', 1)[1] in conv.history_text() for qa in conv.questions)
 
 
 def test_rerun_skips_every_stage(world):
@@ -113,22 +113,52 @@ def test_rerun_skips_every_stage(world):
     assert json.loads((res / "convworld.json").read_text())["runs"] == results["runs"]
 
 
-def test_world_conversations_with_distinct_cues():
-    """Every fact is stated once, word for word, and answered by its question; with distinct cues no
-    two facts of a conversation share the word before their value; cloze questions quote it."""
+def test_world_conversations_have_one_place_per_answer(tmp_path):
+    """Every fact is stated once, word for word, and its cloze question quotes it; the word before a
+    value (its cue) occurs once in the history, and no two facts of a conversation share a value word."""
     import re
 
-    from kvp_mlx.epicache.synthetic import WORLD_TOPICS, cue_word, world_conversations
+    from kvp_mlx.epicache.loaders import load_synthetic
+    from kvp_mlx.epicache.synthetic import world_conversations
 
-    templates = [f.statement for t in WORLD_TOPICS.values() for f in t.facts]
-    assert len({cue_word(s) for s in templates}) < len(templates)  # so the option has work to do
-    for conv in world_conversations(50, seed=3, sessions=3, filler=2, cloze=True, distinct_cues=True):
-        assert len(conv["sessions"]) == 3
+    convs = world_conversations(200, seed=3, sessions=3, filler=2, cloze=True)
+    (tmp_path / "world.json").write_text(json.dumps(convs))
+    for conv, parsed in zip(convs, load_synthetic(tmp_path / "world.json")):
+        assert len(conv["sessions"]) == 3 and len(conv["qa"]) >= 3
         lines = [t["text"] for s in conv["sessions"] for t in s["turns"]]
-        cues = []
+        words = re.findall(r"\w+", parsed.history_text())
+        values: list[str] = []
         for qa in conv["qa"]:
-            quote = re.fullmatch(r'How did \w+ finish "(.*)"\?', qa["question"]).group(1)
-            stated = [ln for ln in lines if ln.startswith(quote + " " + qa["answer"])]
-            assert len(stated) == 1, (quote, qa["answer"])
-            cues.append(quote.split()[-1])
-        assert len(cues) == len(set(cues)) >= 3
+            quote = re.fullmatch(r"Finish what \w+ said: (.*)", qa["question"]).group(1)
+            assert len([ln for ln in lines if ln.startswith(quote + " " + qa["answer"])]) == 1, (quote, qa["answer"])
+            assert words.count(quote.split()[-1]) == 1, (quote, parsed.history_text())
+            values += qa["answer"].split()
+        assert len(values) == len(set(values)), values
+
+
+def test_the_full_profiles_tokens_put_one_cue_before_each_answer(tmp_path):
+    """With the full profile's tokenizer, each answer follows ``<cue> Answer:`` in the training rows,
+    and the cue's token occurs once in the history, right before the answer's first token: the model
+    finds an answer by copying what followed the token before the answer cue."""
+    import dataclasses
+
+    from kvp_mlx.bench.convworld import build_data
+    from kvp_mlx.bench.toyworld import train_tokenizer
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    prof = dataclasses.replace(PROFILES["full"], train_convs=1500, dev_convs=20, test_convs=1)
+    paths = build_data(tmp_path / "data", prof)
+    tok = load_tokenizer(train_tokenizer(paths["text"], tmp_path / "tok", vocab=prof.vocab, split_by_script=False))
+    (answer_cue,) = tok.encode("\nAnswer:", add_special_tokens=False)[-1:]
+    answers = 0
+    for conv in load_synthetic(paths["dev"]):
+        ids, marks = conversation_ids(tok, conv)
+        history = prompt_parts(tok, conv.history_text(), "")[0]
+        starts = [i for i in range(1, len(ids)) if marks[i] and not marks[i - 1]]
+        assert len(starts) == len(conv.questions)
+        for i in starts:
+            assert ids[i - 1] == answer_cue
+            places = [j for j, t in enumerate(history[:-1]) if t == ids[i - 2]]
+            assert len(places) == 1 and history[places[0] + 1] == ids[i], tok.decode(ids[i - 8: i + 2])
+            answers += 1
+    assert answers >= 60
