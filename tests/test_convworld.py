@@ -118,7 +118,6 @@ def test_world_conversations_have_one_place_per_answer(tmp_path):
     value (its cue) occurs once in the history, and no two facts of a conversation share a value word."""
     import re
 
-    from kvp_mlx.epicache.loaders import load_synthetic
     from kvp_mlx.epicache.synthetic import world_conversations
 
     convs = world_conversations(200, seed=3, sessions=3, filler=2, cloze=True)

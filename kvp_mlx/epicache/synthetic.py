@@ -191,20 +191,10 @@ def _value(rng: random.Random, pool: list[str] | str) -> str:
     return rng.choice(list(pool))
 
 
-def statement_prefix(statement: str) -> str:
-    """A fact statement's words before its value (``My new boss {x} seems nice.`` -> ``My new boss``)."""
-    return statement.split("{x}", 1)[0].strip()
-
-
 def cloze_question(statement: str, speaker: str) -> str:
     """The fill-in form of a fact's question, ending with the statement's words up to the value
     (``Finish what Chen said: My new boss``)."""
-    return f"Finish what {speaker} said: {statement_prefix(statement)}"
-
-
-def cue_word(statement: str) -> str:
-    """The word right before a statement's value (``My new boss {x} ...`` -> ``boss``)."""
-    return statement_prefix(statement).split()[-1]
+    return f"Finish what {speaker} said: {statement.split('{x}', 1)[0].strip()}"
 
 
 def world_conversation(seed: int, sessions: int = 6, facts_per_session: int = 2, filler: int = 5,
@@ -231,11 +221,10 @@ def world_conversation(seed: int, sessions: int = 6, facts_per_session: int = 2,
         lines: list[tuple[str, str]] = []
         for fact in rng.sample(t.facts, min(facts_per_session, len(t.facts))):
             speaker = rng.choice([a, b])
-            x = _value(rng, fact.pool)
             for _ in range(100):  # a value whose words are all new (dates run out after three)
+                x = _value(rng, fact.pool)
                 if used.isdisjoint(x.split()):
                     break
-                x = _value(rng, fact.pool)
             used.update(x.split())
             lines.append((speaker, fact.statement.format(x=x)))
             question = cloze_question(fact.statement, speaker) if cloze else fact.question.format(p=speaker)

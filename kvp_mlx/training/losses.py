@@ -33,10 +33,7 @@ def z_loss(logits: mx.array) -> mx.array:
 
 def lm_loss(model: nn.Module, batch: mx.array, z_weight: float = 1e-4) -> tuple[mx.array, dict]:
     """Next-token CE (+ z-loss) of a plain language model over ``batch`` [B, T + 1]."""
-    logits = model(batch[:, :-1])
-    ce = cross_entropy(logits, batch[:, 1:])
-    loss = ce + z_weight * z_loss(logits) if z_weight else ce
-    return loss, {"ce": ce}
+    return _next_token_loss(model, batch, z_weight)
 
 
 def targeted_lm_loss(model: nn.Module, batch: mx.array, target_weight: float,
@@ -44,15 +41,21 @@ def targeted_lm_loss(model: nn.Module, batch: mx.array, target_weight: float,
     """``lm_loss`` plus ``target_weight`` times the CE over marked tokens: ``batch`` [B, 2, T + 1] holds
     token ids in row 0 and a 0/1 mark per token in row 1 (e.g. the answers of a question-answering
     corpus, so that the signal a small model must learn from is not drowned in easy text)."""
-    ids, marks = batch[:, 0], batch[:, 1, 1:].astype(mx.float32)
+    return _next_token_loss(model, batch[:, 0], z_weight, batch[:, 1, 1:].astype(mx.float32), target_weight)
+
+
+def _next_token_loss(model: nn.Module, ids: mx.array, z_weight: float, marks: mx.array | None = None,
+                     target_weight: float = 0.0) -> tuple[mx.array, dict]:
     logits = model(ids[:, :-1])
     per_token = nn.losses.cross_entropy(logits, ids[:, 1:], reduction="none")
     ce = per_token.mean()
-    target_ce = (per_token * marks).sum() / mx.maximum(marks.sum(), 1.0)
-    loss = ce + target_weight * target_ce
+    loss, metrics = ce, {"ce": ce}
+    if marks is not None:
+        metrics["target_ce"] = (per_token * marks).sum() / mx.maximum(marks.sum(), 1.0)
+        loss = loss + target_weight * metrics["target_ce"]
     if z_weight:
         loss = loss + z_weight * z_loss(logits)
-    return loss, {"ce": ce, "target_ce": target_ce}
+    return loss, metrics
 
 
 class KVPTrainable(nn.Module):
