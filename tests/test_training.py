@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
 from kvp_mlx.adapters import forward_raw_kv
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import load
-from kvp_mlx.training.data import Batches, pack, read_documents, split_documents
+from kvp_mlx.training.data import Batches, Curriculum, pack, read_documents, split_documents
 from kvp_mlx.training.kvp_run import KVPRunConfig, run_kvp_training
 from kvp_mlx.training.loop import TrainConfig
 
@@ -85,6 +86,17 @@ def test_existing_output_is_refused(pair):
     (pair["root"] / "taken").mkdir(exist_ok=True)
     with pytest.raises(KVPError, match="exists"):
         run_kvp_training(config(pair, "taken", 0))
+
+
+def test_curriculum_switches_sources_at_its_step():
+    short = Batches(np.arange(40, dtype=np.int32).reshape(10, 4), batch_size=3, seed=1)
+    long = Batches(np.arange(100, 180, dtype=np.int32).reshape(10, 8), batch_size=2, seed=2)
+    cur = Curriculum(short, long, switch_step=4)
+    for step in range(4):  # the first stage's own batches
+        assert cur.batch(step).tolist() == short.batch(step).tolist()
+    for step in range(4, 12):  # then the second's, from its first batch on (as a resumed run draws them)
+        assert cur.batch(step).tolist() == long.batch(step - 4).tolist()
+    assert cur.batch(3).shape == (3, 4) and cur.batch(4).shape == (2, 8)
 
 
 def test_data_readers(tmp_path):

@@ -6,7 +6,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -116,3 +116,22 @@ class Batches:
                 return
             count += 1
             yield mx.array(self.sequences[start : start + self.batch_size])
+
+
+class BatchSource(Protocol):
+    """What the training loop draws from: the batch of step ``step``, the same on every call."""
+
+    def batch(self, step: int) -> mx.array: ...
+
+
+@dataclass
+class Curriculum:
+    """``first``'s batches for the first ``switch_step`` steps, then ``then``'s (counted from 0 again),
+    so that a resumed run continues exactly; the stages may differ in sequence length."""
+
+    first: Batches
+    then: Batches
+    switch_step: int
+
+    def batch(self, step: int) -> mx.array:
+        return self.first.batch(step) if step < self.switch_step else self.then.batch(step - self.switch_step)

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
 from kvp_mlx.errors import KVPError
-from kvp_mlx.training.data import Batches
+from kvp_mlx.training.data import BatchSource
 from kvp_mlx.training.jsonsafe import dumps_json
 
 LossFn = Callable[[mx.array], tuple[mx.array, dict]]
@@ -81,7 +81,7 @@ def load_checkpoint(directory: Path, module: nn.Module, optimizer: optim.Optimiz
 def train(
     module: nn.Module,
     loss_fn: LossFn,
-    data: Batches,
+    data: BatchSource,
     cfg: TrainConfig,
     eval_fn: Callable[[], float | None] | None = None,
     checkpoint_dir: Path | None = None,
