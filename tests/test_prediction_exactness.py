@@ -25,12 +25,16 @@ def prompt(batch: int, length: int, seed: int = 0) -> mx.array:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_identity_predictor_reproduces_base(identity_dirs, arch, batch):
+    """Both prefills run in the same chunks (one of 21 tokens; 8 + 8 + 5), so they do the same
+    float operations: chunking alone moves gemma3's logits by ~1e-5 on some CPUs' BLAS, which
+    is mlx-lm's rounding, not KV Prediction's."""
     model = load(identity_dirs[arch])
     tokens = prompt(batch, 21, seed=batch)
-    base = model.prefill(tokens, method="base")
-    kvp = model.prefill(tokens, method="kvp", prefill_step_size=8)  # chunked aux prefill too
-    diff = mx.abs(base.logits - kvp.logits).max().item()
-    assert diff <= 1e-5, f"{arch} B={batch}: first-token logits differ by {diff}"
+    for step in (2048, 8):
+        base = model.prefill(tokens, method="base", prefill_step_size=step)
+        kvp = model.prefill(tokens, method="kvp", prefill_step_size=step)
+        diff = mx.abs(base.logits - kvp.logits).max().item()
+        assert diff <= 1e-5, f"{arch} B={batch} step {step}: first-token logits differ by {diff}"
     base_tokens = decode_greedy(base, 16)
     kvp_tokens = decode_greedy(kvp, 16)
     assert base_tokens.shape == (batch, 16)
