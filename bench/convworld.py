@@ -23,7 +23,8 @@
    phase on short conversations (two sessions, no filler lines: histories of ~120 tokens, where the
    answer's one place among few makes retrieval quick to learn; trained on the world's own
    histories from the start, the base stayed at chance through 1,100 steps); a smaller
-   auxiliary pretrained alone, then KV Prediction (``kvp-mlx train``);
+   auxiliary pretrained alone on the same curriculum, then KV Prediction (``kvp-mlx train``:
+   auxiliary and predictor together, through the frozen base);
 4. evaluation on the test split with ``kvp_mlx.epicache.evaluate``: full KV, then every policy at
    budgets of 1/8, 1/4, 1/2 of the mean history length (entries per KV head per layer): exact match,
    F1, peak KV bytes, build (offline) and answer time; EpiCache with KV-Prediction-built episodes
@@ -82,6 +83,7 @@ class Profile:
     target_em: float  # stop the base's training once dev full-KV exact match reaches this
     aux_steps: int
     kvp_steps: int
+    kvp_lr: float  # kvp-mlx train's peak learning rate (the auxiliary and the predictor, through the base)
     block: int  # block-wise prefill
     episodes: int
     medoids: int
@@ -100,14 +102,16 @@ PROFILES = {
     # three sessions per conversation (histories of ~230 tokens; ~310 with the questions and answers)
     "full": Profile(train_convs=12000, dev_convs=16, test_convs=40, sessions=3, filler=2, vocab=1536, seq_len=384,
                     base=(4, 128, 2, 1, 4.0), aux=(2, 64, 1, 1, 2.0), batch=8, base_steps=2000, base_lr=3e-3,
-                    check_every=100, target_em=0.9, aux_steps=150, kvp_steps=80, block=32, episodes=3, medoids=2,
-                    window=4, short_steps=1500, short_sessions=2, short_seq_len=192, short_batch=16),
+                    check_every=100, target_em=0.9, aux_steps=1800, kvp_steps=300, kvp_lr=1e-2,
+                    block=32, episodes=3, medoids=2, window=4,
+                    short_steps=1500, short_sessions=2, short_seq_len=192, short_batch=16),
     "smoke": Profile(train_convs=40, dev_convs=2, test_convs=2, sessions=2, filler=1, vocab=400, seq_len=512,
                      # a tiny learning rate: the smoke models stay near their random init, whose answers are
                      # not all an immediate EOS (so comparing decodes means something)
                      base=(2, 64, 1, 1, 2.0), aux=(1, 64, 1, 1, 1.0), batch=2, base_steps=4, base_lr=1e-5,
-                     check_every=2, target_em=1.01, aux_steps=2, kvp_steps=2, block=32, episodes=2, medoids=1,
-                     window=4, short_steps=2, short_sessions=1, short_seq_len=192, short_batch=2),
+                     check_every=2, target_em=1.01, aux_steps=2, kvp_steps=2, kvp_lr=1e-3,
+                     block=32, episodes=2, medoids=1, window=4,
+                     short_steps=2, short_sessions=1, short_seq_len=192, short_batch=2),
 }
 
 
@@ -230,8 +234,9 @@ def summary(report: EvalReport) -> dict:
             "answers": [[r.prediction, r.answer, r.episode] for r in report.results]}
 
 
-def run_eval(model: KVPModel, test: list[Conversation], prof: Profile, path: Path) -> dict:
-    """Every policy at each budget; EpiCache also KV-Prediction-built. Resumes from ``path``."""
+def run_eval(model: KVPModel, test: list[Conversation], prof: Profile, path: Path, aux: KVPModel) -> dict:
+    """Every policy at each budget; EpiCache also KV-Prediction-built; ``aux`` (the pretrained
+    auxiliary, as a plain model) answers from its own full KV. Resumes from ``path``."""
     results: dict = json.loads(path.read_text()) if path.exists() else {}
     hist = [len(prompt_parts(model.tokenizer, c.history_text(), "")[0]) for c in test]
     mean_hist = float(np.mean(hist))
@@ -241,7 +246,9 @@ def run_eval(model: KVPModel, test: list[Conversation], prof: Profile, path: Pat
     opts = dict(block=prof.block, n_episodes=prof.episodes, n_medoids=prof.medoids, window=prof.window,
                 max_tokens=8)
     # full-kvp: the whole history's cache from KV Prediction, no eviction (what KVP-built episodes start from)
-    todo: list[tuple[str, str, int | None, bool]] = [("full", "full", None, False), ("full-kvp", "full", None, True)]
+    # aux-full: the auxiliary alone, its own full KV (what KV Prediction improves on)
+    todo: list[tuple[str, str, int | None, bool]] = [("full", "full", None, False), ("full-kvp", "full", None, True),
+                                                     ("aux-full", "full", None, False)]
     for f in FRACTIONS:
         budget = results["budgets"][str(f)]
         todo += [(f"{p}@{f}", p, budget, False) for p in ("epicache",) + BASELINES]
@@ -249,7 +256,8 @@ def run_eval(model: KVPModel, test: list[Conversation], prof: Profile, path: Pat
     for key, policy, budget, kvp in todo:
         if key in runs:
             continue
-        report = evaluate(model, test, policy, budget, kvp_build=kvp, **opts)  # type: ignore[arg-type]
+        report = evaluate(aux if key == "aux-full" else model, test, policy, budget, kvp_build=kvp,
+                          **opts)  # type: ignore[arg-type]
         runs[key] = {**summary(report), "fraction": None if budget is None else float(key.split("@")[1]),
                      "kvp_build": kvp}
         print(f"{key:24s} budget {budget}  EM {report.mean_em:.3f}  F1 {report.mean_f1:.3f}  "
@@ -298,6 +306,9 @@ def markdown(results: dict) -> str:
     fk = runs["full-kvp"]
     out.append(f"| full KV | {full['em']:.3f} / {full['f1']:.3f} | {full['build_seconds']:.1f} | "
                f"{fk['em']:.3f} / {fk['f1']:.3f} | {fk['build_seconds']:.1f} |")
+    ax = runs["aux-full"]
+    out += ["", f"The auxiliary alone, from its own full KV: EM {ax['em']:.3f}, F1 {ax['f1']:.3f}, build "
+            f"{ax['build_seconds']:.1f} s."]
     return "\n".join(out) + "\n"
 
 
@@ -364,18 +375,20 @@ def main(argv: list[str] | None = None) -> int:
 
     curriculum = Curriculum(Batches(short, prof.short_batch, SEED), data, prof.short_steps)
     stage("base", lambda: model_stage("base", base_cfg, curriculum, prof.base_steps, prof.base_lr, SEED, dev))
-    stage("aux-pretrained", lambda: model_stage("aux-pretrained", aux_cfg, data, prof.aux_steps, prof.base_lr,
-                                                SEED + 1, None))
+    # the auxiliary learns on the same curriculum (its own dev exact match is logged, as the base's)
+    stage("aux-pretrained", lambda: model_stage("aux-pretrained", aux_cfg, curriculum, prof.aux_steps, prof.base_lr,
+                                                SEED + 1, dev))
 
     def kvp_stage():
         if not (out / "kvp" / "kvp_config.json").exists():
             kvp_train(out / "base", out / "kvp", paths["text"], prof.kvp_steps, aux=out / "aux-pretrained",
-                      batch=prof.batch, seq_len=prof.seq_len)
+                      batch=prof.batch, seq_len=prof.seq_len, lr=prof.kvp_lr)
 
     stage("kvp", kvp_stage)
     model = load(out / "kvp")
     test = load_synthetic(paths["test"])
-    results = stage("eval", lambda: run_eval(model, test, prof, out / "eval.json"))
+    aux_alone = load(out / "aux-pretrained")
+    results = stage("eval", lambda: run_eval(model, test, prof, out / "eval.json", aux_alone))
     results.update(profile=args.profile, test_conversations=len(test), profile_settings=asdict(prof),
                    base_config=base_cfg, aux_config=aux_cfg, train_sequences=state["train_sequences"],
                    training={k: state.get(k) for k in ("base", "aux-pretrained")}, seconds=state["seconds"])

@@ -171,9 +171,9 @@ def train_lm(model, config: dict, data: Batches, held: Batches, steps: int, lr: 
 
 def kvp_train(base: Path, out: Path, data: Path, steps: int, init: str = "ridge", aux: Path | None = None,
               aux_layers: list[int] | None = None, exact_prefix_fraction: float = 0.0, batch: int = BATCH,
-              seq_len: int = SEQ_LEN) -> None:
+              seq_len: int = SEQ_LEN, lr: float = 1e-3) -> None:
     args = ["train", "--base", str(base), "--data", str(data), "--out", str(out), "--steps", str(steps),
-            "--init", init, "--batch-size", str(batch), "--seq-len", str(seq_len), "--learning-rate", "1e-3",
+            "--init", init, "--batch-size", str(batch), "--seq-len", str(seq_len), "--learning-rate", str(lr),
             "--warmup-steps", str(min(20, max(steps, 1))), "--heldout-fraction", "0", "--seed", str(SEED),
             "--save-every", "50", "--eval-every", str(max(steps, 1))]
     # one of aux and aux_layers is given

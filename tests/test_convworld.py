@@ -24,7 +24,8 @@ def world(tmp_path_factory) -> tuple[Path, Path, dict]:
 def test_files_and_numbers(world):
     out, res, results = world
     runs = results["runs"]
-    expected = {"full", "full-kvp"} | {f"{p}@{f}" for f in FRACTIONS for p in ("epicache", "epicache-kvp") + BASELINES}
+    expected = {"full", "full-kvp", "aux-full"}
+    expected |= {f"{p}@{f}" for f in FRACTIONS for p in ("epicache", "epicache-kvp") + BASELINES}
     assert set(runs) == expected
     n_questions = sum(len(c.questions) for c in load_synthetic(out / "data" / "test.json"))
     mean_hist = results["history_tokens"]["mean"]
@@ -32,12 +33,13 @@ def test_files_and_numbers(world):
         assert run["questions"] == n_questions == len(run["answers"])
         assert 0.0 <= run["em"] <= run["f1"] <= 1.0, key  # an exact match has F1 1
         assert run["build_seconds"] > 0 and run["peak_kv_bytes"] > 0
-        if not key.startswith("full"):
+        if key not in ("full", "full-kvp", "aux-full"):
             assert run["budget"] == max(1, round(run["fraction"] * mean_hist))
     md = (res / "convworld.md").read_text()
     for p in ("epicache", "epicache-kvp") + BASELINES:
         assert f"| {p} |" in md
     assert md.count("EpiCache ") >= len(FRACTIONS)  # one standing sentence per budget
+    assert "The auxiliary alone, from its own full KV: EM" in md
     try:
         import matplotlib  # noqa: F401  (the bench extra; CI installs only the test extra)
     except ImportError:
@@ -48,14 +50,18 @@ def test_files_and_numbers(world):
 
 def test_peak_kv_is_bounded_by_budget_plus_block(world):
     _, _, results = world
-    cfg, prof = results["base_config"], PROFILES["smoke"]
-    per_entry = 2 * cfg["head_dim"] * 4 * sum(cfg["num_kv_heads"])  # K and V, float32, over layers and heads
+    base, prof = results["base_config"], PROFILES["smoke"]
+
+    def per_entry(cfg: dict) -> int:  # K and V, float32, over layers and heads
+        return 2 * cfg["head_dim"] * 4 * sum(cfg["num_kv_heads"])
+
     for key, run in results["runs"].items():
-        if key.startswith("full"):
-            assert run["peak_kv_bytes"] == per_entry * results["history_tokens"]["max"]
+        if key in ("full", "full-kvp", "aux-full"):
+            cfg = results["aux_config"] if key == "aux-full" else base
+            assert run["peak_kv_bytes"] == per_entry(cfg) * results["history_tokens"]["max"], key
         else:
-            assert run["peak_kv_bytes"] <= per_entry * (run["budget"] + prof.block), key
-    assert results["runs"]["streaming@0.125"]["peak_kv_bytes"] == per_entry * (
+            assert run["peak_kv_bytes"] <= per_entry(base) * (run["budget"] + prof.block), key
+    assert results["runs"]["streaming@0.125"]["peak_kv_bytes"] == per_entry(base) * (
         results["runs"]["streaming@0.125"]["budget"] + prof.block)
 
 
