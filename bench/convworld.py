@@ -247,17 +247,17 @@ def run_eval(model: KVPModel, test: list[Conversation], prof: Profile, path: Pat
                 max_tokens=8)
     # full-kvp: the whole history's cache from KV Prediction, no eviction (what KVP-built episodes start from)
     # aux-full: the auxiliary alone, its own full KV (what KV Prediction improves on)
-    todo: list[tuple[str, str, int | None, bool]] = [("full", "full", None, False), ("full-kvp", "full", None, True),
-                                                     ("aux-full", "full", None, False)]
+    todo: list[tuple[str, KVPModel, str, int | None, bool]] = [
+        ("full", model, "full", None, False), ("full-kvp", model, "full", None, True),
+        ("aux-full", aux, "full", None, False)]
     for f in FRACTIONS:
         budget = results["budgets"][str(f)]
-        todo += [(f"{p}@{f}", p, budget, False) for p in ("epicache",) + BASELINES]
-        todo.append((f"epicache-kvp@{f}", "epicache", budget, True))
-    for key, policy, budget, kvp in todo:
+        todo += [(f"{p}@{f}", model, p, budget, False) for p in ("epicache",) + BASELINES]
+        todo.append((f"epicache-kvp@{f}", model, "epicache", budget, True))
+    for key, who, policy, budget, kvp in todo:
         if key in runs:
             continue
-        report = evaluate(aux if key == "aux-full" else model, test, policy, budget, kvp_build=kvp,
-                          **opts)  # type: ignore[arg-type]
+        report = evaluate(who, test, policy, budget, kvp_build=kvp, **opts)  # type: ignore[arg-type]
         runs[key] = {**summary(report), "fraction": None if budget is None else float(key.split("@")[1]),
                      "kvp_build": kvp}
         print(f"{key:24s} budget {budget}  EM {report.mean_em:.3f}  F1 {report.mean_f1:.3f}  "

@@ -60,18 +60,19 @@ def score_layer_sets(model: KVPModel, conversations: Sequence[Conversation], set
         _, keys, values, _ = prefill_capturing_raw_kv(model.base, ids)
         _, aux_keys, aux_values, _ = prefill_capturing_raw_kv(model.aux, ids)
         predicted = model.predictor(aux_keys, aux_values)
-        prepared.append((conv, history, list(zip(keys, values)), predicted))
+        questions = [(prompt_parts(model.tokenizer, history, qa.question)[1], qa.answer) for qa in conv.questions]
+        prepared.append((questions, list(zip(keys, values)), predicted))
     scores = []
     for chosen in sets:
         em = f1 = 0.0
         answers: list[str] = []
-        for conv, history, exact, predicted in prepared:
+        for questions, exact, predicted in prepared:
             raw = [predicted[i] if i in chosen else exact[i] for i in range(n_layers)]
-            for qa in conv.questions:
-                cache = inject_raw_kv(model.base, raw, dtype=model.dtype)
-                answer = greedy_answer(model, cache, prompt_parts(model.tokenizer, history, qa.question)[1], max_tokens)
-                em += exact_match(answer, qa.answer)
-                f1 += f1_score(answer, qa.answer)
+            for question_ids, gold in questions:
+                answer = greedy_answer(model, inject_raw_kv(model.base, raw, dtype=model.dtype), question_ids,
+                                       max_tokens)
+                em += exact_match(answer, gold)
+                f1 += f1_score(answer, gold)
                 answers.append(answer)
         n = max(len(answers), 1)
         scores.append(LayerSetScore(tuple(chosen), em / n, f1 / n, len(answers), answers))
