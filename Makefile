@@ -48,18 +48,18 @@ setup-bench: setup
 # Rebuild the toy world from scratch (corpus, tokenizer, base/aux pretraining, KVP-C, KVP-LP, baselines)
 # and export the KVP-C model as the embedded demo (kvp_mlx/default_model). About an hour on 2 cores.
 toyworld: setup-bench
-	$(PY) -m kvp_mlx.bench.toyworld --out models/toyworld
+	$(PY) -m bench.toyworld --out models/toyworld
 
 # Teacher-forced accuracy of base / kvp-C / kvp-LP / aux-only / LP-only on held-out stdlib and HumanEval.
 accuracy: setup-bench
-	$(PY) -m kvp_mlx.bench.accuracy --toyworld models/toyworld --out bench/results/toyworld
+	$(PY) -m bench.accuracy --toyworld models/toyworld --out bench/results/toyworld
 
-# TTFT benchmarks (random-weight OpenELM pairs; results in bench/results/<date>-<host>/).
+# The lab's TTFT benchmark (random-weight OpenELM pairs; results in bench/results/<date>-<host>/).
 bench: setup-bench
-	$(VENV)/bin/kvp-mlx bench --profile quick
+	$(PY) -m bench.ttft --profile quick
 
 bench-full: setup-bench
-	$(VENV)/bin/kvp-mlx bench --profile full
+	$(PY) -m bench.ttft --profile full
 
 clean:
 	rm -rf $(VENV) models build *.egg-info

@@ -1,6 +1,6 @@
 """Accuracy of a predicted cache on the toy world: teacher-forced continuations.
 
-    python -m kvp_mlx.bench.accuracy [--toyworld models/toyworld] [--out bench/results/toyworld]   (make accuracy)
+    python -m bench.accuracy [--toyworld models/toyworld] [--out bench/results/toyworld]   (make accuracy)
 
 For every model and method the prompt is prefilled (``model.prefill``), then the decoder is fed the
 true continuation one chunk at a time from that cache. Reported per held-out set:
@@ -15,7 +15,7 @@ its canonical solution.
 
 Conversations (``conversation-accuracy.json/.md``; alone, on one model: ``--conversation``):
 
-    python -m kvp_mlx.bench.accuracy --conversation --model-dir kvp_mlx/default_model --out bench/results/toyworld
+    python -m bench.accuracy --conversation --model-dir kvp_mlx/default_model --out bench/results/toyworld
 
 each held-out file's first 3 x (128 + 64) tokens are three turns (a 128-token prompt, then a
 64-token continuation), scored with :class:`kvp_mlx.Session` (``Session.score``: the prompt is
@@ -331,7 +331,7 @@ def conversation_markdown(report: dict) -> str:
 
 def heldout_path(toyworld: Path, given: str | None, scratch: Path) -> Path:
     """The held-out split: ``given``, else the toy world's, else rebuilt (deterministic, seconds) in
-    ``scratch`` with :func:`kvp_mlx.bench.toyworld.build_corpus`."""
+    ``scratch`` with :func:`bench.toyworld.build_corpus`."""
     if given is not None:
         path = Path(given)
         if not path.is_file():
@@ -340,7 +340,7 @@ def heldout_path(toyworld: Path, given: str | None, scratch: Path) -> Path:
     path = toyworld / "corpus" / "heldout.jsonl"
     if path.is_file():
         return path
-    from kvp_mlx.bench.toyworld import build_corpus
+    from bench.toyworld import build_corpus
 
     print(f"{path} not found: rebuilding the toy-world corpus (standard library split, seed 0)", flush=True)
     return build_corpus(scratch / "corpus")[1]

@@ -15,8 +15,8 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from kvp_mlx.bench.models import BenchGroup
-from kvp_mlx.bench.timing import Case, run_interleaved
+from bench.models import BenchGroup
+from bench.timing import Case, run_interleaved
 from kvp_mlx.flops import cache_fill_flops, cache_fill_scores, model_shape, step_flops
 from kvp_mlx.methods import Cost, PrefillMethod, available_methods, get_method, run_prefill
 from kvp_mlx.methods.base import fill_cache

@@ -1,7 +1,7 @@
-"""The conversation profile of `kvp-mlx bench`: TTFT of a warm turn over a long history.
+"""The conversation profile of `python -m bench.ttft`: TTFT of a warm turn over a long history.
 
 A :class:`kvp_mlx.Session` holds a history of H tokens (random token ids); a new message of N
-tokens arrives. Cases, timed interleaved in one run (kvp_mlx.bench.timing):
+tokens arrives. Cases, timed interleaved in one run (bench.timing):
 
 - ``base-warm``: a base session reusing the cached history (what mlx-lm's prompt cache does): the
   base prefills the N new tokens.
@@ -32,11 +32,11 @@ from typing import Any, Callable
 import mlx.core as mx
 import numpy as np
 
-from kvp_mlx.bench.cases import paired_ratio
-from kvp_mlx.bench.timing import Case, run_interleaved
+from bench.cases import paired_ratio
+from bench.timing import Case, run_interleaved
 from kvp_mlx.errors import KVPError
 
-from kvp_mlx.bench.ttft import PROFILE_NOTES, PROFILES
+from bench.ttft import PROFILE_NOTES, PROFILES
 
 SCHEMA = "kvp-mlx-bench-conversation/1"
 DEFAULTS = PROFILES["conversation"]
@@ -56,7 +56,7 @@ def make_settings(
     warmup: int | None = None, prefill_step_size: int = 256, seed: int = 0,
 ) -> dict:
     """Checked settings of the conversation profile; options left as None take its defaults."""
-    from kvp_mlx.bench.models import PAIRS
+    from bench.models import PAIRS
 
     unknown = [p for p in pairs or [] if p not in PAIRS]
     if unknown:
@@ -73,7 +73,7 @@ def make_settings(
         "prefill_step_size": prefill_step_size,
         "seed": seed,
     }
-    from kvp_mlx.bench.ttft import check_common_settings
+    from bench.ttft import check_common_settings
 
     check_common_settings(settings)
     if settings["history_tokens"] < 1:
@@ -83,7 +83,7 @@ def make_settings(
 
 def equivalent_command(settings: dict) -> str:
     """A command line that reruns exactly these settings."""
-    words = ["kvp-mlx", "bench", "--profile", "conversation"]
+    words = ["python", "-m", "bench.ttft", "--profile", "conversation"]
     if settings["pairs"]:
         words += ["--pairs", ",".join(settings["pairs"])]
     for path in settings["models"]:
@@ -318,8 +318,8 @@ def benchmark_group(group: Any, settings: dict, log: Callable[[str], None]) -> d
 
 def run_benchmark(settings: dict, out: Path | None = None, name: str | None = None, no_plots: bool = False) -> int:
     """Measure the conversation cases of every model and write OUT/NAME.{json,md} and NAME-ttft.png."""
-    from kvp_mlx.bench import report
-    from kvp_mlx.bench.models import build_pairs, load_group
+    from bench import report
+    from bench.models import build_pairs, load_group
     from kvp_mlx.runtime_env import dtype_name, resolve_dtype, set_device
 
     as_profile = not settings["models"] and all(settings[k] == v for k, v in DEFAULTS.items())
@@ -460,7 +460,7 @@ def write_plots(result: dict, out_dir: Path, name: str) -> tuple[list[Path], str
 
 def write_outputs(result: dict, out: Path, name: str, no_plots: bool) -> int:
     """OUT/NAME.json, OUT/NAME.md and (unless no_plots) OUT/NAME-ttft.png; the table goes to stdout."""
-    from kvp_mlx.bench import report
+    from bench import report
 
     md = out / f"{name}.md"
     md.write_text(markdown(result))

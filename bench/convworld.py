@@ -1,6 +1,6 @@
 """The conversation world: EpiCache and its baselines on a model trained to answer from a history.
 
-    python -m kvp_mlx.bench.convworld [--out models/convworld] [--profile full|smoke] [--results DIR]
+    python -m bench.convworld [--out models/convworld] [--profile full|smoke] [--results DIR]
 
 1. data: synthetic multi-session conversations between two speakers (kvp_mlx.epicache.synthetic
    ``world_conversations``): each session on one topic, facts (names, places, dates, possessions,
@@ -50,11 +50,11 @@ import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import numpy as np
 
 from kvp_mlx import building as mb
-from kvp_mlx.bench.toyworld import kvp_train, open_stages, openelm_config, train_tokenizer
+from bench.toyworld import kvp_train, open_stages, openelm_config, train_tokenizer
 from kvp_mlx.epicache.evaluate import EvalReport, evaluate, prompt_parts
 from kvp_mlx.epicache.loaders import Conversation, load_synthetic
 from kvp_mlx.epicache.memory import POLICIES
-from kvp_mlx.epicache.synthetic import world_conversations
+from bench.conversation_world import world_conversations
 from kvp_mlx.model import KVPModel, load
 from kvp_mlx.training.data import Batches, BatchSource, Curriculum
 from kvp_mlx.training.loop import TrainConfig, train

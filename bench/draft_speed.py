@@ -1,7 +1,7 @@
 """Decode speed with speculative decoding: ``--draft aux`` (the auxiliary model drafts) against plain
 greedy decoding, on the embedded demo model.
 
-    python -m kvp_mlx.bench.draft_speed [--max-tokens 200] [--repetitions 5] [--num-draft-tokens 2 3 4]
+    python -m bench.draft_speed [--max-tokens 200] [--repetitions 5] [--num-draft-tokens 2 3 4]
 
 Cases (interleaved, rotating order, as every kvp-mlx benchmark): ``kvp`` and ``base`` prefill, each
 without a draft and with the auxiliary as the draft for each ``num_draft_tokens``. Per case: median
@@ -26,8 +26,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from kvp_mlx.bench import report
-from kvp_mlx.bench.timing import Case, run_interleaved
+from bench import report
+from bench.timing import Case, run_interleaved
 
 DEFAULT_OUT = Path("bench/results/draft")
 
@@ -139,7 +139,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvp_mlx.bench.draft_speed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.draft_speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--prompt-chars", type=int, default=1200, help="characters of textwrap.py in the prompt")
     p.add_argument("--num-draft-tokens", type=int, nargs="+", default=[2, 3, 4])
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     result = dict(
         schema="kvp-mlx-bench-draft/1", name=args.name, created=started.isoformat(timespec="seconds"),
         host=platform.node(), python=platform.python_version(),
-        command=shlex.join(["python", "-m", "kvp_mlx.bench.draft_speed",
+        command=shlex.join(["python", "-m", "bench.draft_speed",
                             *(argv if argv is not None else sys.argv[1:])]),
         settings=dict(max_tokens=args.max_tokens, prompt_chars=args.prompt_chars, methods=args.methods,
                       num_draft_tokens=args.num_draft_tokens, repetitions=args.repetitions, warmup=args.warmup),

@@ -4,7 +4,7 @@ A small random llama-architecture model; histories of random tokens; budget M en
 layer, block B. Prints and writes (bench/results/epicache/memory.json) the peak slots per head, the
 peak bytes the cache held, MLX's peak memory and the time, per history length and policy.
 
-    python -m kvp_mlx.bench.epicache_memory --lengths 4096 16384 65536 --budget 1024 --block 512
+    python -m bench.epicache_memory --lengths 4096 16384 65536 --budget 1024 --block 512
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ predicted K/V on a chosen set of layers and the exact K/V on the others. Sets: n
 layer alone, every layer but one, all (KV Prediction's full KV). Exact match and F1 per set, with
 the answers decoded as ``kvp-mlx conv-eval`` decodes them.
 
-    python -m kvp_mlx.bench.kvp_layers --model models/convworld/kvp \\
+    python -m bench.kvp_layers --model models/convworld/kvp \\
         --data models/convworld/data/test.json --format synthetic --max-tokens 8
 """
 

@@ -24,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from kvp_mlx import testing as mb
-from kvp_mlx.bench.models import openelm_config
+from bench.models import openelm_config
 from kvp_mlx.flops import kvp_flops, model_shape, pruned_prefill_flops
 from kvp_mlx.methods.lazy_schedule import PRESETS, lazy_tokens_per_layer, rp_tokens_per_layer
 from kvp_mlx.model import KVPModel

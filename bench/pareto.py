@@ -1,6 +1,6 @@
 """Accuracy versus TTFT: every method and preset as a point, the Pareto frontier marked.
 
-    python -m kvp_mlx.bench.pareto [--toyworld models/toyworld] [--out bench/results/pareto]
+    python -m bench.pareto [--toyworld models/toyworld] [--out bench/results/pareto]
 
 Accuracy is the accuracy report's (bench/accuracy.py): teacher-forced next-token accuracy and mean
 log-likelihood of HumanEval's canonical solutions given their prompts, the prompt's cache filled by
@@ -23,8 +23,8 @@ from pathlib import Path
 import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 
-from kvp_mlx.bench.accuracy import ENTRIES, Entry, humaneval_samples, score
-from kvp_mlx.bench.timing import Case, run_interleaved
+from bench.accuracy import ENTRIES, Entry, humaneval_samples, score
+from bench.timing import Case, run_interleaved
 from kvp_mlx.methods import run_prefill
 from kvp_mlx.model import load
 
@@ -101,7 +101,7 @@ def run(toyworld: Path | None, out: Path, n_prompts: int, warmup: int, repetitio
     ttft = measure_ttft(models, entries, prompts, warmup, repetitions)
     for row in rows:
         row.update({"ttft_s": ttft[row["label"]]["median_s"], "ttft_samples_s": ttft[row["label"]]["samples_s"]})
-    from kvp_mlx.bench.report import cpu_model, load_average
+    from bench.report import cpu_model, load_average
     from kvp_mlx.runtime_env import env_report
 
     result = {

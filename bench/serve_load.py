@@ -2,7 +2,7 @@
 `openai` client: a concurrent load (clients x requests, mixed streaming, prompts sharing a long
 prefix) and a multi-turn chat (the whole history sent each turn), per-turn TTFT.
 
-    python -m kvp_mlx.bench.serve_load [--model DIR] [--out bench/results/serve]
+    python -m bench.serve_load [--model DIR] [--out bench/results/serve]
 
 Both servers are subprocesses on loopback. Each load runs while the other server is idle; the chat
 turns are interleaved (turn k on one server, then on the other), each sent only once the kvp server
@@ -150,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chat-repeats", type=int, default=3)
     parser.add_argument("--out", default="bench/results/serve")
     args = parser.parse_args(argv)
-    import kvp_mlx
+    from kvp_mlx.model import DEFAULT_MODEL_DIR
 
-    model_dir = Path(args.model) if args.model else Path(kvp_mlx.__file__).parent / "default_model"
+    model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
     model_dir = without_context_limit(model_dir)
     base_dir = float32_copy(model_dir / "base")
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -1,6 +1,6 @@
 """How much of a CPU prefill is the attention softmax? (diagnostic for the 85%-of-FLOPs target)
 
-    python -m kvp_mlx.bench.softmax_share [--prompt-length 1024] [--repetitions 3] [--out FILE.md]
+    python -m bench.softmax_share [--prompt-length 1024] [--repetitions 3] [--out FILE.md]
 
 FLOPs count matmuls; MLX's CPU backend runs the softmax's exps about as slowly as a small matmul
 per score, and an auxiliary model has a larger share of attention scores than of FLOPs. This times
@@ -26,8 +26,8 @@ import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 import mlx_lm.models.openelm as openelm
 
-from kvp_mlx.bench.models import build_pairs
-from kvp_mlx.bench.timing import Case, run_interleaved
+from bench.models import build_pairs
+from bench.timing import Case, run_interleaved
 from kvp_mlx.flops import cache_fill_flops, cache_fill_scores, model_shape
 from kvp_mlx.methods.base import fill_cache
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     base, aux = list(models)
     lines = [
         f"# Softmax share of the CPU cache fill (T-1 = {T - 1} tokens, chunk {CHUNK}, float32, batch 1)", "",
-        f"`python -m kvp_mlx.bench.softmax_share --prompt-length {T} --repetitions {args.repetitions}`; "
+        f"`python -m bench.softmax_share --prompt-length {T} --repetitions {args.repetitions}`; "
         f"median of {args.repetitions} interleaved repetitions after a warm-up; random weights.", "",
         "| model | GFLOPs | scores (M) | mlx-fast (s) | composite (s) | no-softmax (s) | softmax+mask (s) | "
         "softmax share | ns per score |",

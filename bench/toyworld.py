@@ -1,6 +1,6 @@
 """The toy world: a reproducible, CPU-sized KV Prediction setup built from scratch.
 
-    python -m kvp_mlx.bench.toyworld [--out models/toyworld] [--profile full|smoke]   (make toyworld)
+    python -m bench.toyworld [--out models/toyworld] [--profile full|smoke]   (make toyworld)
 
 1. corpus: this interpreter's standard library sources, split by file into train / held-out (seed 0);
 2. a SentencePiece BPE tokenizer (vocab 4096) trained on the train split;
@@ -36,7 +36,6 @@ from typing import Any, Callable
 import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 
 from kvp_mlx import building as mb
-from kvp_mlx.cli import main as kvp_cli
 from kvp_mlx.model import DEFAULT_MODEL_DIR, load, load_lm
 from kvp_mlx.training.data import Batches, pack, read_documents, tokenize_documents
 from kvp_mlx.training.loop import TrainConfig, train
@@ -172,18 +171,16 @@ def train_lm(model, config: dict, data: Batches, held: Batches, steps: int, lr: 
 def kvp_train(base: Path, out: Path, data: Path, steps: int, init: str = "ridge", aux: Path | None = None,
               aux_layers: list[int] | None = None, exact_prefix_fraction: float = 0.0, batch: int = BATCH,
               seq_len: int = SEQ_LEN, lr: float = 1e-3) -> None:
-    args = ["train", "--base", str(base), "--data", str(data), "--out", str(out), "--steps", str(steps),
-            "--init", init, "--batch-size", str(batch), "--seq-len", str(seq_len), "--learning-rate", str(lr),
-            "--warmup-steps", str(min(20, max(steps, 1))), "--heldout-fraction", "0", "--seed", str(SEED),
-            "--save-every", "50", "--eval-every", str(max(steps, 1))]
-    # one of aux and aux_layers is given
-    args += ["--aux", str(aux)] if aux is not None else ["--aux-layers", ",".join(map(str, aux_layers))]  # type: ignore[arg-type]
-    if exact_prefix_fraction:
-        args += ["--exact-prefix-fraction", str(exact_prefix_fraction)]
-    if (out.with_name(out.name + ".train") / "checkpoint" / "state.json").is_file():
-        args.append("--resume")
-    if kvp_cli(args) != 0:
-        raise SystemExit(f"kvp-mlx train failed for {out}")
+    from kvp_mlx.training import KVPRunConfig, LossWeights, TrainConfig, run_kvp_training
+
+    run_kvp_training(
+        KVPRunConfig(base=str(base), aux=str(aux) if aux is not None else None, aux_layers=aux_layers,
+                     data=[str(data)], out=str(out), init=init, batch_size=batch, seq_len=seq_len,
+                     heldout_fraction=0.0, loss=LossWeights(exact_prefix_fraction=exact_prefix_fraction),
+                     train=TrainConfig(steps=steps, learning_rate=lr, warmup_steps=min(20, max(steps, 1)),
+                                       seed=SEED, save_every=50, eval_every=max(steps, 1))),
+        resume=(out.with_name(out.name + ".train") / "checkpoint" / "state.json").is_file(),
+    )
 
 
 def kvp_heldout_ce(directory: Path, held: Batches, max_batches: int = 8) -> float:
@@ -224,7 +221,7 @@ def export_demo(kvp_dir: Path, dest: Path) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     mb.save_kvp_dir(tmp, model.base, base_cfg, model.aux, aux_cfg, model.predictor, kvp_dir / "base",
-                    source="toy-world KVP-C demo (python -m kvp_mlx.bench.toyworld)")
+                    source="toy-world KVP-C demo (python -m bench.toyworld)")
     shutil.copy(kvp_dir / "training.json", tmp / "training.json")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)

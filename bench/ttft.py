@@ -1,20 +1,23 @@
-"""The TTFT benchmark behind `kvp-mlx bench`: wall-clock TTFT of every prefill method beside plain mlx-lm,
-with FLOPs."""
+"""The TTFT benchmark (`python -m bench.ttft`, `make bench`): wall-clock TTFT of every prefill method
+beside plain mlx-lm, with FLOPs."""
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
+from kvp_mlx import KVPError
+
 PROFILES: dict[str, dict] = {
     # quick: `make bench`, at most 15 minutes on a 2-core CPU
     "quick": dict(pairs=["kvp-c-270m"], prompt_lengths=[128, 512], batch_sizes=[1], repetitions=5, warmup=1),
     "full": dict(pairs=["kvp-c-270m", "kvp-c-450m", "kvp-lp-0.50", "kvp-lp-0.25"],
                  prompt_lengths=[128, 512, 1024, 2048], batch_sizes=[1, 8], repetitions=5, warmup=1),
-    # conversation: a warm turn over a long history (kvp_mlx.bench.conversation; its own options)
+    # conversation: a warm turn over a long history (bench.conversation; its own options)
     "conversation": dict(pairs=["kvp-c-270m"], history_tokens=1024, new_tokens=[32, 256], repetitions=3, warmup=1),
 }
 PROFILE_NOTES = {
@@ -36,17 +39,16 @@ def make_settings(
     calibrate: bool = True,
 ) -> dict:
     """Checked benchmark settings; options left as None take the profile's values."""
-    from kvp_mlx.bench.cases import all_method_names
-    from kvp_mlx.errors import KVPError
+    from bench.cases import all_method_names
 
     if profile == "conversation":
-        raise KVPError("the conversation profile has its own settings (kvp_mlx.bench.conversation.make_settings)")
+        raise KVPError("the conversation profile has its own settings (bench.conversation.make_settings)")
     prof = PROFILES[profile]
     methods = methods or all_method_names()
     unknown = [m for m in methods if m not in all_method_names()]
     if unknown:
         raise KVPError(f"unknown method(s) {', '.join(unknown)} (available: {', '.join(all_method_names())})")
-    from kvp_mlx.bench.models import PAIRS
+    from bench.models import PAIRS
 
     unknown = [p for p in pairs or [] if p not in PAIRS]
     if unknown:
@@ -76,7 +78,6 @@ def make_settings(
 
 def check_common_settings(settings: dict) -> None:
     """The checks every profile's settings share (repetitions, step size, something to run)."""
-    from kvp_mlx.errors import KVPError
 
     if settings["repetitions"] < 1:
         raise KVPError("--repetitions must be at least 1")
@@ -88,7 +89,7 @@ def check_common_settings(settings: dict) -> None:
 
 def equivalent_command(settings: dict) -> str:
     """A command line that reruns exactly these settings."""
-    words = ["kvp-mlx", "bench", "--profile", settings["profile"]]
+    words = ["python", "-m", "bench.ttft", "--profile", settings["profile"]]
     if settings["pairs"]:
         words += ["--pairs", ",".join(settings["pairs"])]
     for path in settings["models"]:
@@ -109,9 +110,8 @@ def _log(msg: str) -> None:
 
 
 def _add_predictions(calibration, group, run: dict) -> None:
-    """Each timed case's TTFT as the calibrated model predicts it (kvp_mlx.bench.ttft_model)."""
-    from kvp_mlx.bench.ttft_model import predict_seconds, workload
-    from kvp_mlx.errors import KVPError
+    """Each timed case's TTFT as the calibrated model predicts it (bench.ttft_model)."""
+    from bench.ttft_model import predict_seconds, workload
 
     for c in run["cases"]:
         model = group.variants.get(c.get("aux")) if c.get("aux") else group.base_only
@@ -126,8 +126,8 @@ def _add_predictions(calibration, group, run: dict) -> None:
 def _run_device(device: str, settings: dict, calibrate: bool = True) -> list[dict]:
     import mlx.core as mx
 
-    from kvp_mlx.bench.models import build_pairs, load_group
-    from kvp_mlx.bench.cases import benchmark_config
+    from bench.models import build_pairs, load_group
+    from bench.cases import benchmark_config
     from kvp_mlx.runtime_env import dtype_name, resolve_dtype, set_device
 
     set_device(device)
@@ -141,7 +141,7 @@ def _run_device(device: str, settings: dict, calibrate: bool = True) -> list[dic
     for group in groups:
         calibration = None
         if calibrate:
-            from kvp_mlx.bench.ttft_model import calibrate_for, calibration_line
+            from bench.ttft_model import calibrate_for, calibration_line
 
             auxes = tuple(v.aux for v in group.variants.values() if getattr(v, "aux", None) is not None)
             calibration = calibrate_for(group.base, chunk=settings["prefill_step_size"], dtype=dtype, also=auxes)
@@ -166,20 +166,19 @@ def rerender(path: Path, no_plots: bool = False) -> int:
     """Redo the checks, markdown and plots of an earlier run's JSON (nothing is measured)."""
     import json
 
-    from kvp_mlx.bench import report
-    from kvp_mlx.bench.cases import checks
-    from kvp_mlx.errors import KVPError
+    from bench import report
+    from bench.cases import checks
 
     try:
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise KVPError(f"cannot read {path}: {e}") from None
-    from kvp_mlx.bench import conversation
+    from bench import conversation
 
     if result.get("schema") == conversation.SCHEMA:
         return conversation.rerender(result, path.parent, path.stem, no_plots)
     if result.get("schema") != report.SCHEMA:
-        raise KVPError(f"{path} is not a kvp-mlx bench result (schema {result.get('schema')!r})")
+        raise KVPError(f"{path} is not a bench.ttft result (schema {result.get('schema')!r})")
     for run in result["runs"]:
         run["checks"] = checks(run["cases"])
     return write_outputs(result, path.parent, path.stem, no_plots)
@@ -187,7 +186,7 @@ def rerender(path: Path, no_plots: bool = False) -> int:
 
 def run_benchmark(settings: dict, out: Path | None = None, name: str | None = None, no_plots: bool = False) -> int:
     """Measure every configuration of ``settings`` and write OUT/NAME.{json,md,png}."""
-    from kvp_mlx.bench import report
+    from bench import report
     from kvp_mlx.runtime_env import gpu_available
 
     prof = PROFILES[settings["profile"]]
@@ -220,7 +219,7 @@ def run_benchmark(settings: dict, out: Path | None = None, name: str | None = No
 
 def write_outputs(result: dict, out: Path, name: str, no_plots: bool) -> int:
     """OUT/NAME.json, OUT/NAME.md and (unless no_plots) the PNG plots; the table goes to stdout."""
-    from kvp_mlx.bench import report
+    from bench import report
 
     files = [report.write_json(result, out / f"{name}.json"), report.write_markdown(result, out / f"{name}.md")]
     predicted = predicted_markdown(result)
@@ -243,7 +242,7 @@ def write_outputs(result: dict, out: Path, name: str, no_plots: bool) -> int:
 
 def predicted_markdown(result: dict) -> str:
     """Predicted beside measured TTFT, when the run was calibrated (bench/ttft_model.py)."""
-    from kvp_mlx.bench.ttft_model import Calibration, calibration_line, comparison_markdown
+    from bench.ttft_model import Calibration, calibration_line, comparison_markdown
 
     rows = [
         {"model": run["model"], "prompt_tokens": run["prompt_tokens"], "batch": run["batch"], "label": c["label"],
@@ -262,8 +261,8 @@ def predicted_markdown(result: dict) -> str:
 
 def predict_only(pairs: list[str] | None, prompt_lengths: list[int] | None, batch_sizes: list[int] | None,
                  prefill_step_size: int = 256, profile: str = "quick", dtype: str | None = None) -> int:
-    """`kvp-mlx bench --predict`: calibrate, then predict base/kvp/aux TTFT of OpenELM pairs (no model runs)."""
-    from kvp_mlx.bench.ttft_model import calibrate_for, pair_shapes, predict_markdown, predict_table
+    """`python -m bench.ttft --predict`: calibrate, then predict base/kvp/aux TTFT of OpenELM pairs (no model runs)."""
+    from bench.ttft_model import calibrate_for, pair_shapes, predict_markdown, predict_table
     from kvp_mlx.runtime_env import resolve_dtype
 
     prof = PROFILES[profile]
@@ -279,3 +278,127 @@ def predict_only(pairs: list[str] | None, prompt_lengths: list[int] | None, batc
         print(predict_markdown(cal, rows))
         print()
     return 0
+
+
+DESCRIPTION = """\
+Time to first token (prompt token ids ready -> first token sampled and evaluated) of every
+registered prefill method (base, kvp and aux per auxiliary model, and the others), of plain
+mlx-lm's prefill of the same base model, and of KV Prediction's parts (auxiliary prefill of T-1
+tokens, one base step). Cases run interleaved, after warm-up, with the same prefill step size.
+By default the models are the paper's OpenELM pairs with random weights, built in memory; --model
+adds a model directory (or repo id). Writes JSON (every sample, the environment), a markdown
+table and PNG plots to --out.
+
+--profile conversation times a warm turn instead: a new message of --new-tokens tokens over a
+history of --history-tokens tokens already in a session (base with prefix reuse, kvp on the warm
+cache), both re-prefilling everything (cold), and the cost of session.repair() after the kvp turn."""
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got '{text}'")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [v for v in text.replace(",", " ").split() if v]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from bench.cases import method_listing
+    from bench.models import PAIRS
+
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                        help="defaults for the options below: quick (make bench), full (make bench-full) or "
+                        "conversation (warm turns over a long history)")
+    parser.add_argument("--pairs", type=_names,
+                        help=f"random-weight OpenELM pairs, comma-separated: {', '.join(PAIRS)} "
+                        "(default: the profile's; none when --model is given)")
+    parser.add_argument("--model", action="append", default=[],
+                        help="a KV Prediction or mlx-lm model directory or repo id (repeatable)")
+    parser.add_argument("--methods", type=_names,
+                        help="methods to time, comma-separated (default: all registered ones and plain mlx-lm; "
+                        f"method options take their defaults): {method_listing()}")
+    parser.add_argument("--prompt-lengths", type=_ints, help="prompt lengths in tokens, e.g. 128,512")
+    parser.add_argument("--batch-sizes", type=_ints, help="batch sizes, e.g. 1,8")
+    parser.add_argument("--history-tokens", type=int,
+                        help="conversation profile: tokens of history already in the session (default: 1024)")
+    parser.add_argument("--new-tokens", type=_ints,
+                        help="conversation profile: new message lengths in tokens, e.g. 32,256 (default: 32,256)")
+    parser.add_argument("--device", type=_names, default=["cpu"], help="cpu, gpu or cpu,gpu (default: cpu)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                        help="compute dtype (default: float32 on cpu; on gpu float16 for the random-weight pairs, "
+                             "the checkpoint's own dtype for --model)")
+    parser.add_argument("--repetitions", "-n", type=int, help="timed repetitions per case (default: 5)")
+    parser.add_argument("--warmup", type=int, help="untimed warm-up runs per case (default: 1; at least 1)")
+    parser.add_argument("--prefill-step-size", type=int, default=256,
+                        help="prompt tokens per prefill chunk, the same for every method (default: 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
+    parser.add_argument("--out", help="output folder (default: bench/results/<date>-<host>)")
+    parser.add_argument("--name", help="file name stem of the outputs (default: the profile name)")
+    parser.add_argument("--no-plots", action="store_true", help="write JSON and markdown only")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="measure nothing: redo the checks, markdown and plots of an earlier run's JSON")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="skip the calibration of the TTFT model (and the predicted column) before the runs")
+    parser.add_argument("--predict", action="store_true",
+                        help="run no model: calibrate this machine (under a minute) and print the predicted TTFT "
+                        "of base, kvp and aux for --pairs at --prompt-lengths (choose an auxiliary before training)")
+
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.from_json:
+        return rerender(Path(args.from_json), args.no_plots)
+    if args.predict:
+        return predict_only(args.pairs, args.prompt_lengths, args.batch_sizes, args.prefill_step_size,
+                                 args.profile, args.dtype)
+    out = Path(args.out) if args.out else None
+    if args.profile == "conversation":
+        from bench import conversation
+
+        _refuse(args, "the conversation profile", ["methods", "prompt_lengths", "batch_sizes"])
+        if args.device != ["cpu"]:
+            raise KVPError("the conversation profile runs on the cpu only (--device cpu)")
+        settings = conversation.make_settings(
+            pairs=args.pairs, models=args.model, history_tokens=args.history_tokens, new_tokens=args.new_tokens,
+            dtype=args.dtype, repetitions=args.repetitions, warmup=args.warmup,
+            prefill_step_size=args.prefill_step_size, seed=args.seed,
+        )
+        return conversation.run_benchmark(settings, out, args.name, args.no_plots)
+    _refuse(args, f"profile {args.profile} (only --profile conversation)", ["history_tokens", "new_tokens"])
+    settings = make_settings(
+        profile=args.profile, pairs=args.pairs, models=args.model, methods=args.methods,
+        prompt_lengths=args.prompt_lengths, batch_sizes=args.batch_sizes, devices=args.device,
+        dtype=args.dtype, repetitions=args.repetitions, warmup=args.warmup,
+        prefill_step_size=args.prefill_step_size, seed=args.seed, calibrate=not args.no_calibrate,
+    )
+    return run_benchmark(settings, out, args.name, args.no_plots)
+
+
+def _refuse(args: argparse.Namespace, what: str, names: list[str]) -> None:
+    given = [n for n in names if getattr(args, n) is not None]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise KVPError(f"{flags}: not used by {what}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ttft", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except KVPError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

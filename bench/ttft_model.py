@@ -430,7 +430,7 @@ class ShapePair:
 
 def pair_shapes(pair: str, dtype: mx.Dtype = mx.float32) -> ShapePair:
     """The paper's OpenELM pair ``pair`` (bench.models.PAIRS) as shapes (no weights evaluated)."""
-    from kvp_mlx.bench.models import PAIRS, openelm_config
+    from bench.models import PAIRS, openelm_config
     from kvp_mlx.convert.corenet_config import LAYER_PRUNED_CONFIGS
     from kvp_mlx.predictor import KVPredictor, PredictorConfig, default_layer_mapping
     from kvp_mlx.adapters import kv_shapes
@@ -511,7 +511,7 @@ def predict_markdown(cal: Calibration, rows: list[dict]) -> str:
 
 
 def predict_bench_result(cal: Calibration, result: dict, models: dict[str, Any]) -> list[dict]:
-    """Predicted beside measured TTFT for every timed case of a ``kvp-mlx bench`` JSON result.
+    """Predicted beside measured TTFT for every timed case of a ``bench.ttft`` JSON result.
 
     ``models``: run model name (e.g. "OpenELM-1_1B") -> a dict auxiliary name -> model (shapes), with
     key None for the base-only model.
@@ -606,8 +606,8 @@ def fit_calibration(works: list[Work], measured: list[float]) -> Calibration:
 
 
 def _validation_models(result: dict) -> dict:
-    """Shapes of a bench result's random-weight OpenELM pairs (``kvp-mlx bench --pairs``)."""
-    from kvp_mlx.bench.models import PAIRS
+    """Shapes of a bench result's random-weight OpenELM pairs (``python -m bench.ttft --pairs``)."""
+    from bench.models import PAIRS
 
     models: dict = {}
     for pair in result["settings"].get("pairs", []):
@@ -619,11 +619,11 @@ def _validation_models(result: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m kvp_mlx.bench.ttft_model --validate RESULT.json ...: calibrate now, predict every case."""
+    """python -m bench.ttft_model --validate RESULT.json ...: calibrate now, predict every case."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--validate", nargs="+", required=True, help="kvp-mlx bench JSON results (pairs only)")
+    parser.add_argument("--validate", nargs="+", required=True, help="bench.ttft JSON results (pairs only)")
     parser.add_argument("--calibration", help="a saved calibration JSON instead of calibrating now")
     parser.add_argument("--save-calibration", help="write the calibration used here")
     parser.add_argument(

@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from kvp_mlx import _blas
+from kvp_mlx._blas import blas_threads, set_blas_threads  # noqa: F401  (public here)
 from kvp_mlx.errors import KVPError
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}

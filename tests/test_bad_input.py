@@ -183,9 +183,9 @@ def test_tokenizer_smaller_than_the_vocabulary(pair_copy, tmp_path):
 
 
 def test_random_timing_models_cover_their_vocabulary(tmp_path):
-    """`kvp-mlx runahead-bench` builds an OpenELM-270M-shaped model (32000 rows) with a small test
+    """`python -m bench.runahead` builds an OpenELM-270M-shaped model (32000 rows) with a small test
     tokenizer, padded so that the loading rule accepts it."""
-    from kvp_mlx.runahead.bench import build_bench_model
+    from bench.runahead import build_bench_model
 
     model = load(build_bench_model(tmp_path / "bench", "OpenELM-270M", n_layers=1))
     assert len(model.tokenizer.get_vocab()) == model.base.args.vocab_size == 32000

@@ -11,15 +11,15 @@ import pytest
 from mlx.utils import tree_flatten
 
 from kvp_mlx import testing as mb
-from kvp_mlx.bench.report import write_plots
-from kvp_mlx.bench.cases import checks, paired_ratio
-from kvp_mlx.bench.timing import Case, interleaved_schedule, run_interleaved
-from kvp_mlx.cli import main
+from bench.report import write_plots
+from bench.cases import checks, paired_ratio
+from bench.timing import Case, interleaved_schedule, run_interleaved
+from bench.ttft import main as ttft_main
 from kvp_mlx.flops import (
     LayerShape, cache_fill_flops, kvp_flops, kvp_scores, model_shape, predictor_flops, prefill_flops,
     prefill_scores, pruned_prefill_flops, pruned_prefill_scores, step_flops,
 )
-from kvp_mlx.bench.models import PAIRS, openelm_config
+from bench.models import PAIRS, openelm_config
 from kvp_mlx.runtime_env import gpu_available
 
 # tiny_config("openelm"): dim 64, head_dim 16, 4 query heads, 2 KV heads, FFN 64 (mult 1.0, divisor 32)
@@ -142,7 +142,7 @@ def test_run_interleaved_order_samples_and_skips():
 
 
 def test_tiny_run_writes_json_and_markdown(random_pair_dir, tmp_path, capsys):
-    rc = main(["bench", "--model", str(random_pair_dir), "--prompt-lengths", "6,9", "--batch-sizes", "1,2",
+    rc = ttft_main(["--model", str(random_pair_dir), "--prompt-lengths", "6,9", "--batch-sizes", "1,2",
                "--repetitions", "1", "--prefill-step-size", "4", "--out", str(tmp_path), "--name", "tiny",
                "--no-plots"])
     assert rc == 0
@@ -152,7 +152,7 @@ def test_tiny_run_writes_json_and_markdown(random_pair_dir, tmp_path, capsys):
     for key in ("mlx", "mlx-lm", "device", "blas", "cpu"):
         assert env[key]
     assert result["settings"]["prefill_step_size"] == 4 and result["settings"]["repetitions"] == 1
-    assert result["command"].startswith("kvp-mlx bench ") and "--prefill-step-size 4" in result["command"]
+    assert result["command"].startswith("python -m bench.ttft ") and "--prefill-step-size 4" in result["command"]
     assert [(r["prompt_tokens"], r["batch"]) for r in result["runs"]] == [(6, 1), (9, 1), (6, 2), (9, 2)]
     for run in result["runs"]:
         assert run["device"] == "cpu" and run["dtype"] == "float32"
@@ -178,7 +178,7 @@ def test_tiny_run_writes_json_and_markdown(random_pair_dir, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     # re-rendering from the JSON measures nothing and writes the same markdown
     (tmp_path / "tiny.md").unlink()
-    assert main(["bench", "--from-json", str(tmp_path / "tiny.json"), "--no-plots"]) == 0
+    assert ttft_main(["--from-json", str(tmp_path / "tiny.json"), "--no-plots"]) == 0
     assert (tmp_path / "tiny.md").read_text() == md
 
 
@@ -190,14 +190,14 @@ def test_plots_say_what_is_missing_without_matplotlib(monkeypatch, tmp_path):
 
 def test_plots_are_written(random_pair_dir, tmp_path):
     pytest.importorskip("matplotlib")
-    assert main(["bench", "--model", str(random_pair_dir), "--prompt-lengths", "4,8", "--methods", "base,kvp",
+    assert ttft_main(["--model", str(random_pair_dir), "--prompt-lengths", "4,8", "--methods", "base,kvp",
                  "-n", "1", "--out", str(tmp_path), "--name", "p"]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["p-speedup.png", "p-ttft.png"]
 
 
 @pytest.mark.skipif(gpu_available(), reason="this machine has a GPU")
 def test_gpu_is_skipped_with_a_message(random_pair_dir, tmp_path, capsys):
-    rc = main(["bench", "--device", "gpu", "--model", str(random_pair_dir), "--out", str(tmp_path)])
+    rc = ttft_main(["--device", "gpu", "--model", str(random_pair_dir), "--out", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
     assert "no GPU is available to MLX" in out and "skipping --device gpu" in out
@@ -205,9 +205,9 @@ def test_gpu_is_skipped_with_a_message(random_pair_dir, tmp_path, capsys):
 
 
 def test_bad_options_are_one_line_errors(random_pair_dir, capsys):
-    assert main(["bench", "--model", str(random_pair_dir), "--methods", "nope"]) == 1
+    assert ttft_main(["--model", str(random_pair_dir), "--methods", "nope"]) == 1
     assert "unknown method(s) nope" in capsys.readouterr().err
-    assert main(["bench", "--pairs", "kvp-c-9b"]) == 1
+    assert ttft_main(["--pairs", "kvp-c-9b"]) == 1
     assert "unknown model pair(s) kvp-c-9b" in capsys.readouterr().err
 
 
@@ -239,7 +239,7 @@ def test_checks_use_paired_ratios():
 
 def test_softmax_share_composite_attention_is_mlx_attention():
     """The diagnostic's composite kernel computes mx.fast's attention; the no-softmax one does not."""
-    from kvp_mlx.bench.softmax_share import check_composite, no_softmax_attention
+    from bench.softmax_share import check_composite, no_softmax_attention
 
     assert check_composite() < 1e-5
     q, k, v = (mx.random.normal(s, key=mx.random.key(i)) for i, s in

@@ -16,7 +16,7 @@ import pytest
 
 import mlx.core as mx
 
-from kvp_mlx.bench.accuracy import (
+from bench.accuracy import (
     CONDITIONS, conversation_file_scores, conversation_samples, main,
 )
 from kvp_mlx.model import load

@@ -1,13 +1,13 @@
-"""The conversation profile of the benchmark (kvp_mlx.bench.conversation), end to end on tiny models."""
+"""The conversation profile of the benchmark (bench.conversation), end to end on tiny models."""
 
 from __future__ import annotations
 
 import json
 
 from kvp_mlx import testing as mb
-from kvp_mlx.bench import conversation
-from kvp_mlx.bench.models import BenchGroup
-from kvp_mlx.cli import main
+from bench import conversation
+from bench.models import BenchGroup
+from bench.ttft import main as ttft_main
 from kvp_mlx.model import KVPModel
 
 CASES = ("base-warm", "kvp-warm[aux]", "base-cold", "kvp-cold[aux]", "repair[aux]")
@@ -52,13 +52,13 @@ def test_conversation_profile_end_to_end(random_pair_dir, tmp_path, capsys):
         plots = True
     except ImportError:
         plots = False
-    rc = main(["bench", "--profile", "conversation", "--model", str(random_pair_dir), "--history-tokens", "12",
+    rc = ttft_main(["--profile", "conversation", "--model", str(random_pair_dir), "--history-tokens", "12",
                "--new-tokens", "3,6", "-n", "2", "--prefill-step-size", "4", "--out", str(tmp_path),
                "--name", "conv", *([] if plots else ["--no-plots"])])
     assert rc == 0
     result = json.loads((tmp_path / "conv.json").read_text())
     assert result["schema"] == conversation.SCHEMA
-    assert result["command"].startswith("kvp-mlx bench --profile conversation --model ")
+    assert result["command"].startswith("python -m bench.ttft --profile conversation --model ")
     assert "--history-tokens 12 --new-tokens 3,6" in result["command"]
     [run] = result["runs"]
     assert run["device"] == "cpu" and run["dtype"] == "float32" and run["history_tokens"] == 12
@@ -69,7 +69,7 @@ def test_conversation_profile_end_to_end(random_pair_dir, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     # re-rendering from the JSON measures nothing and writes the same markdown
     (tmp_path / "conv.md").unlink()
-    assert main(["bench", "--from-json", str(tmp_path / "conv.json"), "--no-plots"]) == 0
+    assert ttft_main(["--from-json", str(tmp_path / "conv.json"), "--no-plots"]) == 0
     assert (tmp_path / "conv.md").read_text() == md
 
 
@@ -88,10 +88,10 @@ def test_models_without_a_tokenizer_take_token_ids():
 
 
 def test_conversation_options_are_checked(random_pair_dir, capsys):
-    assert main(["bench", "--profile", "conversation", "--model", str(random_pair_dir), "--prompt-lengths", "8"]) == 1
+    assert ttft_main(["--profile", "conversation", "--model", str(random_pair_dir), "--prompt-lengths", "8"]) == 1
     assert "--prompt-lengths: not used by the conversation profile" in capsys.readouterr().err
-    assert main(["bench", "--model", str(random_pair_dir), "--new-tokens", "8"]) == 1
+    assert ttft_main(["--model", str(random_pair_dir), "--new-tokens", "8"]) == 1
     assert "--new-tokens: not used by profile quick" in capsys.readouterr().err
-    assert main(["bench", "--profile", "conversation", "--model", str(random_pair_dir),
+    assert ttft_main(["--profile", "conversation", "--model", str(random_pair_dir),
                  "--history-tokens", "0"]) == 1
     assert "--history-tokens must be at least 1" in capsys.readouterr().err

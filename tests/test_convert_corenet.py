@@ -357,19 +357,10 @@ def test_option_errors(tmp_path, capsys, tokenizers):
 
 def test_convert_as_a_subcommand(tmp_path, capsys):
     """The add_arguments / run contract kvp_mlx/cli.py uses for its subcommands."""
-    import argparse
 
     import kvp_mlx.cli
 
-    if "convert" in kvp_mlx.cli.COMMANDS:
-        parse = kvp_mlx.cli.build_parser().parse_args
-    else:  # not wired into `kvp-mlx` yet: build the same subparser here
-        parser = argparse.ArgumentParser(prog="kvp-mlx")
-        sub = parser.add_subparsers(dest="command", required=True)
-        p = sub.add_parser("convert", help=cli.HELP)
-        cli.add_arguments(p)
-        p.set_defaults(_run=cli.run)
-        parse = parser.parse_args
+    parse = kvp_mlx.cli.build_parser("convert").parse_args
     out = tmp_path / "sub" / "out"
     args = parse(["convert", *cli_args("pub_kvpc_gpt_test", tmp_path, out)])
     assert args._run(args) == 0

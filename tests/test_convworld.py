@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvp_mlx.bench.convworld import BASELINES, FRACTIONS, PROFILES, conversation_ids, main
+from bench.convworld import BASELINES, FRACTIONS, PROFILES, conversation_ids, main
 from kvp_mlx.epicache.evaluate import prompt_parts
 from kvp_mlx.epicache.loaders import load_synthetic
 
@@ -124,7 +124,7 @@ def test_world_conversations_have_one_place_per_answer(tmp_path):
     value (its cue) occurs once in the history, and no two facts of a conversation share a value word."""
     import re
 
-    from kvp_mlx.epicache.synthetic import world_conversations
+    from bench.conversation_world import world_conversations
 
     convs = world_conversations(200, seed=3, sessions=3, filler=2, cloze=True)
     (tmp_path / "world.json").write_text(json.dumps(convs))
@@ -147,8 +147,8 @@ def test_the_full_profiles_tokens_put_one_cue_before_each_answer(tmp_path):
     finds an answer by copying what followed the token before the answer cue."""
     import dataclasses
 
-    from kvp_mlx.bench.convworld import build_data
-    from kvp_mlx.bench.toyworld import train_tokenizer
+    from bench.convworld import build_data
+    from bench.toyworld import train_tokenizer
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     prof = dataclasses.replace(PROFILES["full"], train_convs=1500, dev_convs=20, test_convs=1)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kvp_mlx.bench.kvp_layers import layer_sets, main, score_layer_sets
+from bench.kvp_layers import layer_sets, main, score_layer_sets
 from kvp_mlx.epicache.loaders import load_synthetic
 from kvp_mlx.epicache.synthetic import conversations
 from kvp_mlx.errors import KVPError

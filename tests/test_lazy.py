@@ -248,7 +248,7 @@ def test_cli_lazy_and_rp(identity_dirs):
 
 def test_lazy_table_script_runs(tmp_path):
     try:
-        from kvp_mlx.bench import lazy_table
+        from bench import lazy_table
     except ImportError:  # a checkout on PYTHONPATH: bench/ is the top-level package
         from bench import lazy_table
     out = tmp_path / "table.md"

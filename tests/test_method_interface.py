@@ -9,8 +9,8 @@ import sys
 import mlx.core as mx
 import pytest
 
-from kvp_mlx.bench.cases import all_method_names, benchmark_config, method_listing
-from kvp_mlx.bench.models import load_group
+from bench.cases import all_method_names, benchmark_config, method_listing
+from bench.models import load_group
 from kvp_mlx.cli import build_parser
 from kvp_mlx.cli import main as cli_main
 from kvp_mlx.errors import KVPError
@@ -53,7 +53,7 @@ def scaled_method():
 
 
 def generate_help() -> str:
-    parser = build_parser()
+    parser = build_parser("generate")
     sub = next(a for a in parser._actions if a.dest == "command")
     return sub.choices["generate"].format_help()
 

@@ -37,7 +37,11 @@ def test_wheel_builds_without_package_would_be_ignored_warnings(tmp_path):
     assert "Package would be ignored" not in output, output
     (wheel,) = (tmp_path / "wheels").glob("kvp_mlx-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ("kvp_mlx/cli.py", "kvp_mlx/convert/cli.py", "kvp_mlx/bench/__init__.py",
+    for name in ("kvp_mlx/cli.py", "kvp_mlx/convert/cli.py", "kvp_mlx/epicache/loaders.py",
                  "kvp_mlx/default_model/kvp_config.json", "kvp_mlx/default_model/base/model.safetensors",
                  "kvp_mlx/default_model/aux/tokenizer.json"):
         assert name in names, name
+    # the runtime alone: no lab (bench/) and no tests, inside kvp_mlx/ or beside it
+    top = {n.split("/")[0] for n in names if not n.startswith("kvp_mlx-")}
+    assert top == {"kvp_mlx"}, top
+    assert not any(n.startswith("kvp_mlx/bench/") for n in names)

@@ -176,7 +176,7 @@ def test_survivor_exits_with_a_clear_error_when_a_rank_dies(identity_dirs, tmp_p
 
 
 def test_runahead_bench_measures_every_variant(identity_dirs):
-    from kvp_mlx.runahead.bench import run_runahead_bench
+    from bench.runahead import run_runahead_bench
 
     result = run_runahead_bench(identity_dirs["qwen3"], ranks=2, prompt_tokens=40, repeats=1, timeout_s=60)
     assert set(result.ttft_s) == {"base", "even", "balanced"}

@@ -369,7 +369,7 @@ def test_hostile_bodies_get_4xx_and_the_server_lives(chat_identity_dir):
 def test_server_binds_to_loopback_by_default():
     from kvp_mlx.cli import build_parser
 
-    args = build_parser().parse_args(["serve"])
+    args = build_parser("serve").parse_args(["serve"])
     assert args.host == "127.0.0.1" and args.repair == "idle"
 
 

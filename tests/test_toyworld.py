@@ -1,6 +1,6 @@
 """The toy world's rebuild check (bench/toyworld.py compare_runs)."""
 
-from kvp_mlx.bench.toyworld import compare_runs
+from bench.toyworld import compare_runs
 
 REFERENCE = {
     "profile": "full",

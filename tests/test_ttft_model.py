@@ -10,8 +10,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from kvp_mlx import testing as mb
-from kvp_mlx.bench import ttft_model as tm
-from kvp_mlx.bench.pareto import pareto_front
+from bench import ttft_model as tm
+from bench.pareto import pareto_front
 from kvp_mlx.flops import model_shape
 from kvp_mlx.methods import get_method
 

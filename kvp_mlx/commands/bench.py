@@ -1,119 +1,136 @@
-"""`kvp-mlx bench`: time to first token of every prefill method beside plain mlx-lm (kvp_mlx.bench.ttft)."""
+"""`kvp-mlx bench`: time your own model, as `mlx_lm.benchmark` does, with each prefill method beside
+plain mlx-lm on the same base model."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 from kvp_mlx.errors import KVPError
 
-HELP = "benchmark time to first token of every prefill method beside plain mlx-lm"
 DESCRIPTION = """\
-Time to first token (prompt token ids ready -> first token sampled and evaluated) of every
-registered prefill method (base, kvp and aux per auxiliary model, and the others), of plain
-mlx-lm's prefill of the same base model, and of KV Prediction's parts (auxiliary prefill of T-1
-tokens, one base step). Cases run interleaved, after warm-up, with the same prefill step size.
-By default the models are the paper's OpenELM pairs with random weights, built in memory; --model
-adds a model directory (or repo id). Writes JSON (every sample, the environment), a markdown
-table and PNG plots to --out.
+Times a model directory on random prompts of --prompt-tokens tokens: the time to first token
+(from calling the generator to its first token) and the decode speed of --generation-tokens
+tokens, for each --methods entry (default: base, kvp when the directory has an auxiliary model,
+and `mlx-lm`: mlx_lm.stream_generate on the same base weights). Cases run interleaved in rotating
+order after --warmup untimed runs each; the table gives medians over --num-trials and each TTFT as
+a ratio to mlx-lm's. The lab's benchmark suite (random OpenELM pairs, FLOPs, plots) is
+`python -m bench.ttft` in the repository."""
 
---profile conversation times a warm turn instead: a new message of --new-tokens tokens over a
-history of --history-tokens tokens already in a session (base with prefix reuse, kvp on the warm
-cache), both re-prefilling everything (cold), and the cost of session.repair() after the kvp turn."""
+MLX_LM = "mlx-lm"
 
-def _ints(text: str) -> list[int]:
+
+def _positive(text: str) -> int:
     try:
-        values = [int(v) for v in text.replace(",", " ").split()]
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers, got '{text}'") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got '{text}'")
-    return values
-
-
-def _names(text: str) -> list[str]:
-    return [v for v in text.replace(",", " ").split() if v]
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from kvp_mlx.bench.cases import method_listing
-    from kvp_mlx.bench.models import PAIRS
-    from kvp_mlx.bench.ttft import PROFILES
-
     parser.description = DESCRIPTION
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                        help="defaults for the options below: quick (make bench), full (make bench-full) or "
-                        "conversation (warm turns over a long history)")
-    parser.add_argument("--pairs", type=_names,
-                        help=f"random-weight OpenELM pairs, comma-separated: {', '.join(PAIRS)} "
-                        "(default: the profile's; none when --model is given)")
-    parser.add_argument("--model", action="append", default=[],
-                        help="a KV Prediction or mlx-lm model directory or repo id (repeatable)")
-    parser.add_argument("--methods", type=_names,
-                        help="methods to time, comma-separated (default: all registered ones and plain mlx-lm; "
-                        f"method options take their defaults): {method_listing()}")
-    parser.add_argument("--prompt-lengths", type=_ints, help="prompt lengths in tokens, e.g. 128,512")
-    parser.add_argument("--batch-sizes", type=_ints, help="batch sizes, e.g. 1,8")
-    parser.add_argument("--history-tokens", type=int,
-                        help="conversation profile: tokens of history already in the session (default: 1024)")
-    parser.add_argument("--new-tokens", type=_ints,
-                        help="conversation profile: new message lengths in tokens, e.g. 32,256 (default: 32,256)")
-    parser.add_argument("--device", type=_names, default=["cpu"], help="cpu, gpu or cpu,gpu (default: cpu)")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                        help="compute dtype (default: float32 on cpu; on gpu float16 for the random-weight pairs, "
-                             "the checkpoint's own dtype for --model)")
-    parser.add_argument("--repetitions", "-n", type=int, help="timed repetitions per case (default: 5)")
-    parser.add_argument("--warmup", type=int, help="untimed warm-up runs per case (default: 1; at least 1)")
-    parser.add_argument("--prefill-step-size", type=int, default=256,
-                        help="prompt tokens per prefill chunk, the same for every method (default: 256)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
-    parser.add_argument("--out", help="output folder (default: bench/results/<date>-<host>)")
-    parser.add_argument("--name", help="file name stem of the outputs (default: the profile name)")
-    parser.add_argument("--no-plots", action="store_true", help="write JSON and markdown only")
-    parser.add_argument("--from-json", metavar="FILE",
-                        help="measure nothing: redo the checks, markdown and plots of an earlier run's JSON")
-    parser.add_argument("--no-calibrate", action="store_true",
-                        help="skip the calibration of the TTFT model (and the predicted column) before the runs")
-    parser.add_argument("--predict", action="store_true",
-                        help="run no model: calibrate this machine (under a minute) and print the predicted TTFT "
-                        "of base, kvp and aux for --pairs at --prompt-lengths (choose an auxiliary before training)")
+    add = parser.add_argument
+    add("--model", help="KV Prediction or mlx-lm directory, or repo id (default: the embedded demo model)")
+    add("--prompt-tokens", "-p", type=_positive, default=512, help="prompt length in tokens (default: 512)")
+    add("--generation-tokens", "-g", type=_positive, default=32, help="tokens to generate (default: 32)")
+    add("--num-trials", "-n", type=_positive, default=3, help="timed trials per case (default: 3)")
+    add("--warmup", type=_positive, default=1, help="untimed runs per case first (default: 1)")
+    add("--methods", default=None,
+        help=f"comma-separated prefill methods and/or {MLX_LM} (default: base, kvp if the model has an "
+        f"auxiliary, {MLX_LM})")
+    add("--prefill-step-size", type=_positive, default=2048, help="prompt tokens per prefill chunk (default: 2048)")
+    add("--seed", type=int, default=0, help="seed of the random prompt (default: 0)")
+    add("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default as generate)")
 
+
+@dataclass
+class Timing:
+    name: str
+    run: Callable[[], tuple[float, float]]  # -> (ttft_s, generation tokens/s)
+    ttft_s: list[float] = field(default_factory=list)
+    tps: list[float] = field(default_factory=list)
+
+
+def _kvp_case(model, method: str, prompt: list[int], max_tokens: int, step: int) -> Callable[[], tuple[float, float]]:
+    from kvp_mlx.generation import stream_generate
+
+    def run() -> tuple[float, float]:
+        first = last = None
+        for last in stream_generate(model, prompt, method=method, max_tokens=max_tokens, prefill_step_size=step,
+                                    context_warning=False):
+            first = first or last
+        assert first is not None and last is not None
+        return first.ttft_s, last.generation_tps
+
+    return run
+
+
+def _mlx_lm_case(model, prompt: list[int], max_tokens: int, step: int) -> Callable[[], tuple[float, float]]:
+    import mlx.core as mx
+    from mlx_lm.generate import stream_generate
+
+    def run() -> tuple[float, float]:
+        tic = time.perf_counter()
+        ttft = None
+        tps = 0.0
+        for response in stream_generate(model.base, model.tokenizer, mx.array(prompt), max_tokens=max_tokens,
+                                        prefill_step_size=step):
+            if ttft is None:
+                ttft = time.perf_counter() - tic
+            tps = response.generation_tps
+        assert ttft is not None
+        return ttft, tps
+
+    return run
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvp_mlx.bench import ttft
+    import random
 
-    if args.from_json:
-        return ttft.rerender(Path(args.from_json), args.no_plots)
-    if args.predict:
-        return ttft.predict_only(args.pairs, args.prompt_lengths, args.batch_sizes, args.prefill_step_size,
-                                 args.profile, args.dtype)
-    out = Path(args.out) if args.out else None
-    if args.profile == "conversation":
-        from kvp_mlx.bench import conversation
+    from kvp_mlx.generation import default_method
+    from kvp_mlx.methods import get_method
+    from kvp_mlx.model import load
 
-        _refuse(args, "the conversation profile", ["methods", "prompt_lengths", "batch_sizes"])
-        if args.device != ["cpu"]:
-            raise KVPError("the conversation profile runs on the cpu only (--device cpu)")
-        settings = conversation.make_settings(
-            pairs=args.pairs, models=args.model, history_tokens=args.history_tokens, new_tokens=args.new_tokens,
-            dtype=args.dtype, repetitions=args.repetitions, warmup=args.warmup,
-            prefill_step_size=args.prefill_step_size, seed=args.seed,
-        )
-        return conversation.run_benchmark(settings, out, args.name, args.no_plots)
-    _refuse(args, f"profile {args.profile} (only --profile conversation)", ["history_tokens", "new_tokens"])
-    settings = ttft.make_settings(
-        profile=args.profile, pairs=args.pairs, models=args.model, methods=args.methods,
-        prompt_lengths=args.prompt_lengths, batch_sizes=args.batch_sizes, devices=args.device,
-        dtype=args.dtype, repetitions=args.repetitions, warmup=args.warmup,
-        prefill_step_size=args.prefill_step_size, seed=args.seed, calibrate=not args.no_calibrate,
-    )
-    return ttft.run_benchmark(settings, out, args.name, args.no_plots)
-
-
-def _refuse(args: argparse.Namespace, what: str, names: list[str]) -> None:
-    given = [n for n in names if getattr(args, n) is not None]
-    if given:
-        flags = ", ".join("--" + n.replace("_", "-") for n in given)
-        raise KVPError(f"{flags}: not used by {what}")
+    model = load(args.model, dtype=args.dtype)
+    if args.methods is None:
+        names = ["base"] + (["kvp"] if default_method(model) == "kvp" else []) + [MLX_LM]
+    else:
+        names = [n for n in args.methods.replace(" ", "").split(",") if n]
+        if not names:
+            raise KVPError("--methods: name at least one method")
+    vocab = int(model.base_config.get("vocab_size", 0)) or len(model.tokenizer.vocab)
+    rng = random.Random(args.seed)
+    prompt = [rng.randrange(vocab) for _ in range(args.prompt_tokens)]
+    cases = []
+    for name in names:
+        if name == MLX_LM:
+            cases.append(Timing(name, _mlx_lm_case(model, prompt, args.generation_tokens, args.prefill_step_size)))
+        else:
+            get_method(name)  # one line for an unknown name, before any work
+            cases.append(Timing(name, _kvp_case(model, name, prompt, args.generation_tokens, args.prefill_step_size)))
+    print(f"model {model.path}, prompt {args.prompt_tokens} tokens, {args.generation_tokens} generated, "
+          f"{args.num_trials} trials", file=sys.stderr)
+    for round_index in range(args.warmup + args.num_trials):
+        shift = round_index % len(cases)
+        for case in cases[shift:] + cases[:shift]:  # rotating order: no case always runs first
+            ttft, tps = case.run()
+            if round_index >= args.warmup:
+                case.ttft_s.append(ttft)
+                case.tps.append(tps)
+    reference = next((c for c in cases if c.name == MLX_LM), None)
+    ref = statistics.median(reference.ttft_s) if reference else None
+    print("| case | TTFT median (s) | vs mlx-lm | decode tokens/s |")
+    print("|---|---|---|---|")
+    for case in cases:
+        ttft = statistics.median(case.ttft_s)
+        ratio = f"{ref / ttft:.2f}x sooner" if ref else "-"
+        print(f"| {case.name} | {ttft:.4f} | {ratio} | {statistics.median(case.tps):.1f} |")
+    return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "prefill a prompt and save the session to a file (like mlx_lm.cache_prompt)"
 DESCRIPTION = """\
 Prefill a prompt with a session's method (kvp by default: the auxiliary model and the predictor
 fill the base cache) and save the session (both caches, the tokens, which positions hold predicted

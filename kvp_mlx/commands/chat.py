@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "chat with a model: a session keeps its caches across turns (like mlx_lm.chat)"
 DESCRIPTION = """\
 Chat with a model, as mlx_lm.chat does: type a message after '>> '; 'q' quits, 'r' resets the
 conversation, 'h' prints help. The session keeps the base (and auxiliary) caches across turns, so

@@ -15,7 +15,6 @@ from kvp_mlx.epicache.memory import POLICIES
 from kvp_mlx.epicache.prefill import LEVELS
 from kvp_mlx.errors import KVPError
 
-HELP = "evaluate conversation QA (LoCoMo, LongMemEval, Realtalk, synthetic) under a KV budget (EpiCache)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

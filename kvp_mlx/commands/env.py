@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "print the MLX version, device, BLAS in use and dtype policy"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "gpu"], help="device to report on (default: MLX's)")

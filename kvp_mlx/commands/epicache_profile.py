@@ -10,7 +10,6 @@ from kvp_mlx.epicache.budgets import allocate, save_profile, sensitivity
 from kvp_mlx.errors import KVPError
 from kvp_mlx.prompting import read_prompt_arg
 
-HELP = "profile a model's per-layer KV sensitivity for EpiCache's per-layer budgets"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "evaluate a prefill method on lm-evaluation-harness tasks (needs kvp-mlx[eval])"
 DESCRIPTION = """\
 Run lm-evaluation-harness tasks with every prompt prefilled by --method (kvp, base, aux, lazy, rp,
 ...); continuations are scored (loglikelihood) or decoded (generate_until) by the method's

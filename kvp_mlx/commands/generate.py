@@ -8,7 +8,6 @@ import sys
 
 from kvp_mlx.commands.method_flags import add_method_arguments, method_option, method_options, method_summaries
 
-HELP = "generate text from a prompt, reporting time to first token"
 DESCRIPTION = """\
 Generate a continuation of a prompt, as mlx_lm.generate does (chat template by default, the same
 sampling, penalty, KV-cache and speculative-decoding options), with a prefill method in front:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "serve a model over an OpenAI-compatible HTTP API (KV Prediction prefill, prefix reuse, idle repair)"
 DESCRIPTION = """\
 Serve a model on an OpenAI-compatible HTTP API with the endpoints of mlx_lm.server:
 POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health; streaming

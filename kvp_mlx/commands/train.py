@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "train a KV predictor (and optionally the auxiliary model) for a base model"
 DESCRIPTION = """\
 Train a KV Prediction model. The base model is frozen; the predictor (per-layer linear maps
 from the auxiliary model's raw K/V to the base's) and, by default, the auxiliary model are

@@ -73,7 +73,7 @@ def is_output_rank(timeout_s: float, compare: bool = False) -> bool:
     group = join_group(timeout_s)
     if compare and group.size() > 1:
         raise KVPError("--compare runs in one process; to compare runahead over several ranks with base "
-                       "prefill use `kvp-mlx runahead-bench`")
+                       "prefill use `python -m bench.runahead`")
     return group.rank() == decoding_rank(group)
 
 

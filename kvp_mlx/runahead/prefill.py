@@ -263,7 +263,7 @@ register(PrefillMethod(
         Option("split", str, "balanced", "prompt split between ranks: balanced by a cost model, or even",
                choices=SPLITS),
         Option("split_table", str, None,
-               "split table (JSON, from `kvp-mlx runahead-bench --save-table`) for the balanced split"),
+               "split table (JSON, from `python -m bench.runahead --save-table`) for the balanced split"),
         Option("timeout_s", float, DEFAULT_TIMEOUT_S,
                "give up with an error when a peer rank sends nothing for this many seconds",
                check=lambda v: None if v > 0 else "must be positive", flag="--runahead-timeout"),
@@ -273,5 +273,5 @@ register(PrefillMethod(
     # The same work as a base prefill, split over the ranks.
     cost=lambda model, tokens, chunk, batch, info: plain_prefill_cost(model.base, tokens, chunk, batch),
     capabilities=Capabilities(needs_launch="needs several processes (an mx.distributed ring); time it with "
-                              "`kvp-mlx runahead-bench`"),
+                              "`python -m bench.runahead`"),
 ))

@@ -26,7 +26,6 @@ from .state_dict import KVP_PREFIXES, model_tensors, openelm_weights, predictor_
 from .torch_zip import LazyTensor, TorchArchive
 from .writer import Quantization, atomic_output_dir, write_mlx_model
 
-HELP = "convert a corenet checkpoint (KV Prediction or single model) to a kvp-mlx / mlx-lm directory"
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 _PROGRESS_MIN_BYTES = 64 << 20  # show a progress bar for checkpoints above 64 MiB
 
@@ -190,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvp-mlx convert", description=HELP)
+    parser = argparse.ArgumentParser(prog="kvp-mlx convert")
     add_arguments(parser)
     return parser
 

@@ -1,11 +1,11 @@
 """Measure KV-Runahead's time to first token with N local ranks (a ring on 127.0.0.1), against
 single-process base prefill, and predict it for more ranks and longer prompts from a cost model.
 
-:func:`run_runahead_bench` (the ``kvp-mlx runahead-bench`` command) works in three steps:
+:func:`run_runahead_bench` (the ``python -m bench.runahead`` command) works in three steps:
 
 1. calibrate a :class:`CostModel` of the model on this machine, with the BLAS threads one rank
    gets, and turn it into a split table (every rank then reads the same table);
-2. start N ranks of this module (``python -m kvp_mlx.runahead.bench ...``); each loads the model
+2. start N ranks of this module (``python -m bench.runahead --as-rank ...``); each loads the model
    and runs, after one warm-up round, ``repeats`` rounds of the variants in rotating order:
    ``base`` (the last rank alone with all BLAS threads while the others wait), ``even`` and
    ``balanced`` (all ranks, the BLAS threads split between them). TTFT is measured on the last
@@ -37,7 +37,7 @@ import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 import mlx.nn as nn
 
-from kvp_mlx._blas import blas_threads, set_blas_threads
+from kvp_mlx.runtime_env import blas_threads, set_blas_threads
 from kvp_mlx.runahead.group import barrier, guarded, join_group, launch_local, python_module_argv
 from kvp_mlx.errors import KVPError
 from kvp_mlx.runahead.split import (
@@ -45,6 +45,8 @@ from kvp_mlx.runahead.split import (
 )
 
 VARIANTS = ("base", "even", "balanced")
+REPO = Path(__file__).resolve().parent.parent  # the ranks import this module from the repository
+RANK_FLAG = "--as-rank"  # argv of a rank started by run_runahead_bench
 TABLE_LENGTHS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
@@ -84,10 +86,8 @@ class RunaheadBenchResult:
 
 def openelm_shape_config(name: str, vocab_size: int = 32000, n_layers: int | None = None) -> dict:
     """mlx-lm config of a named corenet OpenELM shape (e.g. OpenELM-270M), optionally its first layers."""
-    try:
-        from kvp_mlx.convert.corenet_config import named_config
-    except ImportError:  # running from a source checkout without the package installed
-        from convert.corenet_config import named_config  # type: ignore[import-not-found, no-redef]
+    from kvp_mlx.convert.corenet_config import named_config
+
     config = named_config(name, vocab_size).to_mlx_config()
     if n_layers is not None:
         config["num_transformer_layers"] = n_layers
@@ -235,11 +235,13 @@ def run_runahead_bench(
         table.save(table_path)
         out = Path(work) / "result.json"
         argv = python_module_argv(
-            "kvp_mlx.runahead.bench", "--model", str(model_dir), "--prompt-tokens", str(prompt_tokens),
+            "bench.runahead", RANK_FLAG, "--model", str(model_dir), "--prompt-tokens", str(prompt_tokens),
             "--repeats", str(repeats), "--variants", ",".join(variants), "--split-table", str(table_path),
             "--out", str(out), "--threads", str(threads), "--timeout", str(timeout_s),
         )
-        results = launch_local(ranks, argv, work, env={"OPENBLAS_NUM_THREADS": str(os.cpu_count() or 1)},
+        env = {"OPENBLAS_NUM_THREADS": str(os.cpu_count() or 1),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        results = launch_local(ranks, argv, work, env=env,
                                timeout_s=timeout_s * 2)
         failed = [r for r in results if r.returncode != 0]
         if failed:
@@ -305,8 +307,9 @@ def prediction_tables(cost: CostModel) -> list[str]:
 
 
 
-def _main() -> None:
-    parser = argparse.ArgumentParser(description="one rank of kvp-mlx runahead-bench (internal)")
+def rank_main(argv: Sequence[str]) -> int:
+    """One rank of the benchmark, as :func:`run_runahead_bench` starts it."""
+    parser = argparse.ArgumentParser(description="one rank of python -m bench.runahead (internal)")
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompt-tokens", type=int, required=True)
     parser.add_argument("--repeats", type=int, required=True)
@@ -315,14 +318,78 @@ def _main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--timeout", type=float, required=True)
-    a = parser.parse_args()
+    a = parser.parse_args(argv)
+    run_rank(a.model, a.prompt_tokens, a.repeats, a.variants.split(","), a.split_table, a.out, a.threads, a.timeout)
+    return 0
+
+
+DESCRIPTION = """\
+Starts --ranks local processes (an MLX ring on 127.0.0.1) and measures the time to first token
+of `runahead` prefill with an even and a balanced split against single-process base prefill,
+interleaved, after a warm-up (median of --repeats rounds). The balanced split comes from a cost
+model measured on this machine first. Without --model a random-weight model of --shape is built.
+--predict prints the cost model's speedups for 2, 4 and 8 ranks on 2k-16k-token prompts, beside
+a tensor + sequence parallel baseline, for this machine's model and for Llama-2-7B on A100-class
+links (FLOP counts; no measurement). On a machine with fewer cores than ranks the ranks share cores: read the
+measured speedup as an overhead check, not as what separate devices would give."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="mlx-lm or KV Prediction directory (default: a random model of --shape)")
+    parser.add_argument("--shape", default="OpenELM-270M", help="corenet OpenELM shape for the random model "
+                        "(default: OpenELM-270M)")
+    parser.add_argument("--layers", type=int, help="keep only the first N layers of --shape (shorter runs)")
+    parser.add_argument("--ranks", type=int, default=2, help="local ranks (default: 2)")
+    parser.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length (default: 1024)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (default: 3)")
+    parser.add_argument("--variants", default="base,even,balanced",
+                        help="comma-separated subset of base,even,balanced (default: all)")
+    parser.add_argument("--save-table", metavar="FILE",
+                        help="write the measured split table (for `generate --runahead-split-table`)")
+    parser.add_argument("--predict", action="store_true", help="also print the cost model's predicted speedups")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--timeout", type=float, default=600.0, help="per-step rank timeout in seconds (default: 600)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.ranks < 2:
+        raise KVPError("--ranks must be at least 2")
+    if args.prompt_tokens < 1 or args.repeats < 1:
+        raise KVPError("--prompt-tokens and --repeats must be at least 1")
+    variants = [v for v in args.variants.split(",") if v]
+    with tempfile.TemporaryDirectory(prefix="kvp-runahead-model-") as tmp:
+        model_dir = args.model
+        if model_dir is None:
+            print(f"building a random-weight {args.shape} model"
+                  f"{f' ({args.layers} layers)' if args.layers else ''} ...", file=sys.stderr)
+            model_dir = build_bench_model(tmp, args.shape, n_layers=args.layers)
+        result = run_runahead_bench(model_dir, ranks=args.ranks, prompt_tokens=args.prompt_tokens,
+                                    repeats=args.repeats, variants=variants, timeout_s=args.timeout,
+                                    save_table=args.save_table)
+    print(result.summary())
+    if args.predict:
+        print("\n".join(prediction_tables(CostModel(**result.cost_model))))
+    if args.json:
+        from dataclasses import asdict
+
+        with open(args.json, "w") as f:
+            json.dump(asdict(result), f, indent=1)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        run_rank(a.model, a.prompt_tokens, a.repeats, a.variants.split(","), a.split_table, a.out, a.threads,
-                 a.timeout)
+        if argv[:1] == [RANK_FLAG]:
+            return rank_main(argv[1:])
+        parser = argparse.ArgumentParser(prog="python -m bench.runahead", description=DESCRIPTION,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(parser)
+        return run(parser.parse_args(argv))
     except KVPError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
 
 
 if __name__ == "__main__":
-    _main()
+    sys.exit(main())
