@@ -36,7 +36,7 @@ from typing import Any, Callable
 import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 
 from kvp_mlx import building as mb
-from kvp_mlx.model import DEFAULT_MODEL_DIR, load, load_lm
+from kvp_mlx.model import DEFAULT_MODEL_DIR, KVPModel, load, load_lm
 from kvp_mlx.training.data import Batches, pack, read_documents, tokenize_documents
 from kvp_mlx.training.loop import TrainConfig, train
 from kvp_mlx.training.losses import cross_entropy, lm_loss
@@ -213,7 +213,11 @@ def reuse_base(source: Path, out: Path, tok_dir: Path, held: Batches) -> dict:
 
 
 def export_demo(kvp_dir: Path, dest: Path) -> None:
-    """The KVP-C model in float16 (cast back to float32 on CPU at load): the embedded default."""
+    """The KVP-C model in float16 (cast back to float32 on CPU at load): the embedded default.
+
+    The export is checked before it replaces ``dest``: the written directory, loaded in float16,
+    gives exactly the first-token logits of the source model cast to float16 (kvp and base
+    prefill of a fixed prompt)."""
     model = load(kvp_dir, dtype="float16")
     assert model.aux is not None and model.predictor is not None  # a KV Prediction directory
     _, _, base_cfg = load_lm(kvp_dir / "base")
@@ -223,8 +227,21 @@ def export_demo(kvp_dir: Path, dest: Path) -> None:
     mb.save_kvp_dir(tmp, model.base, base_cfg, model.aux, aux_cfg, model.predictor, kvp_dir / "base",
                     source="toy-world KVP-C demo (python -m bench.toyworld)")
     shutil.copy(kvp_dir / "training.json", tmp / "training.json")
+    check_export(model, load(tmp, dtype="float16"))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
+
+
+def check_export(source: KVPModel, written: KVPModel) -> None:
+    """Refuse an export whose first-token logits differ from its source's (same dtype)."""
+    import mlx.core as mx
+
+    prompt = mx.array([list(source.tokenizer.encode("def fibonacci(n):\n    return"))])
+    for method in ("kvp", "base"):
+        want = source.prefill(prompt, method=method).logits
+        got = written.prefill(prompt, method=method).logits
+        if not mx.array_equal(want, got).item():
+            raise SystemExit(f"export check failed: the written model's {method} logits differ from its source's")
 
 
 def open_stages(out: Path, state_file: str, force: bool) -> tuple[dict, Callable[[str, Callable[[], Any]], Any]]:
