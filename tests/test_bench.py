@@ -247,3 +247,16 @@ def test_softmax_share_composite_attention_is_mlx_attention():
     fast = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
     assert no_softmax_attention(q, k, v, None, 0.125, "causal").shape == fast.shape
     assert mx.abs(no_softmax_attention(q, k, v, None, 0.125, "causal") - fast).max().item() > 0.1
+
+
+def test_kvp_mlx_bench_times_a_users_model(random_pair_dir, capsys):
+    """`kvp-mlx bench --model DIR` (the runtime's own, not the lab's suite): base, kvp and mlx-lm."""
+    from kvp_mlx.cli import main
+
+    assert main(["bench", "--model", str(random_pair_dir), "-p", "12", "-g", "3", "-n", "2", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"case", "base", "kvp", "mlx-lm"}, out
+    assert "1.00x sooner" in rows["mlx-lm"]
+    assert main(["bench", "--model", str(random_pair_dir), "--methods", "nope"]) == 1
+    assert "unknown prefill method 'nope'" in capsys.readouterr().err
