@@ -53,8 +53,8 @@ from kvp_mlx import building as mb
 from bench.toyworld import kvp_train, open_stages, openelm_config, train_tokenizer
 from kvp_mlx.epicache.evaluate import EvalReport, evaluate, prompt_parts
 from kvp_mlx.epicache.loaders import Conversation, load_synthetic
-from kvp_mlx.epicache.memory import POLICIES
 from bench.conversation_world import world_conversations
+from kvp_mlx.epicache.policies import available_policies
 from kvp_mlx.model import KVPModel, load
 from kvp_mlx.training.data import Batches, BatchSource, Curriculum
 from kvp_mlx.training.loop import TrainConfig, train
@@ -62,7 +62,7 @@ from kvp_mlx.training.losses import targeted_lm_loss
 
 SEED = 0
 FRACTIONS = (0.125, 0.25, 0.5)
-BASELINES = tuple(p for p in POLICIES if p not in ("epicache", "full"))
+BASELINES = tuple(p for p in available_policies(evicting=True) if p != "epicache")
 
 
 @dataclass

@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from kvp_mlx import testing as mb
-from kvp_mlx.epicache.memory import KVZIP_QUERY
+from kvp_mlx.epicache.policies.baselines import KVZIP_QUERY
 from kvp_mlx.epicache.prefill import PromptScorer, build_memory
 
 

@@ -98,9 +98,8 @@ def _kv_state(kv: Any) -> dict | None:
 
 def _restore_kv(model: KVPModel, state: dict, active: list, others: list, path: Path) -> Any:
     """The :class:`BoundedMemory` of a saved session (its caches: the decoder's, then the others)."""
-    from kvp_mlx.epicache.episodes import Episodes, Utterance, patched_prompt, INSTRUCTION
+    from kvp_mlx.epicache.episodes import Episodes, Utterance
     from kvp_mlx.epicache.memory import BoundedMemory
-    from kvp_mlx.epicache.prefill import PromptScorer
 
     try:
         kv = BoundedMemory(model, state["policy"], state["budget"], block=state["block"],
@@ -120,7 +119,7 @@ def _restore_kv(model: KVPModel, state: dict, active: list, others: list, path: 
         if ep is not None:
             kv.episodes = Episodes(np.asarray(ep["centroids"], dtype=np.float64), np.asarray(ep["labels"]),
                                    [list(m) for m in ep["medoids"]], list(ep["texts"]))
-            kv.scorers = [PromptScorer(tuple(patched_prompt(model.tokenizer, INSTRUCTION, t))) for t in ep["texts"]]
+            kv.scorers = kv.episode_scorers(kv.episodes.texts)
             if len(kv.scorers) != n:
                 raise ValueError("episodes")
     except (KeyError, ValueError, TypeError) as e:

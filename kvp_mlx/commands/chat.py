@@ -25,9 +25,9 @@ your next message the cache is scored and evicted back to M with --kv-policy (ep
 default: the turns are the utterances, clustered into --kv-episodes episodes (default 4) the first
 time the history is evicted and again whenever it has twice as many windows of 4 utterances; one
 cache per episode, each evicted with its episode's prompt, and each new message goes to its
-nearest episode's cache while the others catch up in idle time; streaming: 4 sinks + the most
-recent; snapkv: the last 64 queries; kvzip / infinipot: a "repeat" / "summarize" prompt). A message
-that would take the cache past M + B is prefilled in blocks of B with eviction after each. The reply
+nearest episode's cache while the others catch up in idle time; the other policies are listed
+below). A message that would take the cache past M + B is prefilled in blocks of B with eviction
+after each. The reply
 counts against the block (--max-tokens must be below --kv-block). Until the history exceeds the
 budget nothing is evicted and the chat is exactly the plain one. The statistics line adds kv_entries
 (entries per head the cache holds after the turn, the most over layers), kv_peak (the most it has
@@ -54,6 +54,7 @@ def _generate_parser() -> argparse.ArgumentParser:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from kvp_mlx.chat import DEFAULT_REPAIR_STEP_SIZE, REPAIR_MODES
+    from kvp_mlx.epicache.policies import available_policies, describe_policies
 
     parser.description = DESCRIPTION
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -68,11 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repair-step-size", type=int, default=DEFAULT_REPAIR_STEP_SIZE,
                         help="positions per repair chunk: the longest a message waits for the idle repair "
                         f"(default: {DEFAULT_REPAIR_STEP_SIZE})")
+    parser.epilog = "KV policies (--kv-policy):\n" + describe_policies(evicting=True)
     kv = parser.add_argument_group("bounded KV memory (EpiCache)")
     kv.add_argument("--kv-budget", type=int, default=None, metavar="M",
                     help="keep at most M KV entries per head and layer between turns (M + B during one)")
     kv.add_argument("--kv-policy", default=None, metavar="P",
-                    help="what to keep: epicache (default), streaming, snapkv, kvzip, infinipot")
+                    help=f"what to keep: {', '.join(available_policies(evicting=True))} (default epicache; "
+                    "listed below)")
     kv.add_argument("--kv-block", type=int, default=None, metavar="B",
                     help="block size: most entries a turn adds before eviction (default: 2048)")
     kv.add_argument("--kv-episodes", type=int, default=None, metavar="E",
@@ -103,7 +106,7 @@ def session_generation_kwargs(args: argparse.Namespace) -> dict:
 
 def kv_options(args: argparse.Namespace) -> dict | None:
     """The chat's KV budget from its flags (None: none asked), with one-line errors."""
-    from kvp_mlx.epicache.memory import BOUNDED_POLICIES
+    from kvp_mlx.epicache.policies import available_policies, get_policy
     from kvp_mlx.errors import KVPError
 
     given = [f for f, v in (("--kv-policy", args.kv_policy), ("--kv-block", args.kv_block),
@@ -113,14 +116,14 @@ def kv_options(args: argparse.Namespace) -> dict | None:
             raise KVPError(f"{given[0]} needs --kv-budget M (the KV entries per head and layer to keep)")
         return None
     policy = args.kv_policy if args.kv_policy is not None else "epicache"
-    if policy not in BOUNDED_POLICIES:
-        raise KVPError(f"unknown --kv-policy '{policy}' (choose from {', '.join(BOUNDED_POLICIES)})")
+    episodic = get_policy(policy, evicting=True, what="--kv-policy").episodic
     for flag, value in (("--kv-budget", args.kv_budget), ("--kv-block", args.kv_block),
                         ("--kv-episodes", args.kv_episodes)):
         if value is not None and value < 1:
             raise KVPError(f"{flag} must be a positive integer, got {value}")
-    if args.kv_episodes is not None and policy != "epicache":
-        raise KVPError(f"--kv-episodes is for --kv-policy epicache, not {policy}")
+    if args.kv_episodes is not None and not episodic:
+        names = [p for p in available_policies(evicting=True) if get_policy(p).episodic]
+        raise KVPError(f"--kv-episodes is for --kv-policy {' or '.join(names)}, not {policy}")
     if args.method in ("kvp", "aux"):
         raise KVPError(f"--kv-budget compresses the base model's own cache turn by turn: it runs with --method base, "
                        f"not {args.method} (leave --method out)")

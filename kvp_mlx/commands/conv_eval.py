@@ -11,7 +11,7 @@ from kvp_mlx.epicache.budgets import budgets_for
 from kvp_mlx.epicache.episodes import load_embedder
 from kvp_mlx.epicache.evaluate import QuestionResult, evaluate
 from kvp_mlx.epicache.loaders import FORMATS, load_conversations
-from kvp_mlx.epicache.memory import POLICIES
+from kvp_mlx.epicache.policies import available_policies, describe_policies, get_policy
 from kvp_mlx.epicache.prefill import LEVELS
 from kvp_mlx.errors import KVPError
 
@@ -21,7 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="the conversation file")
     parser.add_argument("--format", required=True, choices=FORMATS, help="its schema")
     parser.add_argument("--model", required=True, help="a KV Prediction or mlx-lm model directory")
-    parser.add_argument("--policy", default="epicache", choices=POLICIES, help="KV policy (default epicache)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "KV policies (--policy):\n" + describe_policies()
+    parser.add_argument("--policy", default="epicache", metavar="P",
+                        help=f"KV policy: {', '.join(available_policies())} (default epicache; listed below)")
     parser.add_argument("--budget", type=int, help="KV entries per head per layer (M); not for --policy full")
     parser.add_argument("--block", type=int, default=2048, help="prefill block size B (default 2048)")
     parser.add_argument("--episodes", type=int, default=4, help="episodes E for epicache (default 4)")
@@ -44,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvp_mlx.model import load
 
-    if args.policy != "full" and args.budget is None:
+    if get_policy(args.policy, what="--policy").evicts and args.budget is None:
         raise KVPError(f"--policy {args.policy} needs --budget")
     if args.budget is not None and args.budget < 1:
         raise KVPError("--budget must be positive")

@@ -16,6 +16,7 @@ from mlx_lm.generate import generate_step
 from kvp_mlx.epicache.episodes import Embedder, windows
 from kvp_mlx.epicache.loaders import Conversation
 from kvp_mlx.epicache.memory import ConversationMemory
+from kvp_mlx.epicache.policies import get_policy
 from kvp_mlx.model import KVPModel
 
 
@@ -106,7 +107,9 @@ def evaluate(model: KVPModel, conversations: Sequence[Conversation], policy: str
              embedder: Embedder | None = None, kvp_build: bool = False, max_tokens: int = 50,
              limit: int | None = None, on_result: Callable[[QuestionResult], None] | None = None) -> EvalReport:
     """Answer every question of every conversation from its compressed memory (questions are
-    independent: each starts from a fresh copy of its episode's memory)."""
+    independent: each starts from a fresh copy of its episode's memory). ``policy``: a registered
+    one (:func:`kvp_mlx.epicache.policies.available_policies`)."""
+    get_policy(policy)
     report = EvalReport(policy, budget if isinstance(budget, int) or budget is None else max(budget))
     mx.reset_peak_memory()
     done = 0

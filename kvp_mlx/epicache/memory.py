@@ -1,10 +1,9 @@
 """The Python API: a conversation's compressed memory (one per episode for EpiCache), which answers
 a question from the right episode and hands a :class:`kvp_mlx.Session` its cache to continue from.
 
-Policies (all with the same block-wise prefill, epicache.md 5): ``epicache`` (episodes' medoids as
-the scoring prompt), ``streaming`` (sinks + recent), ``snapkv`` (each block's last 64 queries),
-``kvzip`` ("Repeat the previous context."), ``infinipot`` ("Summarize the previous context."),
-``full`` (no eviction).
+A policy is any registered in :mod:`kvp_mlx.epicache.policies` (built in: ``epicache``, whose
+episodes' medoids make the scoring prompts, and the paper's baselines ``streaming``, ``snapkv``,
+``kvzip``, ``infinipot``, and ``full``, which never evicts), all on the same block-wise prefill.
 
 :class:`BoundedMemory` keeps a live conversation (a :class:`kvp_mlx.Session`'s ``kv``, ``kvp-mlx
 chat --kv-budget``) within a budget turn after turn: the turns' tokens play the blocks of the
@@ -21,39 +20,16 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from kvp_mlx.epicache.cache import CompressedKVCache, copy_cache
-from kvp_mlx.epicache.episodes import (
-    INSTRUCTION, Embedder, Episodes, TokenEmbedder, Utterance, cluster, patched_prompt, windows,
-)
+from kvp_mlx.epicache.episodes import Embedder, Episodes, TokenEmbedder, Utterance, cluster, windows
+from kvp_mlx.epicache.policies import EvictionPolicy, get_policy
 from kvp_mlx.epicache.prefill import (
-    LEVELS, Memory, PromptScorer, RecencyScorer, Scorer, WindowScorer, build_memory, compress_tail, extend_memory,
-    layer_budgets, make_compressed_cache,
+    LEVELS, Memory, Scorer, build_memory, compress_tail, extend_memory, layer_budgets, make_compressed_cache,
 )
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import KVPModel
 
 if TYPE_CHECKING:
     from kvp_mlx.session import Session
-
-POLICIES = ("epicache", "streaming", "snapkv", "kvzip", "infinipot", "full")
-BOUNDED_POLICIES = tuple(p for p in POLICIES if p != "full")  # those that evict (a chat's --kv-policy)
-KVZIP_QUERY = "Repeat the previous context."
-INFINIPOT_QUERY = "Summarize the previous context."
-
-
-def policy_scorer(policy: str, tokenizer: Any, snapkv_window: int = 64, sinks: int = 4) -> Scorer:
-    """The scorer of a single-memory policy (``epicache`` needs episodes: see ConversationMemory)."""
-    if policy == "full":
-        return None
-    if policy == "streaming":
-        return RecencyScorer(sinks)
-    if policy == "snapkv":
-        return WindowScorer(snapkv_window)
-    if policy == "kvzip":
-        return PromptScorer(tuple(patched_prompt(tokenizer, KVZIP_QUERY)))
-    if policy == "infinipot":
-        return PromptScorer(tuple(patched_prompt(tokenizer, INFINIPOT_QUERY)))
-    raise KVPError(f"unknown KV policy '{policy}' (choose from {', '.join(POLICIES)})")
-
 
 @dataclass
 class BuildStats:
@@ -63,24 +39,27 @@ class BuildStats:
 
 
 class ConversationMemory:
-    """Compressed memories of one history (token ids ``history``) under ``policy``.
+    """Compressed memories of one history (token ids ``history``) under ``policy`` (a registered
+    one: :func:`kvp_mlx.epicache.policies.available_policies`).
 
-    ``budget``: entries per KV head per layer, or a list per layer (kvp_mlx.epicache.budgets);
-    ``windows``: the conversation's utterance windows (``episodes.windows``), needed by
-    ``epicache``; ``embedder``: default the model's own token embeddings; ``kvp_build``: the
-    passes over the history run the auxiliary model and the predictor instead of the base.
+    ``budget``: entries per KV head per layer, or a list per layer (kvp_mlx.epicache.budgets); a
+    policy that never evicts (``full``) ignores it; ``windows``: the conversation's utterance
+    windows (``episodes.windows``), needed by an episodic policy (``epicache``); ``embedder``:
+    default the model's own token embeddings; ``kvp_build``: the passes over the history run the
+    auxiliary model and the predictor instead of the base.
     """
 
     def __init__(self, model: KVPModel, history: Sequence[int], policy: str = "epicache",
                  budget: int | Sequence[int] | None = None, *, block: int = 2048, level: str = "pair",
                  windows: Sequence[str] = (), n_episodes: int = 4, n_medoids: int = 4,
                  embedder: Embedder | None = None, kvp_build: bool = False, seed: int = 0):
-        if policy not in POLICIES:
-            raise KVPError(f"unknown KV policy '{policy}' (choose from {', '.join(POLICIES)})")
+        eviction = get_policy(policy)
         if level not in LEVELS:
             raise KVPError(f"unknown eviction level '{level}' (choose from {', '.join(LEVELS)})")
-        if policy != "full" and budget is None:
+        if eviction.evicts and budget is None:
             raise KVPError(f"policy '{policy}' needs a KV budget")
+        if not eviction.evicts:
+            budget = None  # nothing is evicted: no budget holds the memory
         if kvp_build and (model.aux is None or model.predictor is None):
             raise KVPError("--kvp-build needs a KV Prediction model (auxiliary + predictor)")
         self.model, self.history, self.policy = model, [int(t) for t in history], policy
@@ -90,14 +69,13 @@ class ConversationMemory:
         self.embedder = embedder if embedder is not None else TokenEmbedder(model.base, model.tokenizer)
         self.episodes: Episodes | None = None
         tok = model.tokenizer
-        if policy == "epicache":
+        if eviction.episodic:
             if not windows:
-                raise KVPError("epicache needs the conversation's utterance windows to find episodes")
+                raise KVPError(f"{policy} needs the conversation's utterance windows to find episodes")
             self.episodes = cluster(windows, self.embedder, n_episodes, n_medoids, seed)
-            texts = self.episodes.texts
-            scorers: list[Scorer] = [PromptScorer(tuple(patched_prompt(tok, INSTRUCTION, t))) for t in texts]
+            scorers = [eviction.scorer(tok, t) for t in self.episodes.texts]
         else:
-            scorers = [policy_scorer(policy, tok)]
+            scorers = [eviction.scorer(tok)]
         self.scorers = scorers
         tic = time.perf_counter()
         self.memories: list[Memory] = []
@@ -203,7 +181,7 @@ class BoundedMemory:
     embedder: Embedder | None = None
     caches: list[list] = field(default_factory=list)  # per episode (one before episodes are found)
     episodes: Episodes | None = None
-    scorers: list[Scorer] = field(default_factory=list)  # per cache; [None] for epicache before episodes
+    scorers: list[Scorer | None] = field(default_factory=list)  # per cache; [None] before episodes (epicache)
     active: int = 0  # the cache the session's turns run on
     utterances: list[Utterance] = field(default_factory=list)
     peak_entries: int = 0  # the most entries per KV head any layer of any cache held
@@ -211,8 +189,7 @@ class BoundedMemory:
     prior_windows: list[str] = field(default_factory=list)  # windows of a history given as text (ConversationMemory)
 
     def __post_init__(self) -> None:
-        if self.policy not in BOUNDED_POLICIES:
-            raise KVPError(f"unknown KV policy '{self.policy}' (choose from {', '.join(BOUNDED_POLICIES)})")
+        policy = get_policy(self.policy, evicting=True)
         budgets = [self.budget] if isinstance(self.budget, int) else list(self.budget)
         for name, value in (("KV budget", min(budgets, default=0)), ("KV block", self.block),
                             ("number of episodes", self.n_episodes), ("number of medoids", self.n_medoids),
@@ -221,7 +198,7 @@ class BoundedMemory:
                 raise KVPError(f"the {name} must be a positive integer, got {value!r}")
         if self.level not in LEVELS:
             raise KVPError(f"unknown eviction level '{self.level}' (choose from {', '.join(LEVELS)})")
-        if self.embedder is None and self.policy == "epicache":
+        if self.embedder is None and policy.episodic:
             self.embedder = TokenEmbedder(self.model.base, self.model.tokenizer)
         if not self.caches:
             self.reset()
@@ -230,10 +207,20 @@ class BoundedMemory:
 
     def reset(self) -> None:
         """Forget the conversation: one fresh cache, no episodes."""
+        policy = self.eviction_policy
         self.caches = [make_compressed_cache(self.model.base)]
-        self.scorers = [None if self.policy == "epicache" else policy_scorer(self.policy, self.model.tokenizer)]
+        self.scorers = [None if policy.episodic else policy.scorer(self.model.tokenizer)]
         self.episodes, self.active, self.utterances, self.peak_entries = None, 0, [], 0
         self.clustered_windows, self.prior_windows = 0, []
+
+    @property
+    def eviction_policy(self) -> EvictionPolicy:
+        """The registered policy named ``policy``."""
+        return get_policy(self.policy, evicting=True)
+
+    def episode_scorers(self, texts: Sequence[str]) -> list[Scorer | None]:
+        """The scorers of the episodes whose texts are ``texts`` (one cache each)."""
+        return [self.eviction_policy.scorer(self.model.tokenizer, t) for t in texts]
 
     @property
     def cache(self) -> list:
@@ -287,8 +274,8 @@ class BoundedMemory:
         return list(self.prior_windows) + windows(utterances, self.window)
 
     def _cluster_due(self, pending: str | None = None) -> bool:
-        """epicache: no episodes yet, or twice the windows of the last clustering."""
-        if self.policy != "epicache":
+        """An episodic policy: no episodes yet, or twice the windows of the last clustering."""
+        if not self.eviction_policy.episodic:
             return False
         return self.episodes is None or len(self._windows(pending)) >= 2 * self.clustered_windows
 
@@ -299,8 +286,7 @@ class BoundedMemory:
         self.clustered_windows = len(texts)
         assert self.embedder is not None
         self.episodes = cluster(texts, self.embedder, self.n_episodes, self.n_medoids, self.seed)
-        tok = self.model.tokenizer
-        self.scorers = [PromptScorer(tuple(patched_prompt(tok, INSTRUCTION, t))) for t in self.episodes.texts]
+        self.scorers = self.episode_scorers(self.episodes.texts)
         base = self.caches[self.active]
         self.caches = [base] + [copy_cache(base) for _ in self.scorers[1:]]
         self.active = 0

@@ -6,7 +6,8 @@ compressed caches; then the entries are scored and each layer keeps ``budget`` e
   heads end with different lengths, held padded with a mask);
 - ``pair-uniform``: a top-k per head.
 Peak KV memory is therefore ``budget + block`` entries per head and layer, whatever the history
-length. Scores (recomputed from scratch every block) come from a :class:`Scorer`:
+length. Scores (recomputed from scratch every block) come from a :class:`Scorer`; an eviction policy
+(:mod:`kvp_mlx.epicache.policies`) says which one. The built-in scorers:
 - :class:`PromptScorer`: a "patched prompt" runs after the block at the next positions; a key's
   score is the softmax of ``q k^T * scale`` of the prompt's queries over the retained keys plus
   the block (not over the prompt's own keys), maxed over the GQA group and the prompt positions.
@@ -25,17 +26,35 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
-from kvp_mlx.adapters import arch_of, attention_modules, inject_raw_kv, prefill_capturing_raw_kv
+from kvp_mlx.adapters import attention_modules, inject_raw_kv, prefill_capturing_raw_kv
 from kvp_mlx.epicache.cache import CompressedKVCache, copy_cache, enable_compressed_caches
+from kvp_mlx.epicache.scoring import compressed_layers, inner_model, prompt_queries, query_scores, recency_scores
 from kvp_mlx.errors import KVPError
 
 LEVELS = ("pair", "pair-uniform")
+
+
+class Scorer(Protocol):
+    """How the entries of a compressed cache are ranked after each block (the highest are kept)."""
+
+    @property
+    def block_queries(self) -> int:
+        """How many of each block's last queries :meth:`score` reads (0: none). They are recorded
+        while the block is forwarded, so a KV-Prediction-built memory (whose blocks the base never
+        forwards) needs a scorer that reads none."""
+        ...
+
+    def score(self, model: nn.Module, cache: list, block_queries: dict | None) -> dict[int, mx.array]:
+        """Scores ``{layer: [H, S]}`` of every compressed layer of ``cache`` (-inf where invalid).
+        ``block_queries``: ``{layer: (queries [1, Hq, W, D], positions [W])}``, the block's last
+        queries when :attr:`block_queries` asks for them, else None."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,10 @@ class PromptScorer:
     """Score by the attention of a patched prompt (token ids) run after each block."""
 
     tokens: tuple[int, ...]
+    block_queries = 0
+
+    def score(self, model: nn.Module, cache: list, block_queries: dict | None) -> dict[int, mx.array]:
+        return query_scores(model, cache, prompt_queries(model, cache, self.tokens))
 
 
 @dataclass(frozen=True)
@@ -51,15 +74,25 @@ class WindowScorer:
 
     window: int = 64
 
+    @property
+    def block_queries(self) -> int:
+        return self.window
+
+    def score(self, model: nn.Module, cache: list, block_queries: dict | None) -> dict[int, mx.array]:
+        if block_queries is None:
+            raise KVPError("internal: the block's queries were not recorded for SnapKV")
+        return query_scores(model, cache, block_queries)
+
 
 @dataclass(frozen=True)
 class RecencyScorer:
     """Keep the first ``sinks`` positions and the most recent ones (StreamingLLM)."""
 
     sinks: int = 4
+    block_queries = 0
 
-
-Scorer = PromptScorer | WindowScorer | RecencyScorer | None
+    def score(self, model: nn.Module, cache: list, block_queries: dict | None) -> dict[int, mx.array]:
+        return {i: recency_scores(c.positions, c.valid_mask(), self.sinks) for i, c in compressed_layers(cache)}
 
 
 @dataclass
@@ -108,32 +141,7 @@ def layer_budgets(budget: int | Sequence[int], n_layers: int) -> list[int]:
     return budgets
 
 
-# --- scores and eviction ----------------------------------------------------------------------
-
-def attention_scores(queries: mx.array, query_positions: mx.array, keys: mx.array, positions: mx.array,
-                     valid: mx.array, scale: float) -> mx.array:
-    """Per KV head and key: the max over its GQA query heads and over the queries of the softmax
-    (over the visible keys) of ``q k^T * scale``. ``queries`` [1, Hq, P, D] at ``query_positions``
-    [P]; ``keys`` [1, H, S, D] with true ``positions`` [H, S] and ``valid`` [H, S]; a key is visible
-    to a query when valid and not after it. Returns ``[H, S]`` float32, -inf where invalid."""
-    _, n_q, n_p, d = queries.shape
-    n_kv = keys.shape[1]
-    q = queries.astype(mx.float32).reshape(n_kv, n_q // n_kv, n_p, d)
-    logits = (q * scale) @ keys[0].astype(mx.float32).transpose(0, 2, 1)[:, None]  # [H, rep, P, S]
-    visible = valid[:, None, :] & (positions[:, None, :] <= query_positions[None, :, None])  # [H, P, S]
-    logits = mx.where(visible[:, None], logits, -mx.inf)
-    probs = mx.softmax(logits, axis=-1, precise=True)
-    probs = mx.where(visible[:, None], probs, 0.0)  # a query that sees nothing contributes nothing
-    best = probs.max(axis=(1, 2))
-    return mx.where(valid, best, -mx.inf)
-
-
-def recency_scores(positions: mx.array, valid: mx.array, sinks: int) -> mx.array:
-    """Higher for more recent positions, highest for the first ``sinks``; -inf where invalid."""
-    pos = positions.astype(mx.float32)
-    scores = mx.where(positions < sinks, mx.inf, pos)
-    return mx.where(valid, scores, -mx.inf)
-
+# --- eviction ---------------------------------------------------------------------------------
 
 def select(scores: mx.array, valid: mx.array, budget: int, level: str) -> mx.array:
     """Which entries to keep, ``[H, S]`` bool: ``pair``: the ``budget * H`` highest over the layer's
@@ -173,58 +181,6 @@ def evict(cache: CompressedKVCache, keep: mx.array) -> None:
 
 # --- the block-wise prefill -------------------------------------------------------------------
 
-def _inner(model: nn.Module) -> nn.Module:
-    """The model without its head (logits are not needed while building a memory)."""
-    return getattr(model, arch_of(model).inner_attr)
-
-
-def _compressed(cache: list) -> list[tuple[int, CompressedKVCache]]:
-    return [(i, c) for i, c in enumerate(cache) if isinstance(c, CompressedKVCache)]
-
-
-def score_layers(model: nn.Module, cache: list, scorer: Scorer, window_queries: dict | None = None) -> dict:
-    """Scores ``{layer: [H, S]}`` of every compressed layer's entries under ``scorer``."""
-    attns = attention_modules(model)
-    layers = _compressed(cache)
-    if isinstance(scorer, RecencyScorer):
-        return {i: recency_scores(c.positions, c.valid_mask(), scorer.sinks) for i, c in layers}
-    if isinstance(scorer, WindowScorer):
-        assert window_queries is not None
-        queries = window_queries
-    elif isinstance(scorer, PromptScorer):
-        queries = prompt_queries(model, cache, scorer.tokens)
-    else:
-        raise KVPError(f"unknown scorer {scorer!r}")
-    out = {}
-    for i, c in layers:
-        q, q_pos = queries[i]
-        keys, _ = c.stored()
-        out[i] = attention_scores(q, q_pos, keys, c.positions, c.valid_mask(), float(attns[i].scale))
-    return out
-
-
-def prompt_queries(model: nn.Module, cache: list, tokens: Sequence[int]) -> dict:
-    """Run a patched prompt after what ``cache`` holds (its K/V are dropped afterwards); return
-    ``{layer: (queries [1, Hq, P, D], positions [P])}`` of the compressed layers."""
-    if not tokens:
-        raise KVPError("the scoring prompt is empty")
-    layers = _compressed(cache)
-    run = [c if isinstance(c, CompressedKVCache) else copy_cache([c])[0] for c in cache]
-    for _, c in layers:
-        c.query_sink, c.query_last = [], None
-    start = layers[0][1].offset if layers else 0
-    try:
-        _inner(model)(mx.array([list(tokens)], dtype=mx.int32), cache=run)
-        queries = {i: c.query_sink[0] for i, c in layers if c.query_sink}
-        mx.eval(queries)
-    finally:
-        for _, c in layers:
-            c.query_sink = None
-            c.trim(len(tokens))  # drop the prompt's own K/V
-    positions = mx.arange(start, start + len(tokens))
-    return {i: (q, positions) for i, q in queries.items()}
-
-
 @dataclass
 class _Track:
     peak_slots: int = 0
@@ -234,28 +190,28 @@ class _Track:
     extra: dict = field(default_factory=dict)
 
     def see(self, cache: list) -> None:
-        self.peak_slots = max([self.peak_slots] + [int(c.length) for _, c in _compressed(cache)])
-        per_head = [-(-c.kept_entries() // c.n_heads) for _, c in _compressed(cache)]
+        self.peak_slots = max([self.peak_slots] + [int(c.length) for _, c in compressed_layers(cache)])
+        per_head = [-(-c.kept_entries() // c.n_heads) for _, c in compressed_layers(cache)]
         self.peak_entries = max([self.peak_entries] + per_head)
         self.peak_bytes = max(self.peak_bytes, sum(int(c.nbytes) for c in cache))
 
 
-def _forward_block(model: nn.Module, cache: list, block: mx.array, scorer: Scorer) -> dict | None:
-    """Forward ``block`` [1, n] appending to ``cache``; SnapKV's window queries when asked."""
-    layers = _compressed(cache)
-    window = isinstance(scorer, WindowScorer)
+def _forward_block(model: nn.Module, cache: list, block: mx.array, scorer: Scorer | None) -> dict | None:
+    """Forward ``block`` [1, n] appending to ``cache``; the block's last queries when ``scorer``
+    reads them (``{layer: (queries, positions)}``), else None."""
+    layers = compressed_layers(cache)
+    window = scorer.block_queries if scorer is not None else 0
     if window:
-        assert isinstance(scorer, WindowScorer)
         for _, c in layers:
-            c.query_sink, c.query_last = [], scorer.window
+            c.query_sink, c.query_last = [], window
     start = layers[0][1].offset if layers else 0
     try:
-        _inner(model)(block, cache=cache)
+        inner_model(model)(block, cache=cache)
         mx.eval([c.state for c in cache])
         if not window:
             return None
         n = block.shape[1]
-        w = min(n, scorer.window)  # type: ignore[union-attr]
+        w = min(n, window)
         positions = mx.arange(start + n - w, start + n)
         return {i: (c.query_sink[0], positions) for i, c in layers if c.query_sink}
     finally:
@@ -264,9 +220,9 @@ def _forward_block(model: nn.Module, cache: list, block: mx.array, scorer: Score
 
 
 def _evict_all(model: nn.Module, cache: list, scorer: Scorer, budgets: list[int], level: str,
-               window_queries: dict | None) -> None:
-    scores = score_layers(model, cache, scorer, window_queries)
-    for i, c in _compressed(cache):
+               block_queries: dict | None) -> None:
+    scores = scorer.score(model, cache, block_queries)
+    for i, c in compressed_layers(cache):
         keep = select(scores[i], c.valid_mask(), budgets[i], level)
         if bool(mx.all(keep)):
             c.compressed = c.length
@@ -279,14 +235,14 @@ def build_memory(
     model: nn.Module,
     tokens: Sequence[int] | mx.array,
     budget: int | Sequence[int] | None,
-    scorer: Scorer,
+    scorer: Scorer | None,
     *,
     block: int = 2048,
     level: str = "pair",
     aux: nn.Module | None = None,
     predictor: Any = None,
     dtype: mx.Dtype | None = None,
-    aux_scorer: Scorer = None,
+    aux_scorer: Scorer | None = None,
 ) -> Memory:
     """Block-wise prefill of ``tokens`` with eviction: a :class:`Memory` the model continues from.
 
@@ -316,7 +272,7 @@ def extend_memory(
     cache: list,
     tokens: Sequence[int],
     budget: int | Sequence[int] | None,
-    scorer: Scorer,
+    scorer: Scorer | None,
     *,
     block: int = 2048,
     level: str = "pair",
@@ -324,7 +280,7 @@ def extend_memory(
     aux_cache: list | None = None,
     predictor: Any = None,
     dtype: mx.Dtype | None = None,
-    aux_scorer: Scorer = None,
+    aux_scorer: Scorer | None = None,
 ) -> _Track:
     """The block-wise prefill itself: ``tokens`` forwarded onto ``cache`` (a compressed cache of
     :func:`make_compressed_cache`, continuing at its true position) in blocks of ``block``, each
@@ -338,9 +294,9 @@ def extend_memory(
     kvp = aux is not None
     if kvp and (predictor is None or aux_cache is None):
         raise KVPError("a KV-Prediction-built memory needs the predictor with the auxiliary model")
-    if kvp and isinstance(scorer, WindowScorer):
-        raise KVPError("SnapKV scores with the base's queries of each block, which a KV-Prediction-built "
-                       "memory never computes: build it with the base")
+    if kvp and scorer is not None and scorer.block_queries:
+        raise KVPError("a scorer of each block's own queries (SnapKV) needs the base's queries, which a "
+                       "KV-Prediction-built memory never computes: build it with the base")
     enable_compressed_caches(model)
     budgets = layer_budgets(budget, len(cache)) if budget is not None and scorer is not None else None
     aux_budgets = [max(budgets)] * len(aux_cache) if budgets is not None and aux_cache is not None else None
@@ -352,33 +308,33 @@ def extend_memory(
             _, keys, values, _ = prefill_capturing_raw_kv(aux, chunk, chunk.shape[1], cache=aux_cache)
             inject_raw_kv(model, predictor(keys, values), cache=cache, offset=origin + start, dtype=dtype,
                           prefill_step_size=chunk.shape[1])
-            window = None
+            queries = None
         else:
-            window = _forward_block(model, cache, chunk, scorer)
+            queries = _forward_block(model, cache, chunk, scorer)
         track.see(cache)
         track.blocks += 1
-        if budgets is not None:
-            _evict_all(model, cache, scorer, budgets, level, window)
+        if scorer is not None and budgets is not None:
+            _evict_all(model, cache, scorer, budgets, level, queries)
             if aux is not None and aux_cache is not None and aux_budgets is not None:
                 _evict_all(aux, aux_cache, aux_scorer if aux_scorer is not None else scorer, aux_budgets, level, None)
     return track
 
 
 def compress_tail(model: nn.Module, cache: list, tail_tokens: Sequence[int], budget: int | Sequence[int],
-                  scorer: Scorer, *, level: str = "pair") -> None:
+                  scorer: Scorer | None, *, level: str = "pair") -> None:
     """Score and evict ``cache`` in place, as after a block of the block-wise prefill, when the
     block (``tail_tokens``: the tokens appended since the last eviction, the last of them the
     newest position the cache holds) was forwarded by someone else (a conversation's turns).
 
-    SnapKV needs the block's own last queries: those last tokens are trimmed off the compressed
-    layers and forwarded again at the same positions, which records them (and recomputes the same
-    K/V); sliding-window layers take that pass on a copy trimmed the same way."""
+    A scorer of the block's own last queries (SnapKV): those last tokens are trimmed off the
+    compressed layers and forwarded again at the same positions, which records them (and recomputes
+    the same K/V); sliding-window layers take that pass on a copy trimmed the same way."""
     if scorer is None:
         return
     budgets = layer_budgets(budget, len(cache))
-    window = None
-    if isinstance(scorer, WindowScorer):
-        n = min(scorer.window, len(tail_tokens))
+    queries = None
+    if scorer.block_queries:
+        n = min(scorer.block_queries, len(tail_tokens))
         if n == 0:
             return
         run: list = []
@@ -391,9 +347,9 @@ def compress_tail(model: nn.Module, cache: list, tail_tokens: Sequence[int], bud
             else:
                 twin = copy_cache([c])[0]
                 if not twin.is_trimmable():
-                    raise KVPError("snapkv cannot re-score a sliding-window layer that has wrapped around; "
-                                   "use another --kv-policy with this model")
+                    raise KVPError("a scorer of the block's own queries (snapkv) cannot re-score a sliding-window "
+                                   "layer that has wrapped around; use another --kv-policy with this model")
                 twin.trim(n)
                 run.append(twin)
-        window = _forward_block(model, run, mx.array([list(tail_tokens)[-n:]], dtype=mx.int32), scorer)
-    _evict_all(model, cache, scorer, budgets, level, window)
+        queries = _forward_block(model, run, mx.array([list(tail_tokens)[-n:]], dtype=mx.int32), scorer)
+    _evict_all(model, cache, scorer, budgets, level, queries)
