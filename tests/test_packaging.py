@@ -45,3 +45,6 @@ def test_wheel_builds_without_package_would_be_ignored_warnings(tmp_path):
     top = {n.split("/")[0] for n in names if not n.startswith("kvp_mlx-")}
     assert top == {"kvp_mlx"}, top
     assert not any(n.startswith("kvp_mlx/bench/") for n in names)
+    # every module of the runtime is in it (a subpackage left out would fail only at import)
+    modules = {str(p.relative_to(REPO)) for p in (REPO / "kvp_mlx").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
