@@ -31,7 +31,8 @@ PUBLIC_MODULES = (
     "kvp_mlx.runtime_env",  # devices, dtypes, BLAS
     "kvp_mlx.training", "kvp_mlx.training.data", "kvp_mlx.training.losses", "kvp_mlx.training.loop",
     "kvp_mlx.epicache", "kvp_mlx.epicache.loaders", "kvp_mlx.epicache.evaluate", "kvp_mlx.epicache.memory",
-    "kvp_mlx.epicache.prefill", "kvp_mlx.epicache.synthetic", "kvp_mlx.epicache.budgets", "kvp_mlx.epicache.policies",
+    "kvp_mlx.epicache.prefill", "kvp_mlx.epicache.synthetic", "kvp_mlx.epicache.budgets",
+    "kvp_mlx.epicache.policies",
     "kvp_mlx.runahead", "kvp_mlx.runahead.group", "kvp_mlx.runahead.split",
     "kvp_mlx.convert", "kvp_mlx.convert.corenet_config",
     "kvp_mlx.testing",  # tiny models and tokenizers for tests and demos
