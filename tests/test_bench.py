@@ -255,7 +255,8 @@ def test_kvp_mlx_bench_times_a_users_model(random_pair_dir, capsys):
 
     assert main(["bench", "--model", str(random_pair_dir), "-p", "12", "-g", "3", "-n", "2", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
-    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    lines = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = {line.split("|")[1].strip(): line for line in lines}
     assert set(rows) == {"case", "base", "kvp", "mlx-lm"}, out
     assert "1.00x sooner" in rows["mlx-lm"]
     assert main(["bench", "--model", str(random_pair_dir), "--methods", "nope"]) == 1
