@@ -27,13 +27,14 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from kvp_mlx.errors import KVPError
 from kvp_mlx.flops import model_shape, step_flops
+from kvp_mlx.methods import Pass
 
 _FFN_OUT = ("down_proj", "proj_2", "w2", "fc2")  # the FFN's output projection: its input is the SwiGLU width
 
@@ -146,33 +147,31 @@ def _pruned(model: nn.Module, tokens_per_layer: list[int], chunk: int) -> Work:
                 swiglu=sw, layer_calls=sum(calls))
 
 
-def structure(method: str, model: Any, tokens: int, chunk: int, batch: int, info: dict) -> Work | None:
-    """Counts beyond FLOPs and scores for a method (or a benchmark component), None if unknown
-    (its ``flops`` count only the one-token steps; :func:`workload` takes FLOPs from declared costs)."""
-    T = tokens
-    if method in ("base", "mlx-lm"):
-        work = _fill(model.base, T - 1, chunk, batch) + _step(model.base, T - 1, batch)
-        if method == "mlx-lm":
-            # generate_step queues the second token's decode step before the first is materialised;
-            # on the CPU the first token waits for it (see the benchmark's case notes).
-            work = work + _step(model.base, T, batch)
-        return work
-    if method == "aux":
-        return _fill(model.aux, T - 1, chunk, batch) + _step(model.aux, T - 1, batch)
-    if method == "kvp":
-        if T == 1:
-            return _step(model.base, 0, batch)
-        return _fill(model.aux, T - 1, chunk, batch) + _step(model.base, T - 1, batch)
-    if method == "aux-prefill":
-        return _fill(model.aux, T - 1, chunk, batch)
-    if method == "base-step":
-        return _step(model.base, T - 1, batch)
-    if method in ("lazy", "rp"):
-        kept = info.get("tokens_per_layer")
-        if not kept:
-            return None
-        return _pruned(model.base, kept, chunk)
-    return None
+# The benchmark's own cases beside the registered methods, as model passes (see Pass).
+LAB_CASES: dict[str, Callable[[int], tuple[Pass, ...]]] = {
+    # generate_step queues the second token's decode step before the first is materialised; on the
+    # CPU the first token waits for it (see the benchmark's case notes)
+    "mlx-lm": lambda T: (Pass("base", "fill", T - 1), Pass("base", "step", offset=T - 1),
+                         Pass("base", "step", offset=T)),
+    "aux-prefill": lambda T: (Pass("aux", "fill", T - 1),),
+    "base-step": lambda T: (Pass("base", "step", offset=T - 1),),
+}
+
+
+def passes_work(model: Any, passes: Sequence[Pass], chunk: int, batch: int) -> Work:
+    """Counts beyond FLOPs and scores of a sequence of model passes."""
+    work = Work()
+    for p in passes:
+        lm = model.base if p.model == "base" else model.aux
+        if p.kind == "fill":
+            work = work + _fill(lm, p.tokens, chunk, batch)
+        elif p.kind == "step":
+            work = work + _step(lm, p.offset, batch)
+        elif p.kind == "pruned":
+            work = work + _pruned(lm, list(p.tokens_per_layer), chunk)
+        else:
+            raise KVPError(f"the TTFT model does not know a '{p.kind}' pass")
+    return work
 
 
 def workload(
@@ -185,42 +184,49 @@ def workload(
     flops: int | None = None,
     scores: int | None = None,
 ) -> Work:
-    """All counts of one TTFT: the declared cost (or ``flops``/``scores`` given) and the structure."""
-    from kvp_mlx.flops import cache_fill_flops, cache_fill_scores
+    """All counts of one TTFT: the declared cost (or ``flops``/``scores`` given) and its passes."""
     from kvp_mlx.methods import available_methods, get_method
 
     info = info or {}
-    if flops is None or scores is None:
-        if method in available_methods():
-            spec = get_method(method)
-            cost = spec.cost(model, tokens, chunk, batch, info) if spec.cost is not None else None
-            if cost is None:
-                raise KVPError(f"method '{method}' has no cost model for this configuration (run it first?)")
+    if method in LAB_CASES:
+        passes = LAB_CASES[method](tokens)
+        if flops is None or scores is None:
+            flops, scores = _lab_case_cost(method, model, tokens, chunk, batch)
+    elif method in available_methods():
+        spec = get_method(method)
+        cost = spec.cost(model, tokens, chunk, batch, info) if spec.cost is not None else None
+        if cost is None:
+            raise KVPError(f"method '{method}' has no cost model for this configuration (run it first?)")
+        if flops is None or scores is None:
             flops, scores = cost.flops, cost.attention_scores
-        elif method == "mlx-lm":
-            base_cost = get_method("base").cost
-            assert base_cost is not None
-            cost = base_cost(model, tokens, chunk, batch, info)
-            assert cost is not None
-            flops, scores = cost.flops, cost.attention_scores
-        elif method == "aux-prefill":
-            shape = model_shape(model.aux)
-            flops, scores = (
-                cache_fill_flops(shape, tokens - 1, chunk, batch),
-                cache_fill_scores(shape, tokens - 1, chunk, batch),
-            )
-        elif method == "base-step":
-            shape = model_shape(model.base)
-            flops, scores = step_flops(shape, tokens - 1, batch), batch * shape.chunk_scores(1, tokens - 1, False)
-        else:
-            raise KVPError(f"no cost model for '{method}'")
-    extra = structure(method, model, tokens, chunk, batch, info)
-    if extra is None:
-        raise KVPError(f"the TTFT model does not know the structure of method '{method}'")
+        passes = cost.passes
+    else:
+        raise KVPError(f"no cost model for '{method}'")
+    if not passes:
+        raise KVPError(f"the TTFT model does not know the structure of method '{method}' (no passes declared)")
+    extra = passes_work(model, passes, chunk, batch)
     if method == "mlx-lm":  # the extra step's FLOPs come on top of base's declared cost
         flops += _step(model.base, tokens, batch).flops
     return Work(flops=flops, bytes_read=extra.bytes_read, scores=scores, swiglu=extra.swiglu,
                 layer_calls=extra.layer_calls)
+
+
+def _lab_case_cost(case: str, model: Any, tokens: int, chunk: int, batch: int) -> tuple[int, int]:
+    """FLOPs and attention scores of a benchmark case that is not a registered method."""
+    from kvp_mlx.flops import cache_fill_flops, cache_fill_scores
+    from kvp_mlx.methods import get_method
+
+    if case == "mlx-lm":  # base's declared cost (workload adds the extra decode step's FLOPs)
+        base_cost = get_method("base").cost
+        assert base_cost is not None
+        cost = base_cost(model, tokens, chunk, batch, {})
+        assert cost is not None
+        return cost.flops, cost.attention_scores
+    if case == "aux-prefill":
+        shape = model_shape(model.aux)
+        return cache_fill_flops(shape, tokens - 1, chunk, batch), cache_fill_scores(shape, tokens - 1, chunk, batch)
+    shape = model_shape(model.base)  # base-step
+    return step_flops(shape, tokens - 1, batch), batch * shape.chunk_scores(1, tokens - 1, False)
 
 
 # ---------------------------------------------------------------------------------------------- calibration

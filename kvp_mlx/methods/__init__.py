@@ -6,12 +6,14 @@ cache with ``result.decoder`` alone. Each method module declares itself with :fu
 """
 
 from kvp_mlx.methods.interface import (
-    Capabilities, Cost, FilledCache, Option, PrefillMethod, PrefillModel, PrefillResult, PeerRankResult, as_token_batch,
+    Capabilities, Cost, FilledCache, Option, Pass, PrefillMethod, PrefillModel, PrefillResult, PeerRankResult,
+    as_token_batch,
     available_methods, get_method, method_specs, register, run_prefill, unregister,
 )
 
 __all__ = [
-    "Capabilities", "Cost", "FilledCache", "Option", "PrefillMethod", "PrefillModel", "PrefillResult", "PeerRankResult",
+    "Capabilities", "Cost", "FilledCache", "Option", "Pass", "PrefillMethod", "PrefillModel", "PrefillResult",
+    "PeerRankResult",
     "as_token_batch", "available_methods", "get_method", "method_specs", "register", "run_prefill", "unregister",
 ]
 

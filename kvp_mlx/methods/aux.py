@@ -17,7 +17,7 @@ def fill_aux(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 204
 
 def aux_cost(model: PrefillModel, tokens: int, chunk: int, batch: int, info: dict) -> Cost:
     assert model.aux is not None  # Capabilities.needs_aux
-    return plain_prefill_cost(model.aux, tokens, chunk, batch)
+    return plain_prefill_cost(model.aux, tokens, chunk, batch, role="aux")
 
 
 register(PrefillMethod(

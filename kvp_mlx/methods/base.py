@@ -9,7 +9,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from kvp_mlx.errors import KVPError
 from kvp_mlx.flops import model_shape, prefill_flops, prefill_scores
 from kvp_mlx.methods.interface import (
-    Capabilities, Cost, FilledCache, PrefillMethod, PrefillModel, PrefillResult, register,
+    Capabilities, Cost, FilledCache, Pass, PrefillMethod, PrefillModel, PrefillResult, register,
 )
 
 
@@ -54,9 +54,11 @@ def fill_base(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 20
     return FilledCache(cache, model.base)
 
 
-def plain_prefill_cost(lm: nn.Module, tokens: int, chunk: int, batch: int) -> Cost:
+def plain_prefill_cost(lm: nn.Module, tokens: int, chunk: int, batch: int, role: str = "base") -> Cost:
+    """A plain prefill of ``lm`` (the model in ``role``): a fill of T-1 positions and one step."""
     shape = model_shape(lm)
-    return Cost(prefill_flops(shape, tokens, chunk, batch), prefill_scores(shape, tokens, chunk, batch))
+    return Cost(prefill_flops(shape, tokens, chunk, batch), prefill_scores(shape, tokens, chunk, batch),
+                (Pass(role, "fill", tokens - 1), Pass(role, "step", offset=tokens - 1)))
 
 
 register(PrefillMethod(

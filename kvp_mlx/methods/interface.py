@@ -112,11 +112,30 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class Pass:
+    """One pass of a model that a method's time to first token is made of.
+
+    ``kind``: "fill" runs ``tokens`` positions into a cache in chunks (the last layer computes K/V
+    only); "step" runs one token after ``offset`` cached positions through every layer and the LM
+    head; "pruned" is a prefill whose layer i computes ``tokens_per_layer[i]`` positions.
+    """
+
+    model: str  # "base" or "aux"
+    kind: str
+    tokens: int = 1
+    offset: int = 0
+    tokens_per_layer: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Cost:
-    """Work of a method's time to first token: FLOPs and attention scores (each an exp in softmax)."""
+    """Work of a method's time to first token: FLOPs, attention scores (each an exp in softmax) and
+    the model passes it runs (for cost models that count weight reads and kernel calls too; empty
+    where the method does not declare them)."""
 
     flops: int
     attention_scores: int
+    passes: tuple[Pass, ...] = ()
 
 
 # fill(model, tokens [B, n], prefill_step_size, max_kv_size, warm=None, **options) -> FilledCache:

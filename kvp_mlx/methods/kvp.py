@@ -10,7 +10,7 @@ from kvp_mlx.adapters import inject_raw_kv, prefill_capturing_raw_kv
 from kvp_mlx.flops import kvp_flops, kvp_scores, model_shape
 from kvp_mlx.errors import KVPError
 from kvp_mlx.methods.base import held_positions
-from kvp_mlx.methods.interface import Capabilities, Cost, FilledCache, PrefillMethod, PrefillModel, register
+from kvp_mlx.methods.interface import Capabilities, Cost, FilledCache, Pass, PrefillMethod, PrefillModel, register
 
 
 def fill_kvp(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 2048,
@@ -56,7 +56,9 @@ def kvp_cost(model: PrefillModel, tokens: int, chunk: int, batch: int, info: dic
     assert model.aux is not None and model.predictor is not None  # Capabilities.needs_aux
     base, aux = model_shape(model.base), model_shape(model.aux)
     flops = kvp_flops(base, aux, model.predictor, tokens, chunk, batch)
-    return Cost(flops, kvp_scores(base, aux, tokens, chunk, batch))
+    passes = (Pass("aux", "fill", tokens - 1),) if tokens > 1 else ()
+    passes += (Pass("base", "step", offset=tokens - 1),)
+    return Cost(flops, kvp_scores(base, aux, tokens, chunk, batch), passes)
 
 
 register(PrefillMethod(

@@ -23,7 +23,7 @@ from mlx_lm.models.cache import KVCache
 
 from kvp_mlx.errors import KVPError
 from kvp_mlx.flops import model_shape, pruned_prefill_flops, pruned_prefill_scores
-from kvp_mlx.methods.interface import Cost
+from kvp_mlx.methods.interface import Cost, Pass
 from kvp_mlx.layerwise import (
     block_kv, check_layerwise_support, embed, final_logits, last_query_attention, run_block,
 )
@@ -249,4 +249,5 @@ def pruned_cost(model, tokens: int, chunk: int, batch: int, info: dict) -> Cost 
     shape = model_shape(model.base)
     if not kept or len(kept) != len(shape.layers):
         return None  # known only after a run
-    return Cost(pruned_prefill_flops(shape, kept, chunk, batch), pruned_prefill_scores(shape, kept, chunk, batch))
+    return Cost(pruned_prefill_flops(shape, kept, chunk, batch), pruned_prefill_scores(shape, kept, chunk, batch),
+                (Pass("base", "pruned", tokens_per_layer=tuple(kept)),))
