@@ -34,6 +34,7 @@ import mlx.nn as nn
 
 from kvp_mlx.adapters import arch_of, kv_shapes
 from kvp_mlx.errors import KVPError
+from kvp_mlx.layer_pruning import layer_pruned
 from kvp_mlx.methods import PrefillResult, run_prefill
 from kvp_mlx.predictor import KVPredictor, load_predictor
 from kvp_mlx.runtime_env import checkpoint_dtype, resolve_dtype
@@ -331,8 +332,6 @@ def resolve_entry(root: Path, config: dict, key: str) -> Path:
 
 def _layer_pruned_aux(base: nn.Module, base_config: dict, keep: Any, cfg_path: Path) -> nn.Module:
     """KVP-LP: the auxiliary is the base keeping layers ``keep``, built here rather than stored."""
-    from kvp_mlx.building import layer_pruned  # building imports this module
-
     if not isinstance(keep, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
         raise KVPError(f"auxiliary model named in {cfg_path}: base_layers must be a list of layer indices")
     try:
