@@ -18,7 +18,7 @@ _LAZY = {
     "KVPModel": "kvp_mlx.model",
     "generate": "kvp_mlx.generation",
     "stream_generate": "kvp_mlx.generation",
-    "Session": "kvp_mlx.session",
+    "Session": "kvp_mlx.conversation.session",
 }
 
 

@@ -27,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -38,9 +38,6 @@ from kvp_mlx.layer_pruning import layer_pruned
 from kvp_mlx.methods import PrefillResult, run_prefill
 from kvp_mlx.predictor import KVPredictor, load_predictor
 from kvp_mlx.runtime_env import checkpoint_dtype, resolve_dtype
-
-if TYPE_CHECKING:  # kvp_mlx.methods imports this module
-    from kvp_mlx.methods import PrefillResult
 
 KVP_CONFIG = "kvp_config.json"
 FORMAT_NAME = "kvp-mlx"
