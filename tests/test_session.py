@@ -202,3 +202,29 @@ def test_trim_regenerates_and_methods_that_run_cold_are_refused(random_pair_dir)
     for method in ("lazy", "rp", "runahead"):
         with pytest.raises(KVPError, match=f"method '{method}' cannot extend a warm cache"):
             Session(model, method=method)
+
+
+def test_fork_is_an_independent_copy_that_continues_like_the_original(random_pair_dir):
+    model = load(random_pair_dir)
+    session = Session(model, method="kvp")
+    session.generate([5, 6, 7, 8, 9, 10], max_tokens=6)
+    session.generate([11, 12, 13], max_tokens=4)
+    tokens, predicted = list(session.tokens), list(session.predicted)
+    whole = session.fork()
+    assert whole.tokens == tokens and whole.predicted == predicted and whole.method == "kvp"
+    # the copy continues as the original does, and changing it leaves the original as it was
+    assert whole.generate([14, 15], max_tokens=5) == session.fork().generate([14, 15], max_tokens=5)
+    assert session.tokens == tokens and session.offset == len(tokens)
+    # a fork at a position inside a predicted span clips it, and its caches hold that many positions
+    cut = predicted[-1][0] + 1
+    part = session.fork(upto=cut)
+    assert part.tokens == tokens[:cut] and part.offset == cut
+    assert part.predicted == [(s, min(e, cut)) for s, e in predicted if s < cut]
+    assert part.caches.draft_cache is None or part.caches.draft_cache[0].offset <= cut
+    # it continues exactly as the original trimmed to the same tokens
+    trimmed = session.fork()
+    trimmed.trim(len(tokens) - cut)
+    assert part.generate([20, 21], max_tokens=5) == trimmed.generate([20, 21], max_tokens=5)
+    assert session.tokens == tokens
+    with pytest.raises(KVPError, match="can fork at 0 to"):
+        session.fork(upto=len(tokens) + 1)
