@@ -29,7 +29,7 @@ from mlx_lm.generate import (
 from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache
 
 from kvp_mlx.errors import KVPError
-from kvp_mlx.methods import FilledCache, MethodCall, PrefillResult, enter
+from kvp_mlx.methods import FilledCache, MethodCall, PrefillModel, PrefillResult, enter
 from kvp_mlx.methods.base import fill_cache
 from kvp_mlx.model import KVPModel
 from kvp_mlx.prompting import Prompt, check_context, render_prompt
@@ -61,7 +61,7 @@ def encode_prompt(model: KVPModel, prompt: Prompt, **render: Any) -> mx.array:
     return mx.array(render_prompt(model.tokenizer, prompt, **render), dtype=mx.int32)
 
 
-def _draft(model: KVPModel, method: str, draft: str | None, draft_model: nn.Module | None,
+def _draft(model: PrefillModel, method: str, draft: str | None, draft_model: nn.Module | None,
            filled_draft_cache: list | None, prefix: mx.array, prefill_step_size: int) -> tuple[nn.Module, list] | None:
     """The draft model and its cache of ``prefix`` (all but the last prompt token), if any."""
     if draft is None and draft_model is None:
