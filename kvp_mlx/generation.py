@@ -29,7 +29,7 @@ from mlx_lm.generate import (
 from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache
 
 from kvp_mlx.errors import KVPError
-from kvp_mlx.methods import FilledCache, MethodCall, PrefillModel, PrefillResult, enter
+from kvp_mlx.methods import FilledCache, MethodCall, PrefillModel, enter
 from kvp_mlx.methods.base import fill_cache
 from kvp_mlx.model import KVPModel
 from kvp_mlx.prompting import Prompt, check_context, render_prompt
@@ -276,10 +276,7 @@ def _from_prefill_logits(call: MethodCall, ids: mx.array, sampler: Any, processo
     if unsupported:
         raise KVPError(f"method '{method}' prefills the whole prompt itself and does not support "
                        f"{', '.join(unsupported)}")
-    result = call.prefill(ids[None], dec.prefill_step_size)
-    if not isinstance(result, PrefillResult):
-        raise KVPError(f"this process (rank {result.info.get('rank')}) helped a distributed '{method}' prefill but "
-                       "holds no cache: the last rank decodes")
+    result = call.prefill_to_decode(ids[None], dec.prefill_step_size)
     logits = result.logits
     for p in processors:  # mlx-lm's first step sees the whole prompt
         logits = p(ids, logits)

@@ -35,7 +35,7 @@ import mlx.nn as nn
 from kvp_mlx.adapters import arch_of, kv_shapes
 from kvp_mlx.errors import KVPError
 from kvp_mlx.layer_pruning import layer_pruned
-from kvp_mlx.methods import PrefillResult, run_prefill
+from kvp_mlx.methods import PrefillResult, enter
 from kvp_mlx.predictor import KVPredictor, load_predictor
 from kvp_mlx.runtime_env import checkpoint_dtype, resolve_dtype
 
@@ -74,14 +74,7 @@ class KVPModel:
         cache) and ``.logits`` ([B, vocab], the logits for the last prompt token). On a rank of a
         distributed prefill that does not decode, use :func:`kvp_mlx.methods.run_prefill`.
         """
-        result = run_prefill(self, tokens, method, prefill_step_size=prefill_step_size, **options)
-        if not isinstance(result, PrefillResult):
-            rank = result.info.get("rank")
-            raise KVPError(
-                f"this process (rank {rank}) helped a distributed '{method}' prefill but holds no cache: "
-                "the last rank decodes (use kvp_mlx.methods.run_prefill on helper ranks)"
-            )
-        return result
+        return enter(self, method, options).prefill_to_decode(tokens, prefill_step_size)
 
     @property
     def is_random(self) -> bool:

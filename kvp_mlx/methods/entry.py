@@ -89,6 +89,17 @@ class MethodCall:
         logits = filled.decoder(tokens[:, -1:], cache=filled.cache)[:, -1, :]
         return PrefillResult(filled.cache, logits, filled.decoder, self.name, {})
 
+    def prefill_to_decode(self, tokens: Any, prefill_step_size: int = 2048) -> PrefillResult:
+        """:meth:`prefill` where this process must decode next (refused on a helper rank of a
+        distributed prefill, which holds no cache)."""
+        result = self.prefill(tokens, prefill_step_size)
+        if not isinstance(result, PrefillResult):
+            raise KVPError(
+                f"this process (rank {result.info.get('rank')}) helped a distributed '{self.name}' prefill but holds "
+                "no cache: the last rank decodes (use kvp_mlx.methods.run_prefill on helper ranks)"
+            )
+        return result
+
     def _tokens(self, tokens: Any, allow_empty: bool) -> mx.array:
         tokens = as_token_batch(tokens, allow_empty=allow_empty)
         if tokens.shape[0] > 1 and not self.spec.capabilities.batch:
