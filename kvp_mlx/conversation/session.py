@@ -29,7 +29,7 @@ from kvp_mlx.methods.base import held_positions
 from kvp_mlx.model import KVPModel
 from kvp_mlx.prompting import Message, render_prompt
 
-Prompt = str | list[Message] | list[int]
+TurnInput = str | list[Message] | list[int]  # a new turn: text, chat messages or token ids
 
 
 def clip_spans(spans: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]:
@@ -164,7 +164,7 @@ class Session:
 
     # --- a turn --------------------------------------------------------------------------------
 
-    def render(self, prompt: Prompt, use_chat_template: bool | None = None,
+    def render(self, prompt: TurnInput, use_chat_template: bool | None = None,
                chat_template_config: dict | None = None, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a new turn: the new message alone through the chat template, with the
         generation prompt (as ``mlx_lm.chat``); the system prompt only in the first turn. Raw text
@@ -185,7 +185,7 @@ class Session:
                              use_chat_template=use_chat_template, chat_template_config=chat_template_config,
                              add_generation_prompt=add_generation_prompt)
 
-    def stream_generate(self, prompt: Prompt, **kwargs: Any) -> Iterator[GenerationResponse]:
+    def stream_generate(self, prompt: TurnInput, **kwargs: Any) -> Iterator[GenerationResponse]:
         """One turn: render the new message, fill what the caches lack with the session's method,
         decode with mlx-lm's loop; the reply stays in the history. Keywords as
         :func:`kvp_mlx.generation.stream_generate` (no draft; ``max_kv_size`` is the session's)."""
@@ -225,10 +225,10 @@ class Session:
             stats.ttft_s = last.ttft_s if last is not None else 0.0
             self._end_turn(prompt, ids + recorded, stats, recorded)
 
-    def generate(self, prompt: Prompt, **kwargs: Any) -> str:
+    def generate(self, prompt: TurnInput, **kwargs: Any) -> str:
         return "".join(r.text for r in self.stream_generate(prompt, **kwargs))
 
-    def prefill(self, prompt: Prompt, use_chat_template: bool | None = None) -> TurnStats:
+    def prefill(self, prompt: TurnInput, use_chat_template: bool | None = None) -> TurnStats:
         """Add a prompt to the caches without generating (``kvp-mlx cache-prompt``): the whole
         message is filled by the session's method. Through a chat template it is a complete user
         turn without the generation prompt (the next turn's message follows it)."""
@@ -238,7 +238,7 @@ class Session:
         self._end_turn(prompt, ids, stats, None)
         return stats
 
-    def score(self, prompt: Prompt, continuation: list[int]) -> mx.array:
+    def score(self, prompt: TurnInput, continuation: list[int]) -> mx.array:
         """Teacher forcing: add ``prompt`` as a turn (filled by the session's method) and feed the
         true ``continuation`` through the decoder as if it had been generated; returns the
         log-probabilities ``[len(continuation), vocab]`` the decoder gave each continuation token.
@@ -257,7 +257,7 @@ class Session:
         self._end_turn(prompt, ids + list(continuation), stats, continuation)
         return logprobs
 
-    def _begin_turn(self, prompt: Prompt, ids: list[int], fill_to: int, reserve: int) -> TurnStats:
+    def _begin_turn(self, prompt: TurnInput, ids: list[int], fill_to: int, reserve: int) -> TurnStats:
         """The start every turn shares: the bounded memory (if any) chooses the cache and makes room
         for ``ids[:fill_to]`` and ``reserve`` more positions; a cache holding more than ``fill_to``
         positions (a regenerated reply) is trimmed back. Returns the turn's statistics so far."""
@@ -281,7 +281,7 @@ class Session:
         if filled.predicted is not None and filled.predicted[1] > filled.predicted[0]:
             self.predicted.append(filled.predicted)
 
-    def _end_turn(self, prompt: Prompt, tokens: list[int], stats: TurnStats, reply: Sequence[int] | None) -> None:
+    def _end_turn(self, prompt: TurnInput, tokens: list[int], stats: TurnStats, reply: Sequence[int] | None) -> None:
         """The end every turn shares (finished, stopped early or failed): the history is what the
         cache holds; the turn is recorded, and told to the bounded memory."""
         assert self.caches is not None
