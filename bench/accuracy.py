@@ -43,7 +43,7 @@ import mlx.core as mx
 from kvp_mlx.errors import KVPError
 from kvp_mlx.methods import get_method
 from kvp_mlx.model import KVPModel, load
-from kvp_mlx.session import Session
+from kvp_mlx.conversation.session import Session
 
 PROMPT_TOKENS, CONTINUATION_TOKENS, MAX_WINDOWS = 192, 64, 96
 

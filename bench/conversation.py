@@ -207,7 +207,7 @@ def _time_repair(session: Any, history: int, message: list[int], info: dict) -> 
 
 def build_cases(group: Any, settings: dict, log: Callable[[str], None]) -> tuple[list[Case], dict, list[dict]]:
     """The sessions (their history filled, outside the clock) and the timed cases of one group."""
-    from kvp_mlx.session import Session
+    from kvp_mlx.conversation.session import Session
 
     H, chunk, seed = settings["history_tokens"], settings["prefill_step_size"], settings["seed"]
     history = random_ids(group.vocab_size, H, seed)

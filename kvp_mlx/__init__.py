@@ -20,7 +20,8 @@ PUBLIC_MODULES = (
     "kvp_mlx.errors",
     "kvp_mlx.model",  # load, KVPModel, load_lm, DEFAULT_MODEL_DIR
     "kvp_mlx.generation",  # generate, stream_generate, encode_prompt
-    "kvp_mlx.session",  # Session
+    "kvp_mlx.conversation", "kvp_mlx.conversation.session",  # Session, TurnMemory
+    "kvp_mlx.conversation.session_file",  # save_session, load_session
     "kvp_mlx.methods",  # the prefill-method registry and interface
     "kvp_mlx.methods.base", "kvp_mlx.methods.kvp", "kvp_mlx.methods.lazy_schedule",
     "kvp_mlx.adapters",  # how each architecture's raw K/V are captured and injected
@@ -32,7 +33,7 @@ PUBLIC_MODULES = (
     "kvp_mlx.training", "kvp_mlx.training.data", "kvp_mlx.training.losses", "kvp_mlx.training.loop",
     "kvp_mlx.epicache", "kvp_mlx.epicache.loaders", "kvp_mlx.epicache.evaluate", "kvp_mlx.epicache.memory",
     "kvp_mlx.epicache.prefill", "kvp_mlx.epicache.synthetic", "kvp_mlx.epicache.budgets",
-    "kvp_mlx.epicache.policies",
+    "kvp_mlx.epicache.policies", "kvp_mlx.epicache.policies.baselines",
     "kvp_mlx.runahead", "kvp_mlx.runahead.group", "kvp_mlx.runahead.split",
     "kvp_mlx.convert", "kvp_mlx.convert.corenet_config",
     "kvp_mlx.testing",  # tiny models and tokenizers for tests and demos
@@ -43,7 +44,7 @@ _LAZY = {
     "KVPModel": "kvp_mlx.model",
     "generate": "kvp_mlx.generation",
     "stream_generate": "kvp_mlx.generation",
-    "Session": "kvp_mlx.session",
+    "Session": "kvp_mlx.conversation.session",
 }
 
 

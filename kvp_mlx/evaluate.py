@@ -71,23 +71,18 @@ def make_lm_class() -> Any:
         ) -> None:
             from lm_eval.api.model import LM
 
-            from kvp_mlx.methods import get_method
+            from kvp_mlx.methods import enter
             from kvp_mlx.model import KVPModel, load
 
             LM.__init__(self)  # not MLXLM.__init__: the model is a KV Prediction directory
             self.kvp_model = pretrained if isinstance(pretrained, KVPModel) else load(pretrained, dtype=dtype)
-            spec = get_method(method)
-            if spec.capabilities.needs_launch:
+            self.call = enter(self.kvp_model, method, method_options)
+            if self.call.spec.capabilities.needs_launch:
                 raise KVPError(
-                    f"method '{method}' cannot run inside lm-eval's process: {spec.capabilities.needs_launch}"
+                    f"method '{method}' cannot run inside lm-eval's process: {self.call.spec.capabilities.needs_launch}"
                 )
             self.method = method
-            self.method_options = spec.resolve_options(dict(method_options or {}))
-            if spec.capabilities.needs_aux and self.kvp_model.aux is None:
-                raise KVPError(
-                    f"method '{method}' needs an auxiliary model and a predictor; "
-                    f"{self.kvp_model.path} is a base-only model"
-                )
+            self.method_options = self.call.options
             self.tokenizer = self.kvp_model.tokenizer
             self.prefill_step_size = prefill_step_size
             self._max_tokens = max_tokens
@@ -107,17 +102,9 @@ def make_lm_class() -> Any:
             return str(self.kvp_model.path or "kvp-mlx").replace("/", "__")
 
         def _prefill(self, prompt: list[int]):
-            from kvp_mlx.methods import run_prefill
-
             if not prompt:
                 raise KVPError("empty prompt: lm-eval gave an empty context and the tokenizer adds no BOS token")
-            result = run_prefill(
-                self.kvp_model,
-                mx.array(prompt)[None],
-                self.method,
-                prefill_step_size=self.prefill_step_size,
-                **self.method_options,
-            )
+            result = self.call.prefill(mx.array(prompt)[None], self.prefill_step_size)
             assert isinstance(result, PrefillResult)  # methods needing a launch are refused up front
             self._decoder = result.decoder
             return result

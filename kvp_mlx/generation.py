@@ -15,6 +15,7 @@ The data flow of one call, top to bottom:
 
 from __future__ import annotations
 
+import difflib
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from mlx_lm.generate import (
 from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache
 
 from kvp_mlx.errors import KVPError
-from kvp_mlx.methods import FilledCache, get_method
+from kvp_mlx.methods import FilledCache, MethodCall, PrefillModel, enter
 from kvp_mlx.methods.base import fill_cache
 from kvp_mlx.model import KVPModel
 from kvp_mlx.prompting import Prompt, check_context, render_prompt
@@ -55,17 +56,12 @@ class GenerationResponse:
     method: str  # the prefill method
 
 
-def default_method(model: KVPModel) -> str:
-    """``kvp`` for a KV Prediction model, ``base`` for a plain mlx-lm directory."""
-    return "kvp" if model.aux is not None and model.predictor is not None else "base"
-
-
 def encode_prompt(model: KVPModel, prompt: Prompt, **render: Any) -> mx.array:
     """Token ids ``[T]`` of a prompt, rendered as mlx-lm renders it (see kvp_mlx.prompting)."""
     return mx.array(render_prompt(model.tokenizer, prompt, **render), dtype=mx.int32)
 
 
-def _draft(model: KVPModel, method: str, draft: str | None, draft_model: nn.Module | None,
+def _draft(model: PrefillModel, method: str, draft: str | None, draft_model: nn.Module | None,
            filled_draft_cache: list | None, prefix: mx.array, prefill_step_size: int) -> tuple[nn.Module, list] | None:
     """The draft model and its cache of ``prefix`` (all but the last prompt token), if any."""
     if draft is None and draft_model is None:
@@ -119,24 +115,41 @@ class Decoding:
 
 RENDER_KEYS = ("system_prompt", "use_chat_template", "chat_template_config", "prefill_response")
 DECODING_KEYS = tuple(k for k in Decoding.__dataclass_fields__ if k != "sampling")
+SAMPLING_KEYS = tuple(SamplingOptions.__dataclass_fields__)
+GENERATION_KEYWORDS = (*RENDER_KEYS, *DECODING_KEYS, *SAMPLING_KEYS, "sampling", "method_options", "method",
+                       "strict_context", "context_warning")
 
 
 def split_generation_kwargs(model: KVPModel, method: str | None, kwargs: dict[str, Any],
                             method_options: dict | None = None, sampling: SamplingOptions | None = None,
-                            ) -> tuple[Any, dict, Decoding, dict]:
-    """(method declaration, its checked options, :class:`Decoding`, prompt-rendering options) from
-    the keywords of :func:`stream_generate`; unknown keywords are the method's own options."""
-    spec = get_method(method or default_method(model))
+                            warm: bool = False) -> tuple[MethodCall, Decoding, dict]:
+    """(the entered method, :class:`Decoding`, prompt-rendering options) from the keywords of
+    :func:`stream_generate`. A keyword that is neither a generation keyword nor an option of the
+    method is a one-line error naming the valid ones."""
     render = {k: kwargs.pop(k) for k in RENDER_KEYS if k in kwargs}
     decoding = {k: kwargs.pop(k) for k in DECODING_KEYS if k in kwargs}
-    sampling_names = set(SamplingOptions.__dataclass_fields__)
-    picked = {k: kwargs.pop(k) for k in list(kwargs) if k in sampling_names}
+    picked = {k: kwargs.pop(k) for k in list(kwargs) if k in SAMPLING_KEYS}
     if sampling is not None and picked:
         raise KVPError("give sampling options either as keywords or as sampling=, not both")
-    options = spec.resolve_options({**(method_options or {}), **kwargs})  # the rest: the method's own
+    call = enter(model, method, None, warm=warm)  # the model's fitness for the method comes first
+    unknown = [k for k in kwargs if k not in {o.name for o in call.spec.options}]
+    if unknown:
+        raise unknown_keyword(unknown[0], call)
+    call = enter(model, method, {**(method_options or {}), **kwargs}, warm=warm)
     dec = Decoding(**decoding, sampling=sampling if sampling is not None else sampling_options(**picked))
     dec.check(getattr(getattr(model.base, "args", None), "vocab_size", None))
-    return spec, options, dec, render
+    return call, dec, render
+
+
+def unknown_keyword(name: str, call: MethodCall) -> KVPError:
+    """The error for a keyword :func:`stream_generate` does not take, with the nearest valid one."""
+    own = [o.name for o in call.spec.options]
+    valid = sorted(GENERATION_KEYWORDS)
+    close = difflib.get_close_matches(name, valid + own, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    options = f"its options: {', '.join(own)}" if own else "it has no options"
+    return KVPError(f"unknown keyword '{name}'{hint}; generation keywords: {', '.join(valid)}; "
+                    f"method '{call.name}': {options}")
 
 
 def stream_generate(
@@ -159,20 +172,20 @@ def stream_generate(
     ``use_chat_template``, ``chat_template_config``, ``prefill_response``), sampling as mlx-lm's
     (``temp``, ``top_p``, ``min_p``, ``top_k``, ``min_tokens_to_keep``, ``xtc_probability``,
     ``xtc_threshold``, ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty`` and their
-    context sizes, ``logit_bias``; or ``sampling=SamplingOptions(...)``). Any other keyword is the
-    prefill method's own option (``schedule=`` for ``lazy``), also accepted as ``method_options``;
-    an unknown one is a one-line error naming the method's options. A prompt longer than the model's
+    context sizes, ``logit_bias``; or ``sampling=SamplingOptions(...)``). Any other keyword must be
+    an option of the prefill method (``schedule=`` for ``lazy``), also accepted as
+    ``method_options``; an unknown one is a one-line error naming the valid keywords. A method the
+    model cannot run (``kvp`` on a base-only directory) is a one-line error. A prompt longer than the model's
     context is a warning (``context_warning=False``: none) or, with ``strict_context``, an error.
     """
-    spec, options, dec, render = split_generation_kwargs(model, method, dict(kwargs), method_options, sampling)
+    call, dec, render = split_generation_kwargs(model, method, dict(kwargs), method_options, sampling)
     ids = encode_prompt(model, prompt, **render)
     if context_warning or strict_context:
         warn_context(int(ids.size), model, strict_context)
     mx.eval(ids)
     tic = time.perf_counter()
-    steps = token_stream(model, spec, options, ids, dec)
-    decoder = model.aux if spec.capabilities.decoder == "aux" and model.aux is not None else model.base
-    yield from _responses(steps, model.tokenizer, int(ids.size), dec.max_tokens, tic, spec.name, decoder)
+    steps = token_stream(call, ids, dec)
+    yield from _responses(steps, model.tokenizer, int(ids.size), dec.max_tokens, tic, call.name, call.decoder)
 
 
 def warn_context(n_tokens: int, model: KVPModel, strict: bool) -> None:
@@ -181,32 +194,30 @@ def warn_context(n_tokens: int, model: KVPModel, strict: bool) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
-def token_stream(model: KVPModel, spec: Any, options: dict, ids: mx.array, dec: Decoding,
-                 warm: FilledCache | None = None,
+def token_stream(call: MethodCall, ids: mx.array, dec: Decoding, warm: FilledCache | None = None,
                  on_fill: Callable[[FilledCache], None] | None = None) -> Iterator[tuple[Any, mx.array, bool]]:
     """(token, logprobs, from_draft) for the prompt ``ids`` [T]: the method fills the cache (``warm``:
     a conversation's caches, extended in place to hold ``ids[:-1]``), then mlx-lm's loop runs the
     last token and decodes. ``on_fill`` sees the filled caches before decoding starts."""
+    model = call.model
     if dec.seed is not None:
         mx.random.seed(dec.seed)
     mx.reset_peak_memory()
     tokenizer = model.tokenizer
     sampler = dec.sampling.sampler(tokenizer.encode("\n") + list(tokenizer.eos_token_ids))
     processors = dec.sampling.logits_processors()
-    if spec.fill is None:
+    if not call.fills:
         if warm is not None:
-            raise KVPError(f"method '{spec.name}' cannot extend a warm cache (it prefills whole prompts)")
-        yield from _from_prefill_logits(model, spec.name, ids, spec.resolve_options(options), sampler, processors,
-                                        dec)
+            raise KVPError(f"method '{call.name}' cannot extend a warm cache (it prefills whole prompts)")
+        yield from _from_prefill_logits(call, ids, sampler, processors, dec)
         return
     # The method stops one token short; mlx-lm's loop runs the last prompt token.
-    filled = spec.fill(model, ids[None, :-1], prefill_step_size=dec.prefill_step_size, max_kv_size=dec.max_kv_size,
-                       warm=warm, **options)
+    filled = call.fill(ids[None, :-1], dec.prefill_step_size, dec.max_kv_size, warm)
     if on_fill is not None:
         on_fill(filled)
     cache = filled.cache
     maybe_quantize_kv_cache(cache, dec.quantized_kv_start, dec.kv_group_size, dec.kv_bits)  # as mlx-lm's prefill
-    drafting = _draft(model, spec.name, dec.draft, dec.draft_model, filled.draft_cache, ids[:-1],
+    drafting = _draft(model, call.name, dec.draft, dec.draft_model, filled.draft_cache, ids[:-1],
                       dec.prefill_step_size)
     history = with_history(processors, ids[:-1])
     if drafting is None:
@@ -254,9 +265,10 @@ def check_decoding(max_tokens: int, prefill_step_size: int, max_kv_size: int | N
         raise KVPError(f"quantized_kv_start must be a non-negative integer, got {quantized_kv_start!r}")
 
 
-def _from_prefill_logits(model: KVPModel, method: str, ids: mx.array, options: dict, sampler: Any,
-                         processors: list, dec: Decoding) -> Iterator[tuple[Any, mx.array, bool]]:
+def _from_prefill_logits(call: MethodCall, ids: mx.array, sampler: Any, processors: list,
+                         dec: Decoding) -> Iterator[tuple[Any, mx.array, bool]]:
     """Methods that prefill the whole prompt: the first token from their logits, then mlx-lm's loop."""
+    method = call.name
     unsupported = [name for name, given in (("max_kv_size", dec.max_kv_size is not None),
                                             ("kv_bits", dec.kv_bits is not None),
                                             ("a draft model", dec.draft is not None or dec.draft_model is not None))
@@ -264,7 +276,7 @@ def _from_prefill_logits(model: KVPModel, method: str, ids: mx.array, options: d
     if unsupported:
         raise KVPError(f"method '{method}' prefills the whole prompt itself and does not support "
                        f"{', '.join(unsupported)}")
-    result = model.prefill(ids[None], method=method, prefill_step_size=dec.prefill_step_size, **options)
+    result = call.prefill_to_decode(ids[None], dec.prefill_step_size)
     logits = result.logits
     for p in processors:  # mlx-lm's first step sees the whole prompt
         logits = p(ids, logits)

@@ -27,19 +27,17 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from kvp_mlx.adapters import arch_of, kv_shapes
 from kvp_mlx.errors import KVPError
-from kvp_mlx.methods import PrefillResult, run_prefill
+from kvp_mlx.layer_pruning import layer_pruned
+from kvp_mlx.methods import PrefillResult, enter
 from kvp_mlx.predictor import KVPredictor, load_predictor
 from kvp_mlx.runtime_env import checkpoint_dtype, resolve_dtype
-
-if TYPE_CHECKING:  # kvp_mlx.methods imports this module
-    from kvp_mlx.methods import PrefillResult
 
 KVP_CONFIG = "kvp_config.json"
 FORMAT_NAME = "kvp-mlx"
@@ -76,14 +74,7 @@ class KVPModel:
         cache) and ``.logits`` ([B, vocab], the logits for the last prompt token). On a rank of a
         distributed prefill that does not decode, use :func:`kvp_mlx.methods.run_prefill`.
         """
-        result = run_prefill(self, tokens, method, prefill_step_size=prefill_step_size, **options)
-        if not isinstance(result, PrefillResult):
-            rank = result.info.get("rank")
-            raise KVPError(
-                f"this process (rank {rank}) helped a distributed '{method}' prefill but holds no cache: "
-                "the last rank decodes (use kvp_mlx.methods.run_prefill on helper ranks)"
-            )
-        return result
+        return enter(self, method, options).prefill_to_decode(tokens, prefill_step_size)
 
     @property
     def is_random(self) -> bool:
@@ -331,8 +322,6 @@ def resolve_entry(root: Path, config: dict, key: str) -> Path:
 
 def _layer_pruned_aux(base: nn.Module, base_config: dict, keep: Any, cfg_path: Path) -> nn.Module:
     """KVP-LP: the auxiliary is the base keeping layers ``keep``, built here rather than stored."""
-    from kvp_mlx.building import layer_pruned  # building imports this module
-
     if not isinstance(keep, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
         raise KVPError(f"auxiliary model named in {cfg_path}: base_layers must be a list of layer indices")
     try:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from kvp_mlx.chat import Chat, open_session
+from kvp_mlx.conversation.chat import Chat, open_session
 from kvp_mlx.cli import main
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import load
-from kvp_mlx.session import Session
+from kvp_mlx.conversation.session import Session
+from kvp_mlx.conversation.session_file import load_session, save_session
 
 STATS = re.compile(r"^\[stats\] (.*)$", re.M)
 
@@ -108,7 +109,7 @@ def test_a_continued_session_refuses_other_settings(pair, tmp_path):
     path = tmp_path / "s.safetensors"
     session = Session(pair, method="kvp")
     session.generate("hello", max_tokens=3)
-    session.save(path)
+    save_session(session, path)
     with pytest.raises(KVPError, match="--method 'kvp', not 'base'"):
         open_session(pair, path, method="base")
     resumed, loaded = open_session(pair, path, method="kvp")
@@ -154,7 +155,7 @@ def test_bad_prompt_cache_files_are_refused_in_one_line(pair, identity_dirs, ran
     foreign = tmp_path / "foreign.safetensors"
     other = Session(load(identity_dirs["llama"]), method="kvp")
     other.prefill("some context")
-    other.save(foreign)
+    save_session(other, foreign)
     assert "another model" in one_line_error(capsys, gen + [str(foreign)])
 
     data = good.read_bytes()
@@ -200,8 +201,8 @@ def test_a_reloaded_session_continues_like_an_uninterrupted_one(pair, tmp_path):
     path = tmp_path / "s.safetensors"
     original = Session(pair, method="kvp")
     original.generate("the first message of three", max_tokens=5)
-    original.save(path)
-    reloaded = Session.load(pair, path)
+    save_session(original, path)
+    reloaded = load_session(pair, path)
     assert reloaded.tokens == original.tokens and reloaded.predicted == original.predicted
     for message in ("the second one", "and the last"):
         assert reloaded.generate(message, max_tokens=5) == original.generate(message, max_tokens=5)

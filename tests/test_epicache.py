@@ -172,7 +172,7 @@ def test_session_continues_from_memory(identity_dirs):
     session = memory.session()
     assert session.offset == 60
     reply = session.generate(_tokens(3, 11), max_tokens=4)
-    from kvp_mlx.session import Session
+    from kvp_mlx.conversation.session import Session
     plain = Session(model, method="base")
     assert plain.generate(history + _tokens(3, 11), max_tokens=4) == reply
 

@@ -15,8 +15,8 @@ from kvp_mlx.epicache.cache import CompressedKVCache
 from kvp_mlx.epicache.memory import BoundedMemory, ConversationMemory
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import load
-from kvp_mlx.session import Session
-from kvp_mlx.session_file import read_metadata
+from kvp_mlx.conversation.session import Session
+from kvp_mlx.conversation.session_file import load_session, read_metadata, save_session
 
 from test_chat_cli import stats_of
 
@@ -58,7 +58,7 @@ def test_chat_with_a_kv_budget_stays_bounded_and_saves(random_pair_dir, pair, tm
     # only if the input had not ended; either way within budget + block), its policy recorded
     meta = read_metadata(path)
     assert meta["kv"]["policy"] == "epicache" and meta["kv"]["budget"] == budget and meta["kv"]["block"] == block
-    session = Session.load(pair, path)
+    session = load_session(pair, path)
     assert session.kv is not None and len(session.tokens) == turns[-1]["context"]
     for cache in session.kv.caches:
         assert max(per_head(cache)) <= budget + block
@@ -109,7 +109,7 @@ def test_a_plain_session_file_refuses_a_budget(pair, random_pair_dir, tmp_path, 
     path = tmp_path / "plain.safetensors"
     session = Session(pair, method="base")
     session.generate("hello", max_tokens=2)
-    session.save(path)
+    save_session(session, path)
     assert "without a KV budget" in one_line_error(capsys, ["chat", "--model", str(random_pair_dir), "--kv-budget",
                                                             "8", "--prompt-cache-file", str(path)])
 
@@ -152,8 +152,8 @@ def test_epicache_session_routes_and_catches_up(pair):
 
 
 def _continue_both(model, session: Session, path: Path, messages: list[str]) -> Session:
-    session.save(path)
-    reloaded = Session.load(model, path)
+    save_session(session, path)
+    reloaded = load_session(model, path)
     assert reloaded.tokens == session.tokens
     for m in messages:
         assert reloaded.generate(m, max_tokens=5) == session.generate(m, max_tokens=5)
@@ -183,11 +183,11 @@ def test_compressed_session_round_trips_exactly(identity_dirs, tmp_path, policy)
         assert reloaded.kv is not None and len(reloaded.kv.caches) == len(session.kv.caches)
     # a fresh model object (its attention not yet taught compressed masks) loads it too
     fresh = load(identity_dirs["llama"])
-    again = Session.load(fresh, path)
-    plain = Session.load(model, path)
+    again = load_session(fresh, path)
+    plain = load_session(model, path)
     assert again.generate("one more", max_tokens=5) == plain.generate("one more", max_tokens=5)
     with pytest.raises(KVPError, match="another model"):
-        Session.load(load(identity_dirs["qwen3"]), path)
+        load_session(load(identity_dirs["qwen3"]), path)
 
 
 def test_chat_session_with_episodes_round_trips(pair, tmp_path):

@@ -26,7 +26,7 @@ from kvp_mlx.epicache.prefill import LEVELS, build_memory
 from kvp_mlx.epicache.scoring import compressed_layers
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import load
-from kvp_mlx.session import Session
+from kvp_mlx.conversation.session import Session
 
 from conftest import ARCHS, VOCAB
 from test_epicache import LOCOMO

@@ -27,7 +27,7 @@ from kvp_mlx.generation import generate  # noqa: E402
 from kvp_mlx.model import load  # noqa: E402
 from kvp_mlx.server import KVPServer, ServerConfig  # noqa: E402
 from kvp_mlx.server.prompt_cache import common_prefix  # noqa: E402
-from kvp_mlx.session import Session  # noqa: E402
+from kvp_mlx.conversation.session import Session  # noqa: E402
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -410,7 +410,7 @@ def test_idle_repair_makes_held_sessions_exact_and_yields_to_requests():
     has no predicted positions and its next-token log-probs equal a base session's within 1e-4;
     a request arriving during a repair waits for at most the chunk in flight."""
     demo = kvp_mlx.load()
-    code = Path(kvp_mlx.__file__).parent.joinpath("session.py").read_text()
+    code = Path(kvp_mlx.__file__).parent.joinpath("conversation", "session.py").read_text()
     long_prompt, other = code[:620], code[620:800]  # within the demo model's 256-token context
     with serving(demo, repair_step_size=8, prefill_step_size=64) as server:
         c = client(server)

@@ -15,7 +15,8 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import load
-from kvp_mlx.session import Session
+from kvp_mlx.conversation.session import Session
+from kvp_mlx.conversation.session_file import load_session, save_session
 
 from conftest import ARCHS
 
@@ -134,9 +135,9 @@ def test_repair_makes_the_demo_session_exact():
 
 def _copy(session: Session, model) -> Session:
     path = Path(f"/tmp/kvp-session-copy-{id(session)}.safetensors")
-    session.save(path)
+    save_session(session, path)
     try:
-        return Session.load(model, path)
+        return load_session(model, path)
     finally:
         path.unlink()
 
@@ -146,8 +147,8 @@ def test_save_load_continues_identically(chat_identity_dirs, random_pair_dir, tm
     ids = list(range(5, 40))
     a = Session(model, method="kvp")
     a.generate(ids[:12], max_tokens=5)
-    path = a.save(tmp_path / "s.safetensors")
-    b = Session.load(model, path)
+    path = save_session(a, tmp_path / "s.safetensors")
+    b = load_session(model, path)
     assert b.tokens == a.tokens and b.predicted == a.predicted and b.method == "kvp"
     assert [r.token for r in a.stream_generate(ids[12:20], max_tokens=8)] == \
         [r.token for r in b.stream_generate(ids[12:20], max_tokens=8)]
@@ -155,20 +156,20 @@ def test_save_load_continues_identically(chat_identity_dirs, random_pair_dir, tm
     # refused: another model, a truncated file, a corrupt file, not a session file
     other = load(chat_identity_dirs["openelm"])
     with pytest.raises(KVPError, match="was saved for another model"):
-        Session.load(other, path)
+        load_session(other, path)
     data = path.read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(KVPError, match="truncated or corrupt"):
-        Session.load(model, cut)
+        load_session(model, cut)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(KVPError, match="truncated or corrupt"):
-        Session.load(model, junk)
+        load_session(model, junk)
     plain = tmp_path / "plain.safetensors"
     mx.save_safetensors(str(plain), {"x": mx.zeros(3)})
     with pytest.raises(KVPError, match="not a kvp-mlx session file"):
-        Session.load(model, plain)
+        load_session(model, plain)
 
 
 def test_interrupted_save_leaves_no_file(random_pair_dir, tmp_path, monkeypatch):
@@ -185,7 +186,7 @@ def test_interrupted_save_leaves_no_file(random_pair_dir, tmp_path, monkeypatch)
 
     monkeypatch.setattr(mlx_cache, "save_prompt_cache", broken)
     with pytest.raises(KeyboardInterrupt):
-        session.save(target)
+        save_session(session, target)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -201,3 +202,29 @@ def test_trim_regenerates_and_methods_that_run_cold_are_refused(random_pair_dir)
     for method in ("lazy", "rp", "runahead"):
         with pytest.raises(KVPError, match=f"method '{method}' cannot extend a warm cache"):
             Session(model, method=method)
+
+
+def test_fork_is_an_independent_copy_that_continues_like_the_original(random_pair_dir):
+    model = load(random_pair_dir)
+    session = Session(model, method="kvp")
+    session.generate([5, 6, 7, 8, 9, 10], max_tokens=6)
+    session.generate([11, 12, 13], max_tokens=4)
+    tokens, predicted = list(session.tokens), list(session.predicted)
+    whole = session.fork()
+    assert whole.tokens == tokens and whole.predicted == predicted and whole.method == "kvp"
+    # the copy continues as the original does, and changing it leaves the original as it was
+    assert whole.generate([14, 15], max_tokens=5) == session.fork().generate([14, 15], max_tokens=5)
+    assert session.tokens == tokens and session.offset == len(tokens)
+    # a fork at a position inside a predicted span clips it, and its caches hold that many positions
+    cut = predicted[-1][0] + 1
+    part = session.fork(upto=cut)
+    assert part.tokens == tokens[:cut] and part.offset == cut
+    assert part.predicted == [(s, min(e, cut)) for s, e in predicted if s < cut]
+    assert part.caches.draft_cache is None or part.caches.draft_cache[0].offset <= cut
+    # it continues exactly as the original trimmed to the same tokens
+    trimmed = session.fork()
+    trimmed.trim(len(tokens) - cut)
+    assert part.generate([20, 21], max_tokens=5) == trimmed.generate([20, 21], max_tokens=5)
+    assert session.tokens == tokens
+    with pytest.raises(KVPError, match="can fork at 0 to"):
+        session.fork(upto=len(tokens) + 1)

@@ -16,6 +16,8 @@ prompt is the next turn."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvp_mlx.methods import session_methods
+
     parser.description = DESCRIPTION
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add = parser.add_argument
@@ -23,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the embedded demo model)")
     add("--prompt", "-p", required=True, help="the prompt to cache; '-' reads standard input")
     add("--prompt-cache-file", required=True, metavar="F.safetensors", help="the file to save the session in")
-    add("--method", default=None, choices=["kvp", "base"],
+    add("--method", default=None, choices=session_methods(),
         help="prefill method (default: kvp, or base for a plain mlx-lm directory)")
     add("--system-prompt", default=None, help="system prompt for the chat template")
     add("--max-kv-size", type=int, default=None, help="maximum KV cache size (a rotating cache), fixed for the session")
@@ -34,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvp_mlx.chat import cache_prompt, prompt_cache_path
+    from kvp_mlx.conversation.chat import cache_prompt, prompt_cache_path
     from kvp_mlx.errors import KVPError
     from kvp_mlx.generation import check_decoding
     from kvp_mlx.prompting import read_prompt_arg

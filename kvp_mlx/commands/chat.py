@@ -1,4 +1,4 @@
-"""`kvp-mlx chat`: a REPL over a session (kvp_mlx.chat.Chat), like mlx_lm.chat."""
+"""`kvp-mlx chat`: a REPL over a session (kvp_mlx.conversation.chat.Chat), like mlx_lm.chat."""
 
 from __future__ import annotations
 
@@ -53,12 +53,13 @@ def _generate_parser() -> argparse.ArgumentParser:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from kvp_mlx.chat import DEFAULT_REPAIR_STEP_SIZE, REPAIR_MODES
+    from kvp_mlx.conversation.chat import DEFAULT_REPAIR_STEP_SIZE, REPAIR_MODES
     from kvp_mlx.epicache.policies import available_policies, describe_policies
+    from kvp_mlx.methods import session_methods
 
     parser.description = DESCRIPTION
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--method", default=None, choices=["kvp", "base", "aux"],
+    parser.add_argument("--method", default=None, choices=session_methods(),
                         help="prefill method of the session (default: kvp, base for a plain mlx-lm directory; "
                         "a continued session keeps its own)")
     parser.add_argument("--max-tokens", "-m", type=int, default=256, help="maximum tokens per reply (default: 256)")
@@ -124,7 +125,7 @@ def kv_options(args: argparse.Namespace) -> dict | None:
     if args.kv_episodes is not None and not episodic:
         names = [p for p in available_policies(evicting=True) if get_policy(p).episodic]
         raise KVPError(f"--kv-episodes is for --kv-policy {' or '.join(names)}, not {policy}")
-    if args.method in ("kvp", "aux"):
+    if args.method not in (None, "base"):
         raise KVPError(f"--kv-budget compresses the base model's own cache turn by turn: it runs with --method base, "
                        f"not {args.method} (leave --method out)")
     if args.max_kv_size is not None:
@@ -142,7 +143,7 @@ def kv_options(args: argparse.Namespace) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvp_mlx.chat import Chat, open_session, prompt_cache_path
+    from kvp_mlx.conversation.chat import Chat, open_session, prompt_cache_path
     from kvp_mlx.commands.generate import _with_extra_eos
     from kvp_mlx.generation import check_decoding
     from kvp_mlx.runtime_env import set_device

@@ -131,7 +131,8 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from kvp_mlx.errors import KVPError
-    from kvp_mlx.generation import check_decoding, default_method
+    from kvp_mlx.generation import check_decoding
+    from kvp_mlx.methods import default_method
     from kvp_mlx.prompting import read_prompt_arg
     from kvp_mlx.runtime_env import set_device
     from kvp_mlx.sampling import sampling_options
@@ -184,12 +185,12 @@ def _generate(model, prompt: str, method: str, verbose: bool, kwargs: dict) -> N
 
 def _run_session(args: argparse.Namespace, kwargs: dict, verbose: bool) -> int:
     """``--prompt-cache-file F``: the prompt is the next turn of the session saved in F."""
-    from kvp_mlx.chat import open_session, prompt_cache_path
+    from kvp_mlx.conversation.chat import open_session, prompt_cache_path
     from kvp_mlx.errors import KVPError
     from kvp_mlx.generation import print_statistics
     from kvp_mlx.prompting import read_prompt_arg
     from kvp_mlx.runtime_env import set_device
-    from kvp_mlx.session_file import read_metadata
+    from kvp_mlx.conversation.session_file import read_metadata
 
     path = prompt_cache_path(args.prompt_cache_file)
     given = [flag for flag, on in (("--compare", args.compare), ("--draft", args.draft is not None),

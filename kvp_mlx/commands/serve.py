@@ -60,18 +60,14 @@ def run(args: argparse.Namespace) -> int:
         if value < (0 if name in ("port", "prompt_cache_size") else 1):
             raise KVPError(f"--{name.replace('_', '-')} must be {'non-negative' if name == 'port' else 'positive'}")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    from kvp_mlx.generation import default_method
+    from kvp_mlx.methods import enter
     from kvp_mlx.model import load
     from kvp_mlx.runtime_env import set_device
     from kvp_mlx.server import KVPServer, ServerConfig
-    from kvp_mlx.server.protocol import servable_methods
 
     set_device(args.device)
     model = load(args.model, dtype=args.dtype)
-    method = args.method or default_method(model)
-    if method not in servable_methods(model):
-        raise KVPError(f"--method {method}: this server runs {', '.join(servable_methods(model))} on this model "
-                       "(methods that extend a warm cache)")
+    method = enter(model, args.method, warm=True).name  # one line for a method this model cannot serve
     config = ServerConfig(
         model_id=args.model or "kvp-mlx-demo", method=method, max_tokens=args.max_tokens,
         prompt_cache_size=args.prompt_cache_size,

@@ -15,10 +15,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from kvp_mlx.conversation.session import Session
 from kvp_mlx.epicache.cache import CompressedKVCache, copy_cache
 from kvp_mlx.epicache.episodes import Embedder, Episodes, TokenEmbedder, Utterance, cluster, windows
 from kvp_mlx.epicache.policies import EvictionPolicy, get_policy
@@ -28,8 +29,6 @@ from kvp_mlx.epicache.prefill import (
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import KVPModel
 
-if TYPE_CHECKING:
-    from kvp_mlx.session import Session
 
 @dataclass
 class BuildStats:
@@ -98,20 +97,16 @@ class ConversationMemory:
         """A copy of the memory that answers ``question`` (the copy can be extended freely)."""
         return self.memories[self.route(question)].copy()
 
-    def session(self, question: str = "", **session_options: Any):
+    def session(self, question: str = "", **session_options: Any) -> Session:
         """A :class:`kvp_mlx.Session` (method ``base``) whose caches hold the compressed history of
         the episode ``question`` routes to; its turns continue at the true conversation position.
 
         Under an evicting policy the session stays bounded (its ``kv`` is a :class:`BoundedMemory`
         holding copies of every episode's memory, the same episodes, budget and block): its turns
         are routed and compressed like ``kvp-mlx chat --kv-budget``'s. ``full`` gives a plain one."""
-        from kvp_mlx.methods import FilledCache
-        from kvp_mlx.session import Session
-
         if self.policy == "full" or self.budget is None:
             memory = self.memory_for(question)
-            return Session(self.model, method="base", tokens=list(self.history),
-                           caches=FilledCache(memory.cache, self.model.base), **session_options)
+            return Session.resume(self.model, self.history, memory.cache, **session_options)
         kv = BoundedMemory(self.model, self.policy, self.budget, block=self.block, level=self.level,
                            n_episodes=self.n_episodes, n_medoids=self.n_medoids, seed=self.seed,
                            embedder=self.embedder)
@@ -121,7 +116,7 @@ class ConversationMemory:
         kv.clustered_windows = len(self.windows)
         kv.active = self.route(question)
         kv.peak_entries = max(kv.entries(c) for c in kv.caches)
-        return Session(self.model, method="base", tokens=list(self.history), kv=kv, **session_options)
+        return Session.resume(self.model, self.history, kv=kv, **session_options)
 
 
 @dataclass
@@ -312,13 +307,13 @@ class BoundedMemory:
 
     # --- the session's hooks -------------------------------------------------------------------
 
-    def before_turn(self, session: "Session", prompt: Any, ids: Sequence[int], fill_to: int, reserve: int) -> int:
-        """Before a turn fills ``ids[:fill_to]`` and then adds up to ``reserve`` positions (the
-        reply): route the message to its episode's cache, and when the turn would take that cache
-        past ``budget + block``, prefill what it lacks block-wise with eviction now. Returns the
-        positions that cache held before (what the turn reused)."""
-        from kvp_mlx.methods import FilledCache
-
+    def before_turn(self, history: Sequence[int], prompt: Any, ids: Sequence[int], fill_to: int,
+                    reserve: int) -> int:
+        """Before a turn fills ``ids[:fill_to]`` (``history`` and the new message) and then adds up to
+        ``reserve`` positions (the reply): route the message to its episode's cache (:attr:`cache`,
+        which the session runs the turn on), and when the turn would take that cache past
+        ``budget + block``, prefill what it lacks block-wise with eviction now. Returns the positions
+        that cache held before (what the turn reused)."""
         if reserve > self.block:
             raise KVPError(f"a turn's decoding (its last prompt token and the reply: up to {reserve} positions) does "
                            f"not fit in a KV block of {self.block}: lower max_tokens or raise the block")
@@ -330,13 +325,12 @@ class BoundedMemory:
             raise KVPError("internal: an episode cache holds more than the conversation")
         if self.entries(cache) + (fill_to - held) + reserve > max(self._budgets()) + self.block:
             if self._cluster_due(text):
-                self._find_episodes(session.tokens, pending=text)
+                self._find_episodes(history, pending=text)
                 self.active = self.route(text)
                 cache = self.cache
             elif self.over(cache) and self.tail(cache):
-                self._evict(self.active, session.tokens)
+                self._evict(self.active, history)
             self._extend(self.active, list(ids[held:fill_to]))
-        session.caches = FilledCache(self.cache, self.model.base)
         return held
 
     def after_turn(self, prompt: Any, reply: Sequence[int] | None) -> None:
@@ -348,7 +342,7 @@ class BoundedMemory:
             self.utterances.append(Utterance("Assistant", str(self.model.tokenizer.decode(list(reply)))))
         self._see(self.cache)
 
-    def compress(self, session: "Session", should_stop: Callable[[], bool] | None = None) -> CompressReport:
+    def compress(self, history: Sequence[int], should_stop: Callable[[], bool] | None = None) -> CompressReport:
         """The idle-time work between turns: evict the live cache back to the budget if it holds
         more (epicache: find the episodes the first time), then bring every other episode's cache
         up to the conversation (block-wise, evicting with its own prompt). ``should_stop`` is asked
@@ -357,7 +351,7 @@ class BoundedMemory:
 
         tic = _time.perf_counter()
         report = CompressReport()
-        tokens = session.tokens
+        tokens = history
         if self.over(self.cache) and self.tail(self.cache):
             if self._cluster_due():
                 self._find_episodes(tokens)

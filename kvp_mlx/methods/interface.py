@@ -172,16 +172,6 @@ class PrefillMethod:
         if self.prefill is None and self.fill is None:
             raise ValueError(f"method '{self.name}' declares neither prefill nor fill")
 
-    def run(self, model: PrefillModel, tokens: mx.array, prefill_step_size: int,
-            **options: Any) -> PrefillResult | PeerRankResult:
-        """The prefill of ``tokens`` [B, T] (declared, or derived from ``fill``)."""
-        if self.prefill is not None:
-            return self.prefill(model, tokens, prefill_step_size=prefill_step_size, **options)
-        assert self.fill is not None
-        filled = self.fill(model, tokens[:, :-1], prefill_step_size=prefill_step_size, **options)
-        logits = filled.decoder(tokens[:, -1:], cache=filled.cache)[:, -1, :]
-        return PrefillResult(filled.cache, logits, filled.decoder, self.name, {})
-
     def option(self, name: str) -> Option:
         for opt in self.options:
             if opt.name == name:
@@ -273,12 +263,13 @@ def get_method(name: str) -> PrefillMethod:
     return _METHODS[name]
 
 
-def as_token_batch(tokens: Any) -> mx.array:
-    """Check and convert a prompt to int32 ``[B, T]``: 1-D becomes B=1; ragged or empty is refused."""
+def as_token_batch(tokens: Any, allow_empty: bool = False) -> mx.array:
+    """Check and convert a prompt to int32 ``[B, T]``: 1-D becomes B=1; ragged is refused, and
+    empty unless ``allow_empty`` (a cache filled with nothing yet)."""
     if isinstance(tokens, (list, tuple)):
-        if len(tokens) == 0:
+        if len(tokens) == 0 and not allow_empty:
             raise KVPError("empty prompt: no tokens to process")
-        if isinstance(tokens[0], (list, tuple, mx.array)):
+        if tokens and isinstance(tokens[0], (list, tuple, mx.array)):
             lengths = {len(t) for t in tokens}
             if len(lengths) > 1:
                 raise KVPError(
@@ -292,32 +283,8 @@ def as_token_batch(tokens: Any) -> mx.array:
         tokens = tokens[None]
     if tokens.ndim != 2:
         raise KVPError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
-    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+    if tokens.shape[0] == 0 or (tokens.shape[1] == 0 and not allow_empty):
         raise KVPError("empty prompt: no tokens to process")
-    if mx.issubdtype(tokens.dtype, mx.floating):
+    if tokens.size and mx.issubdtype(tokens.dtype, mx.floating):
         raise KVPError("tokens must be integer ids")
     return tokens.astype(mx.int32)
-
-
-def run_prefill(
-    model: PrefillModel, tokens: Any, method: str, prefill_step_size: int = 2048, **options: Any
-) -> PrefillResult | PeerRankResult:
-    """Run a registered method on ``tokens`` [B, T] after checking the prompt and the options."""
-    tokens = as_token_batch(tokens)
-    spec = get_method(method)
-    options = spec.resolve_options(options)
-    if isinstance(prefill_step_size, bool) or not isinstance(prefill_step_size, int) or prefill_step_size < 1:
-        raise KVPError("prefill_step_size must be a positive integer")
-    if spec.capabilities.needs_aux and (model.aux is None or model.predictor is None):
-        raise KVPError(
-            f"method '{method}' needs an auxiliary model and a predictor; "
-            f"{model.path} is a base-only model (use --method base)"
-        )
-    if tokens.shape[0] > 1 and not spec.capabilities.batch:
-        raise KVPError(
-            f"method '{method}' runs one prompt at a time (B=1); got a batch of {tokens.shape[0]}"
-        )
-    vocab = model.base.args.vocab_size if hasattr(model.base, "args") else None
-    if vocab is not None and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
-        raise KVPError(f"token ids must lie in [0, {vocab}) for this model")
-    return spec.run(model, tokens, prefill_step_size, **options)

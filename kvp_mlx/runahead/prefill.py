@@ -28,6 +28,9 @@ Before the pipeline starts, one small all-sum checks that every rank has the sam
 depth and split (mismatched ranks would otherwise exchange wrongly shaped K/V). A rank whose peer
 exits gets a :class:`KVPError`; a peer that hangs is caught by the watchdog after ``timeout_s``
 (:mod:`kvp_mlx.runahead.group`).
+
+This module is the pipeline alone; the method's declaration (options, cost, the single-process
+case) is :mod:`kvp_mlx.methods.runahead`.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,12 +46,8 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from kvp_mlx.adapters import kv_shapes, model_type_of, sliding_window_layers
-from kvp_mlx.runahead.group import DEFAULT_TIMEOUT_S, guarded, join_group
+from kvp_mlx.runahead.group import guarded
 from kvp_mlx.errors import KVPError
-from kvp_mlx.methods.base import plain_prefill_cost, prefill_base
-from kvp_mlx.methods.interface import (
-    Capabilities, Option, PrefillMethod, PrefillModel, PrefillResult, PeerRankResult, register,
-)
 from kvp_mlx.runahead.split import CostModel, SplitTable, balanced_split, even_split
 
 SPLITS = ("balanced", "even")
@@ -189,16 +188,21 @@ def _agree_on_inputs(group: mx.distributed.Group, tokens: mx.array, n_layers: in
                        "same model on the same prompt, with the same split options)")
 
 
-def prefill_runahead(
-    model: PrefillModel,
-    tokens: mx.array,
-    prefill_step_size: int = 2048,
-    split: str = "balanced",
-    split_table: str | Path | SplitTable | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    group: mx.distributed.Group | None = None,
-    share_logits: bool = False,
-) -> PrefillResult | PeerRankResult:
+@dataclass
+class RankPrefill:
+    """What one rank of a pipelined prefill ends with."""
+
+    cache: list | None  # the full cache on the decoding (last) rank; None elsewhere
+    logits: mx.array | None  # [B, vocab] on the last rank, or on every rank with ``share_logits``
+    info: dict  # rank, ranks, bounds, split, decodes
+
+    @property
+    def decodes(self) -> bool:
+        return bool(self.info["decodes"])
+
+
+def check_runahead(model: Any, split: str, timeout_s: float) -> None:
+    """One-line errors for a split, a timeout or a model runahead cannot run."""
     if split not in SPLITS:
         raise KVPError(f"unknown runahead split '{split}' (one of {', '.join(SPLITS)})")
     if timeout_s <= 0:
@@ -207,15 +211,14 @@ def prefill_runahead(
     if sliding:  # ranks pass whole prefixes on; a RotatingKVCache keeps only a window of them
         raise KVPError(f"runahead does not support sliding-window attention layers "
                        f"({model_type_of(model.base)} layers {', '.join(map(str, sliding))})")
-    group = join_group(timeout_s) if group is None else group
-    ranks, rank = group.size(), group.rank()
-    if ranks == 1:
-        result = prefill_base(model, tokens, prefill_step_size)
-        result.method = "runahead"
-        result.info = {"rank": 0, "ranks": 1, "bounds": [0, tokens.shape[1]], "decodes": True}
-        return result
 
+
+def pipelined_prefill(model: Any, tokens: mx.array, prefill_step_size: int, split: str,
+                      split_table: str | Path | SplitTable | None, timeout_s: float, group: mx.distributed.Group,
+                      share_logits: bool = False) -> RankPrefill:
+    """This rank's part of the prefill of ``tokens`` [B, T] over a group of two or more ranks."""
     lm = model.base
+    ranks, rank = group.size(), group.rank()
     batch, n_tokens = tokens.shape
     bounds = split_bounds(model, n_tokens, ranks, split, split_table)
     _agree_on_inputs(group, tokens, len(lm.layers), bounds, timeout_s)
@@ -243,35 +246,9 @@ def prefill_runahead(
             logits = mx.distributed.all_sum(logits, group=group)  # one row per prompt, from the last rank
             mx.eval(logits)
     info = {"rank": rank, "ranks": ranks, "bounds": bounds, "split": split, "decodes": stage.last}
-    if not stage.last:
-        return PeerRankResult("runahead", logits, info)
-    assert logits is not None  # the last rank computes the first-token logits
-    return PrefillResult(cache, logits, lm, "runahead", info)
+    return RankPrefill(cache if stage.last else None, logits, info)
 
 
 def decoding_rank(group: mx.distributed.Group) -> int:
     """The rank that holds the full cache after a runahead prefill and decodes: the last one."""
     return group.size() - 1
-
-
-register(PrefillMethod(
-    name="runahead",
-    summary="KV-Runahead: the prefill split across the ranks of an mx.distributed group (exact; "
-    "launch with mlx.launch); the last rank decodes",
-    prefill=prefill_runahead,
-    options=(
-        Option("split", str, "balanced", "prompt split between ranks: balanced by a cost model, or even",
-               choices=SPLITS),
-        Option("split_table", str, None,
-               "split table (JSON, from `python -m bench.runahead --save-table`) for the balanced split"),
-        Option("timeout_s", float, DEFAULT_TIMEOUT_S,
-               "give up with an error when a peer rank sends nothing for this many seconds",
-               check=lambda v: None if v > 0 else "must be positive", flag="--runahead-timeout"),
-        Option("share_logits", bool, False, "every rank gets the first-token logits (one all-sum)"),
-        Option("group", mx.distributed.Group, None, "the process group (default: join the launched one)", cli=False),
-    ),
-    # The same work as a base prefill, split over the ranks.
-    cost=lambda model, tokens, chunk, batch, info: plain_prefill_cost(model.base, tokens, chunk, batch),
-    capabilities=Capabilities(needs_launch="needs several processes (an mx.distributed ring); time it with "
-                              "`python -m bench.runahead`"),
-))

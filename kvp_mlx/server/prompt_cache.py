@@ -2,25 +2,22 @@
 goes first.
 
 mlx-lm's ``LRUPromptCache`` keeps plain cache lists; a request here needs a whole
-:class:`kvp_mlx.session.Session` (the base cache, the auxiliary's lagging cache, which positions hold
+:class:`kvp_mlx.conversation.session.Session` (the base cache, the auxiliary's lagging cache, which positions hold
 predicted K/V, a repair in progress), and idle repair walks the sessions from the most recently
 used. So this is its own small LRU with the same rules: the cached session sharing the longest
 prefix with a request is reused; one whose tokens are all a prefix of the request is handed over
-(the request extends it and puts it back); one that goes beyond the common prefix is copied and the
-copy trimmed, so a session is never changed under another request. Limits by count and by bytes.
+(the request extends it and puts it back); one that goes beyond the common prefix is forked at it
+(:meth:`Session.fork`), so a session is never changed under another request. Limits by count and by bytes.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Iterator
 
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache
 
-from kvp_mlx.methods import FilledCache
-from kvp_mlx.methods.base import held_positions
-from kvp_mlx.session import Session
+from kvp_mlx.conversation.session import Session
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -38,28 +35,6 @@ def session_nbytes(session: Session) -> int:
         return 0
     layers = list(caches.cache) + list(caches.draft_cache or [])
     return sum(int(c.nbytes) for c in layers if not c.empty())
-
-
-def copy_prefix(session: Session, n: int) -> Session:
-    """A new session holding the first ``n`` tokens of ``session`` (whose caches must be trimmable),
-    sharing nothing mutable with it; ``session`` is unchanged."""
-    caches = session.caches
-    assert caches is not None and can_trim_prompt_cache(caches.cache)
-    cache = copy.deepcopy(caches.cache)
-    trim_prompt_cache(cache, held_positions(cache) - n)
-    draft = None
-    if caches.draft_cache is not None and can_trim_prompt_cache(caches.draft_cache):
-        draft = copy.deepcopy(caches.draft_cache)
-        held = held_positions(draft)
-        if held > n:
-            trim_prompt_cache(draft, held - n)
-    # no auxiliary cache (not trimmable): the next kvp turn rebuilds it from position 0
-    return Session(
-        session.model, method=session.method, max_kv_size=session.max_kv_size,
-        prefill_step_size=session.prefill_step_size, method_options=dict(session.method_options),
-        tokens=list(session.tokens[:n]), predicted=[(s, min(e, n)) for s, e in session.predicted if s < n],
-        caches=FilledCache(cache, caches.decoder, draft),
-    )
 
 
 @dataclass
@@ -107,7 +82,7 @@ class SessionCache:
         if best_len == len(best.session.tokens):
             self._entries.remove(best)
             return best.session, best_len
-        return copy_prefix(best.session, best_len), best_len
+        return best.session.fork(best_len), best_len
 
     def insert(self, session: Session) -> None:
         """Keep ``session`` as the most recently used; drop cached sessions it makes redundant (its

@@ -15,7 +15,7 @@ from typing import Any
 
 from kvp_mlx.errors import KVPError
 from kvp_mlx.generation import check_decoding
-from kvp_mlx.methods import available_methods, get_method
+from kvp_mlx.methods import enter, get_method, missing_models, session_methods
 from kvp_mlx.model import KVPModel
 from kvp_mlx.prompting import context_length, render_prompt
 from kvp_mlx.sampling import SamplingOptions
@@ -162,15 +162,7 @@ def _sampling(body: dict, vocab_size: int | None) -> dict[str, Any]:
 
 def servable_methods(model: KVPModel) -> list[str]:
     """The prefill methods a server can run on ``model``: those that extend a warm cache."""
-    out = []
-    for name in available_methods():
-        spec = get_method(name)
-        if spec.fill is None or not spec.capabilities.extends_cache:
-            continue
-        if spec.capabilities.needs_aux and (model.aux is None or model.predictor is None):
-            continue
-        out.append(name)
-    return out
+    return [name for name in session_methods() if missing_models(model, get_method(name)) is None]
 
 
 def encode_chat(model: KVPModel, messages: list[dict[str, str]], template_config: dict | None) -> list[int]:
@@ -205,9 +197,12 @@ def parse_request(body: Any, kind: str, model: KVPModel, model_id: str, default_
     if n != 1:
         raise _bad("n must be 1 (one choice per request)")
     method = body.get("method", default_method)
-    methods = servable_methods(model)
-    if not isinstance(method, str) or method not in methods:
-        raise _bad(f"method must be one of {', '.join(methods)} for this model, got {method!r}")
+    if not isinstance(method, str):
+        raise _bad(f"method must be a string, one of {', '.join(servable_methods(model))} for this model")
+    try:
+        enter(model, method, warm=True)  # the method exists, this model can run it, it extends a warm cache
+    except KVPError as e:
+        raise _bad(str(e)) from None
     stream = _flag(body, "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):

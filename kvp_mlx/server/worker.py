@@ -30,7 +30,7 @@ from kvp_mlx.errors import KVPError
 from kvp_mlx.model import KVPModel
 from kvp_mlx.server.prompt_cache import SessionCache
 from kvp_mlx.server.protocol import GenerationRequest
-from kvp_mlx.session import Session
+from kvp_mlx.conversation.session import Session
 
 log = logging.getLogger("kvp_mlx.server")
 

@@ -14,20 +14,21 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import cache as mlx_cache
 
+from kvp_mlx.conversation.session import Session
+from kvp_mlx.epicache.cache import CompressedKVCache, enable_compressed_caches
+from kvp_mlx.epicache.episodes import Episodes, Utterance
+from kvp_mlx.epicache.memory import BoundedMemory
 from kvp_mlx.errors import KVPError
 from kvp_mlx.methods import FilledCache, get_method
 from kvp_mlx.methods.base import held_positions
 from kvp_mlx.model import KVPModel
-
-if TYPE_CHECKING:
-    from kvp_mlx.session import Session
 
 FORMAT = "kvp-mlx-session"
 VERSION = "1"
@@ -54,13 +55,18 @@ def model_identity(model: KVPModel) -> str:
     return h.hexdigest()[:32]
 
 
-def save_session(session: "Session", path: Path) -> Path:
+def save_session(session: Session, path: str | Path) -> Path:
+    """Write ``session`` (both caches, tokens, predicted positions, the model's identity; a bounded
+    memory's settings, state and every episode cache) atomically to ``path`` (``.safetensors``)."""
+    path = Path(path)
     if path.suffix != ".safetensors":
         raise KVPError(f"a prompt cache file must end in .safetensors, got {path}")
     assert session.caches is not None
     caches = session.caches
     aux = caches.draft_cache or []
     kv = session.kv
+    if kv is not None and not isinstance(kv, BoundedMemory):
+        raise KVPError(f"cannot save a session whose memory is a {type(kv).__name__} (only BoundedMemory is saved)")
     episodes: list = []
     if kv is not None:
         episodes = [c for i, cache in enumerate(kv.caches) if i != kv.active for c in cache]
@@ -73,17 +79,22 @@ def save_session(session: "Session", path: Path) -> Path:
         "max_kv_size": json.dumps(session.max_kv_size), "system_prompt": json.dumps(session.system_prompt),
         "method_options": json.dumps(session.method_options, default=str),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KVPError(f"cannot save the session to {path}: {e.strerror or e}") from None
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")
     try:
         mlx_cache.save_prompt_cache(str(tmp), caches.cache + aux + episodes, metadata)
         os.replace(tmp, path)
+    except OSError as e:
+        raise KVPError(f"cannot save the session to {path}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
-def _kv_state(kv: Any) -> dict | None:
+def _kv_state(kv: BoundedMemory | None) -> dict | None:
     """A KV budget's settings and state (episodes: centroids, medoids, texts; utterances)."""
     if kv is None:
         return None
@@ -96,11 +107,8 @@ def _kv_state(kv: Any) -> dict | None:
                                                        texts=ep.texts))
 
 
-def _restore_kv(model: KVPModel, state: dict, active: list, others: list, path: Path) -> Any:
+def _restore_kv(model: KVPModel, state: dict, active: list, others: list, path: Path) -> BoundedMemory:
     """The :class:`BoundedMemory` of a saved session (its caches: the decoder's, then the others)."""
-    from kvp_mlx.epicache.episodes import Episodes, Utterance
-    from kvp_mlx.epicache.memory import BoundedMemory
-
     try:
         kv = BoundedMemory(model, state["policy"], state["budget"], block=state["block"],
                            n_episodes=state["n_episodes"], n_medoids=state["n_medoids"], window=state["window"],
@@ -129,8 +137,6 @@ def _restore_kv(model: KVPModel, state: dict, active: list, others: list, path: 
 
 def _load_caches(path: Path) -> list:
     """mlx-lm's prompt-cache format read back, with compressed caches as well as mlx-lm's own."""
-    from kvp_mlx.epicache.cache import CompressedKVCache
-
     loaded: Any = mx.load(str(path), return_metadata=True)
     arrays, flat = loaded
     _, classes, scalars = tree_unflatten(list(flat.items()))
@@ -196,7 +202,10 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_session(cls: type, model: KVPModel, path: Path) -> "Session":
+def load_session(model: KVPModel, path: str | Path) -> Session:
+    """A session saved by :func:`save_session`, refused with one line if it belongs to another model
+    or the file is truncated or corrupt."""
+    path = Path(path)
     meta = read_metadata(path)
     if meta["identity"] != model_identity(model):
         raise KVPError(f"{path} was saved for another model ({meta['model']}); load it with that model")
@@ -225,12 +234,10 @@ def load_session(cls: type, model: KVPModel, path: Path) -> "Session":
                        f"{len(meta['tokens'])} tokens (corrupt)")
     kv = None
     if kv_state is not None or "CompressedKVCache" in meta["classes"]:
-        from kvp_mlx.epicache.cache import enable_compressed_caches
-
         enable_compressed_caches(decoder)  # compressed caches give each layer its own mask
     if kv_state is not None:
         kv = _restore_kv(model, kv_state, dec_cache, others, path)
     filled = FilledCache(dec_cache, decoder, aux_cache)
-    return cls(model, method=meta["method"], max_kv_size=meta["max_kv_size"], system_prompt=meta["system_prompt"],
+    return Session(model, method=meta["method"], max_kv_size=meta["max_kv_size"], system_prompt=meta["system_prompt"],
                method_options=meta["method_options"], tokens=meta["tokens"], predicted=meta["predicted"],
                caches=filled, kv=kv)

@@ -8,30 +8,33 @@ session's method fill what the caches lack (``kvp``: the auxiliary catches up, t
 new positions, they are written at their true positions), and decodes with mlx-lm's loop, which
 feeds every generated token into the cache. ``repair`` recomputes exact base K/V from the first
 predicted position on, so later turns attend to an exact history; it can be stopped between chunks
-and resumed (a server repairs while idle). See ../shared/docs/conversations.md.
+and resumed (a server repairs while idle). See the conversations note in the project documentation.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
+from kvp_mlx.conversation.turn_memory import TurnMemory
 from kvp_mlx.errors import KVPError
-from kvp_mlx.generation import (
-    GenerationResponse, _responses, default_method, split_generation_kwargs, token_stream, warn_context,
-)
-from kvp_mlx.methods import FilledCache, get_method
+from kvp_mlx.generation import GenerationResponse, _responses, split_generation_kwargs, token_stream, warn_context
+from kvp_mlx.methods import FilledCache, MethodCall, enter
 from kvp_mlx.methods.base import held_positions
 from kvp_mlx.model import KVPModel
 from kvp_mlx.prompting import Message, render_prompt
 
-if TYPE_CHECKING:
-    from kvp_mlx.epicache.memory import BoundedMemory, CompressReport
+TurnInput = str | list[Message] | list[int]  # a new turn: text, chat messages or token ids
+
+
+def clip_spans(spans: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """Position spans ``[start, end)`` cut to the first ``n`` positions (spans beyond them dropped)."""
+    return [(s, min(e, n)) for s, e in spans if s < n]
 
 
 @dataclass
@@ -68,10 +71,10 @@ class Session:
     """A conversation with ``model``; ``method`` must be able to extend a warm cache (base, kvp, aux).
 
     ``max_kv_size`` is fixed for the session's life (its caches are built with it). ``system_prompt``
-    goes into the first turn's chat template. ``kv``: a
-    :class:`~kvp_mlx.epicache.memory.BoundedMemory` keeps the history within a KV budget (EpiCache
-    or a baseline policy; method ``base``): turns are routed to its episode caches and
-    :meth:`compress` evicts between turns.
+    goes into the first turn's chat template. ``kv``: a bounded memory (:class:`TurnMemory`, e.g.
+    :class:`~kvp_mlx.epicache.memory.BoundedMemory`) keeps the history within a KV budget (EpiCache
+    or a baseline policy; method ``base``): turns run on the cache it chooses and :meth:`compress`
+    evicts between turns.
     """
 
     model: KVPModel
@@ -84,8 +87,9 @@ class Session:
     predicted: list[tuple[int, int]] = field(default_factory=list)  # [start, end) base positions
     turns: list[TurnStats] = field(default_factory=list)
     caches: FilledCache | None = None
-    kv: "BoundedMemory | None" = None
+    kv: TurnMemory | None = None
     _repair: _RepairState | None = None
+    _call: MethodCall | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kv is not None:
@@ -95,19 +99,25 @@ class Session:
             if self.max_kv_size is not None:
                 raise KVPError("a KV budget and max_kv_size both bound the cache: use one of them")
             self.method = "base"
-        self.method = self.method or default_method(self.model)
-        spec = get_method(self.method)
-        if spec.fill is None or not spec.capabilities.extends_cache:
-            raise KVPError(
-                f"method '{self.method}' cannot extend a warm cache: every turn would re-prefill the whole "
-                "history (cold). Sessions run base, kvp or aux; use generate for one cold prompt"
-            )
-        self.method_options = spec.resolve_options(self.method_options)
+        self._call = enter(self.model, self.method, self.method_options, warm=True)
+        self.method, self.method_options = self._call.name, self._call.options
         if self.caches is None and self.kv is not None:
             self.caches = FilledCache(self.kv.cache, self.model.base)
         if self.caches is None:
-            self.caches = spec.fill(self.model, mx.zeros((1, 0), dtype=mx.int32), max_kv_size=self.max_kv_size,
-                                    prefill_step_size=self.prefill_step_size, **self.method_options)
+            self.caches = self._call.fill(mx.zeros((1, 0), dtype=mx.int32), self.prefill_step_size, self.max_kv_size)
+
+    @classmethod
+    def resume(cls, model: KVPModel, tokens: Sequence[int], cache: list | None = None, *,
+               kv: TurnMemory | None = None, **options: Any) -> "Session":
+        """A ``base`` session whose base cache already holds ``tokens`` (e.g. a compressed history):
+        ``cache``, or the cache the bounded memory ``kv`` runs the next turn on."""
+        if (cache is None) == (kv is None):
+            raise KVPError("resume a session from a cache or from a bounded memory (one of them)")
+        held = held_positions(cache if cache is not None else kv.cache)  # type: ignore[union-attr]  # one is set
+        if held != len(tokens):
+            raise KVPError(f"the cache holds {held} positions for {len(tokens)} tokens")
+        caches = FilledCache(cache, model.base) if cache is not None else None
+        return cls(model, method="base", tokens=list(tokens), caches=caches, kv=kv, **options)
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -131,9 +141,30 @@ class Session:
             self.kv.reset()
         self.__post_init__()
 
+    def fork(self, upto: int | None = None) -> "Session":
+        """A new session holding the first ``upto`` tokens (default: all) of this one, sharing nothing
+        mutable with it (a trimmed copy needs trimmable caches); this session is unchanged."""
+        if self.kv is not None:
+            raise KVPError("a session with a KV budget cannot be forked (its episode caches are shared state)")
+        n = len(self.tokens) if upto is None else upto
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(self.tokens):
+            raise KVPError(f"can fork at 0 to {len(self.tokens)} tokens, got {upto!r}")
+        assert self.caches is not None
+        if n < len(self.tokens) and not can_trim_prompt_cache(self.caches.cache):
+            raise KVPError("this session's cache cannot be trimmed (sliding-window or rotating layers)")
+        cache = copy.deepcopy(self.caches.cache)
+        if n < len(self.tokens):
+            trim_prompt_cache(cache, held_positions(cache) - n)
+        draft = self.caches.draft_cache
+        draft = _trimmed_draft(copy.deepcopy(draft), n) if draft is not None else None
+        return Session(self.model, method=self.method, max_kv_size=self.max_kv_size, system_prompt=self.system_prompt,
+                       prefill_step_size=self.prefill_step_size, method_options=dict(self.method_options),
+                       tokens=list(self.tokens[:n]), predicted=clip_spans(self.predicted, n),
+                       caches=FilledCache(cache, self.caches.decoder, draft))
+
     # --- a turn --------------------------------------------------------------------------------
 
-    def render(self, prompt: str | list[Message] | list[int], use_chat_template: bool | None = None,
+    def render(self, prompt: TurnInput, use_chat_template: bool | None = None,
                chat_template_config: dict | None = None, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a new turn: the new message alone through the chat template, with the
         generation prompt (as ``mlx_lm.chat``); the system prompt only in the first turn. Raw text
@@ -154,7 +185,7 @@ class Session:
                              use_chat_template=use_chat_template, chat_template_config=chat_template_config,
                              add_generation_prompt=add_generation_prompt)
 
-    def stream_generate(self, prompt: str | list[Message] | list[int], **kwargs: Any) -> Iterator[GenerationResponse]:
+    def stream_generate(self, prompt: TurnInput, **kwargs: Any) -> Iterator[GenerationResponse]:
         """One turn: render the new message, fill what the caches lack with the session's method,
         decode with mlx-lm's loop; the reply stays in the history. Keywords as
         :func:`kvp_mlx.generation.stream_generate` (no draft; ``max_kv_size`` is the session's)."""
@@ -165,28 +196,15 @@ class Session:
         if "system_prompt" in kwargs or "prefill_response" in kwargs:
             raise KVPError("a session takes its system prompt when created (Session(..., system_prompt=...))")
         kwargs.setdefault("prefill_step_size", self.prefill_step_size)
-        spec, options, dec, _ = split_generation_kwargs(
-            self.model, self.method, dict(kwargs, max_kv_size=self.max_kv_size), self.method_options)
+        call, dec, _ = split_generation_kwargs(self.model, self.method, dict(kwargs, max_kv_size=self.max_kv_size),
+                                               self.method_options, warm=True)
         if dec.draft is not None or dec.draft_model is not None:
             raise KVPError("speculative decoding is not available in sessions yet")
-        new = self.render(prompt, **render)
-        ids = self.tokens + new
+        ids = self.tokens + self.render(prompt, **render)
         warn_context(len(ids), self.model, strict)
-        if self.kv is not None:
-            # decoding feeds the last prompt token and every reply token into the cache
-            held = self.kv.before_turn(self, prompt, ids, max(len(ids) - 1, 0), dec.max_tokens + 1)
-        assert self.caches is not None
-        if self.offset >= len(ids):  # nothing new (a regenerated reply): run the last token again
-            self._trim_caches(self.offset - len(ids) + 1)
-        reused = self.offset if self.kv is None else min(held, self.offset)
-        stats = TurnStats(reused, len(ids) - reused, None)
+        # decoding feeds the last prompt token and every reply token into the cache
+        stats = self._begin_turn(prompt, ids, len(ids) - 1, dec.max_tokens + 1)
         recorded: list[int] = []
-
-        def on_fill(filled: FilledCache) -> None:
-            self.caches = filled
-            if filled.predicted is not None:
-                self._add_predicted(filled.predicted)
-                stats.predicted = filled.predicted
 
         def record(steps: Iterator) -> Iterator:
             for step in steps:
@@ -194,109 +212,99 @@ class Session:
                 yield step
 
         tic = time.perf_counter()
-        steps = token_stream(self.model, spec, options, mx.array(ids, dtype=mx.int32), dec, warm=self.caches,
-                             on_fill=on_fill)
-        decoder = self.caches.decoder
+        assert self.caches is not None
+        steps = token_stream(call, mx.array(ids, dtype=mx.int32), dec, warm=self.caches,
+                             on_fill=lambda filled: self._take_fill(filled, stats))
         last = None
         try:
-            for last in _responses(record(steps), self.model.tokenizer, len(ids) - reused, dec.max_tokens, tic,
-                                   spec.name, decoder):
+            for last in _responses(record(steps), self.model.tokenizer, stats.prefilled_tokens, dec.max_tokens, tic,
+                                   call.name, self.caches.decoder):
                 yield last
         finally:
-            self._settle(ids + recorded)
             stats.generated_tokens = len(recorded)
             stats.ttft_s = last.ttft_s if last is not None else 0.0
-            self.turns.append(stats)
-            if self.kv is not None:
-                self.kv.after_turn(prompt, recorded)
+            self._end_turn(prompt, ids + recorded, stats, recorded)
 
-    def generate(self, prompt: str | list[Message] | list[int], **kwargs: Any) -> str:
+    def generate(self, prompt: TurnInput, **kwargs: Any) -> str:
         return "".join(r.text for r in self.stream_generate(prompt, **kwargs))
 
-    def prefill(self, prompt: str | list[Message] | list[int], use_chat_template: bool | None = None) -> TurnStats:
+    def prefill(self, prompt: TurnInput, use_chat_template: bool | None = None) -> TurnStats:
         """Add a prompt to the caches without generating (``kvp-mlx cache-prompt``): the whole
         message is filled by the session's method. Through a chat template it is a complete user
         turn without the generation prompt (the next turn's message follows it)."""
-        new = self.render(prompt, use_chat_template=use_chat_template, add_generation_prompt=False)
-        ids = self.tokens + new
-        spec = get_method(self.method or "base")
-        reused = self.offset
-        if self.kv is not None:
-            reused = self.kv.before_turn(self, prompt, ids, len(ids), 0)
-        assert spec.fill is not None  # checked when the session was made
-        filled = spec.fill(self.model, mx.array([ids], dtype=mx.int32), prefill_step_size=self.prefill_step_size,
-                           max_kv_size=self.max_kv_size, warm=self.caches, **self.method_options)
-        self.caches = filled
-        stats = TurnStats(reused, len(ids) - reused, filled.predicted)
-        if filled.predicted is not None:
-            self._add_predicted(filled.predicted)
-        self._settle(ids)
-        self.turns.append(stats)
-        if self.kv is not None:
-            self.kv.after_turn(prompt, None)
+        ids = self.tokens + self.render(prompt, use_chat_template=use_chat_template, add_generation_prompt=False)
+        stats = self._begin_turn(prompt, ids, len(ids), 0)
+        self._take_fill(self._fill(ids), stats)
+        self._end_turn(prompt, ids, stats, None)
         return stats
 
-    def score(self, prompt: str | list[Message] | list[int], continuation: list[int]) -> mx.array:
+    def score(self, prompt: TurnInput, continuation: list[int]) -> mx.array:
         """Teacher forcing: add ``prompt`` as a turn (filled by the session's method) and feed the
         true ``continuation`` through the decoder as if it had been generated; returns the
         log-probabilities ``[len(continuation), vocab]`` the decoder gave each continuation token.
         The continuation stays in the history (the accuracy report's turns)."""
         if not continuation:
             raise KVPError("score needs a non-empty continuation")
-        new = self.render(prompt)
-        ids = self.tokens + new
-        spec = get_method(self.method or "base")
-        held = None
-        if self.kv is not None:
-            held = self.kv.before_turn(self, prompt, ids, len(ids) - 1, len(continuation) + 1)
-        assert spec.fill is not None and self.caches is not None
-        reused = self.offset if held is None else min(held, self.offset)
-        if reused >= len(ids):
-            self._trim_caches(reused - len(ids) + 1)
-            reused = self.offset
-        filled = spec.fill(self.model, mx.array([ids[:-1]], dtype=mx.int32), prefill_step_size=self.prefill_step_size,
-                           max_kv_size=self.max_kv_size, warm=self.caches, **self.method_options)
-        self.caches = filled
-        if filled.predicted is not None:
-            self._add_predicted(filled.predicted)
+        ids = self.tokens + self.render(prompt)
+        stats = self._begin_turn(prompt, ids, len(ids) - 1, len(continuation) + 1)
+        filled = self._fill(ids[:-1])
+        self._take_fill(filled, stats)
         fed = [ids[-1], *continuation]
         logits = filled.decoder(mx.array([fed], dtype=mx.int32), cache=filled.cache)[0, :-1].astype(mx.float32)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         mx.eval(logprobs)
-        self._settle(ids + list(continuation))
-        self.turns.append(TurnStats(reused, len(ids) - reused, filled.predicted, len(continuation)))
-        if self.kv is not None:
-            self.kv.after_turn(prompt, continuation)
+        stats.generated_tokens = len(continuation)
+        self._end_turn(prompt, ids + list(continuation), stats, continuation)
         return logprobs
 
-    def compress(self, should_stop: Callable[[], bool] | None = None) -> "CompressReport":
-        """A KV-budget session's work between turns (:meth:`BoundedMemory.compress`): evict back to
-        the budget, bring other episodes' caches up to date; stops between caches when
-        ``should_stop()`` (the next turn does what is left, or the next call)."""
-        if self.kv is None:
-            raise KVPError("this session has no KV budget: nothing to compress")
-        report = self.kv.compress(self, should_stop)
-        self.caches = FilledCache(self.kv.cache, self.model.base)
-        return report
+    def _begin_turn(self, prompt: TurnInput, ids: list[int], fill_to: int, reserve: int) -> TurnStats:
+        """The start every turn shares: the bounded memory (if any) chooses the cache and makes room
+        for ``ids[:fill_to]`` and ``reserve`` more positions; a cache holding more than ``fill_to``
+        positions (a regenerated reply) is trimmed back. Returns the turn's statistics so far."""
+        held = None
+        if self.kv is not None:
+            held = self.kv.before_turn(self.tokens, prompt, ids, fill_to, reserve)
+            self.caches = FilledCache(self.kv.cache, self.model.base)
+        if self.offset > fill_to:  # nothing new: run the last prompt token again
+            self._trim_caches(self.offset - fill_to)
+        reused = self.offset if held is None else min(held, self.offset)
+        return TurnStats(reused, len(ids) - reused, None)
 
-    def _settle(self, tokens: list[int]) -> None:
-        """After a turn (finished, stopped early or failed): the history is what the cache holds."""
+    def _fill(self, ids: list[int]) -> FilledCache:
+        assert self._call is not None and self.caches is not None
+        return self._call.fill(mx.array([ids], dtype=mx.int32), self.prefill_step_size, self.max_kv_size,
+                               warm=self.caches)
+
+    def _take_fill(self, filled: FilledCache, stats: TurnStats) -> None:
+        self.caches = filled
+        stats.predicted = filled.predicted
+        if filled.predicted is not None and filled.predicted[1] > filled.predicted[0]:
+            self.predicted.append(filled.predicted)
+
+    def _end_turn(self, prompt: TurnInput, tokens: list[int], stats: TurnStats, reply: Sequence[int] | None) -> None:
+        """The end every turn shares (finished, stopped early or failed): the history is what the
+        cache holds; the turn is recorded, and told to the bounded memory."""
         assert self.caches is not None
         held = self.offset
         if held > len(tokens):
             raise KVPError(f"internal: the cache holds {held} positions but the session knows {len(tokens)} tokens")
         self.tokens = list(tokens[:held])
-        self.predicted = [(s, min(e, held)) for s, e in self.predicted if s < held]
-        aux = self.caches.draft_cache
-        if aux is not None and held_positions(aux) > held:  # interrupted between the auxiliary and the base
-            if can_trim_prompt_cache(aux):
-                trim_prompt_cache(aux, held_positions(aux) - held)
-            else:
-                self.caches.draft_cache = None  # rebuilt from position 0 by the next kvp turn
+        self.predicted = clip_spans(self.predicted, held)
+        self._trim_draft(held)  # interrupted between the auxiliary and the base
+        self.turns.append(stats)
+        if self.kv is not None:
+            self.kv.after_turn(prompt, reply)
 
-    def _add_predicted(self, span: tuple[int, int]) -> None:
-        if span[1] > span[0]:
-            self.predicted.append(span)
+    def compress(self, should_stop: Callable[[], bool] | None = None) -> Any:
+        """A KV-budget session's work between turns (the memory's ``compress``: for
+        :class:`~kvp_mlx.epicache.memory.BoundedMemory`, evict back to the budget, bring other
+        episodes' caches up to date); stops between caches when ``should_stop()`` (the next turn
+        does what is left, or the next call)."""
+        if self.kv is None:
+            raise KVPError("this session has no KV budget: nothing to compress")
+        report = self.kv.compress(self.tokens, should_stop)
+        self.caches = FilledCache(self.kv.cache, self.model.base)
+        return report
 
     # --- repair and trim -------------------------------------------------------------------------
 
@@ -340,9 +348,9 @@ class Session:
         if all(type(c) is KVCache for c in live):
             cache = []
             for c in live:
-                copy = KVCache()
-                copy.state = (c.keys[..., :start, :], c.values[..., :start, :], start)
-                cache.append(copy)
+                copy_ = KVCache()
+                copy_.state = (c.keys[..., :start, :], c.values[..., :start, :], start)
+                cache.append(copy_)
             return _RepairState(cache, start, start)
         # sliding-window or quantized layers: no exact prefix to keep; recompute from position 0
         return _RepairState(make_prompt_cache(self.model.base, self.max_kv_size), start, 0)
@@ -354,7 +362,7 @@ class Session:
         self._trim_caches(n)
         keep = len(self.tokens) - n
         self.tokens = self.tokens[:keep]
-        self.predicted = [(s, min(e, keep)) for s, e in self.predicted if s < keep]
+        self.predicted = clip_spans(self.predicted, keep)
         if self._repair is not None and self._repair.position > keep:
             self._repair = None
 
@@ -374,27 +382,22 @@ class Session:
         if not can_trim_prompt_cache(self.caches.cache):
             raise KVPError("this session's cache cannot be trimmed (sliding-window or rotating layers); reset it")
         trim_prompt_cache(self.caches.cache, n)
-        keep = self.offset
-        aux = self.caches.draft_cache
-        if aux is not None and held_positions(aux) > keep:
-            if can_trim_prompt_cache(aux):
-                trim_prompt_cache(aux, held_positions(aux) - keep)
-            else:
-                self.caches.draft_cache = None
+        self._trim_draft(self.offset)
 
-    # --- files ---------------------------------------------------------------------------------
+    def _trim_draft(self, keep: int) -> None:
+        """The auxiliary's cache cut to ``keep`` positions (dropped when it cannot be trimmed: the
+        next kvp turn rebuilds it from position 0)."""
+        assert self.caches is not None
+        if self.caches.draft_cache is not None:
+            self.caches.draft_cache = _trimmed_draft(self.caches.draft_cache, keep)
 
-    def save(self, path: str | Path) -> Path:
-        """Write the session (both caches, tokens, predicted positions, the model's identity)
-        atomically to ``path`` (a ``.safetensors`` file)."""
-        from kvp_mlx.session_file import save_session
 
-        return save_session(self, Path(path))
-
-    @classmethod
-    def load(cls, model: KVPModel, path: str | Path) -> "Session":
-        """A session saved by :meth:`save`, refused with one line if it belongs to another model or
-        the file is truncated or corrupt."""
-        from kvp_mlx.session_file import load_session
-
-        return load_session(cls, model, Path(path))
+def _trimmed_draft(cache: list, keep: int) -> list | None:
+    """``cache`` holding at most ``keep`` positions, trimmed in place; None when it cannot be trimmed."""
+    held = held_positions(cache)
+    if held <= keep:
+        return cache
+    if not can_trim_prompt_cache(cache):
+        return None
+    trim_prompt_cache(cache, held - keep)
+    return cache

@@ -1,7 +1,7 @@
 """The conversation front-ends: the chat REPL with idle-time repair, and saved prompt caches.
 
 ``kvp-mlx chat`` (:class:`Chat`) reads a message per line, as ``mlx_lm.chat`` does (``>> ``
-prompt; ``q`` quits, ``r`` resets, ``h`` helps), streams the reply of a :class:`~kvp_mlx.session.Session`
+prompt; ``q`` quits, ``r`` resets, ``h`` helps), streams the reply of a :class:`~kvp_mlx.conversation.session.Session`
 turn, then writes one statistics line. Standard output carries the conversation alone (prompts and
 replies); everything else (banner, help, statistics, notes, errors) goes to standard error, so a
 piped transcript stays clean.
@@ -36,9 +36,11 @@ from typing import Any, Callable, TextIO
 
 import mlx.core as mx
 
+from kvp_mlx.conversation.session import Session
+from kvp_mlx.conversation.session_file import load_session, save_session
+from kvp_mlx.epicache.memory import BoundedMemory
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import KVPModel
-from kvp_mlx.session import Session
 
 PROMPT = ">> "
 HELP_TEXT = "commands: q quit, r reset the conversation, h this help; any other line is a message"
@@ -54,24 +56,14 @@ def prompt_cache_path(text: str | Path) -> Path:
     return path
 
 
-def save_session(session: Session, path: Path) -> Path:
-    """:meth:`Session.save` (atomic: a temporary file renamed), with a failed write as one line."""
-    try:
-        return session.save(path)
-    except OSError as e:
-        raise KVPError(f"cannot save the session to {path}: {e.strerror or e}") from None
-
-
 KV_FLAGS = {"policy": "--kv-policy", "budget": "--kv-budget", "block": "--kv-block", "n_episodes": "--kv-episodes"}
 
 
-def kv_budget(model: KVPModel, kv: dict | None) -> Any:
+def kv_budget(model: KVPModel, kv: dict | None) -> BoundedMemory | None:
     """The :class:`BoundedMemory` of ``kv`` (``policy``, ``budget``, ``block``, ``n_episodes``: the
     chat's ``--kv-*`` flags), or None."""
     if kv is None:
         return None
-    from kvp_mlx.epicache.memory import BoundedMemory
-
     return BoundedMemory(model, **kv)
 
 
@@ -84,9 +76,9 @@ def open_session(model: KVPModel, path: Path | None, *, method: str | None = Non
     if path is None or not path.exists():
         return Session(model, method=method, max_kv_size=max_kv_size, system_prompt=system_prompt,
                        prefill_step_size=prefill_step_size, kv=kv_budget(model, kv)), False
-    session = Session.load(model, path)
+    session = load_session(model, path)
     session.prefill_step_size = prefill_step_size
-    spec = session.kv.spec() if session.kv is not None else None
+    spec = session.kv.spec() if isinstance(session.kv, BoundedMemory) else None
     if kv is not None and spec is None:
         raise KVPError(f"{path} holds a session without a KV budget (leave out --kv-budget to continue it, "
                        "or use another file)")
@@ -232,7 +224,7 @@ class Chat:
 
     def run(self) -> int:
         """Read and answer messages until ``q`` or the end of the input; save; exit status 0."""
-        kv = self.session.kv
+        kv = self.session.kv if isinstance(self.session.kv, BoundedMemory) else None
         budget = "" if kv is None else (f", KV budget {kv.policy} {kv.budget} per head per layer, "
                                         f"block {kv.block}")
         self.say(f"[chat] {self.session.model.path} (method {self.session.method}, repair {self.repair}{budget}); "
@@ -306,7 +298,7 @@ class Chat:
             return None
         t = self.session.turns[-1]
         span = t.predicted
-        kv = self.session.kv
+        kv = self.session.kv if isinstance(self.session.kv, BoundedMemory) else None
         kv_stats = None if kv is None else dict(kv_entries=kv.entries(kv.cache), kv_peak=kv.peak_entries,
                                                 episode=kv.active, kv_mib=f"{kv.kv_bytes() / 2**20:.3f}")
         stats = ChatTurnStats(t.ttft_s, t.prefilled_tokens, t.reused_tokens, span[1] - span[0] if span else 0,
