@@ -410,9 +410,9 @@ def calibration_line(cal: Calibration) -> str:
 
 def shape_model(config: dict) -> nn.Module:
     """An mlx-lm model of ``config`` whose weights are never evaluated (shapes only, no memory)."""
-    from mlx_lm.utils import _get_classes
+    from kvp_mlx.mlx_lm_private import model_classes
 
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     return model_class(args_class.from_dict(config))
 
 

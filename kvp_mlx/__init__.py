@@ -34,6 +34,7 @@ PUBLIC_MODULES = (
     "kvp_mlx.epicache.prefill", "kvp_mlx.epicache.synthetic", "kvp_mlx.epicache.budgets",
     "kvp_mlx.runahead", "kvp_mlx.runahead.group", "kvp_mlx.runahead.split",
     "kvp_mlx.convert", "kvp_mlx.convert.corenet_config",
+    "kvp_mlx.mlx_lm_private",  # public wrappers of the private mlx-lm names kvp-mlx needs (model_classes)
     "kvp_mlx.testing",  # tiny models and tokenizers for tests and demos
 )
 
