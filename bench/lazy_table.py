@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     text = head + table(cases) + "\n\nTTFT of each timed rep, in run order:\n" + raw
     print(text)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
             f.write(text + "\n")
     return 0
