@@ -7,7 +7,7 @@ its first token equals base's and the KL divergence of its first-token distribut
 Weights are random, so the proxy says little about a trained model (and nothing for kvp, whose
 predictor here is random); the timing and FLOPs columns are what this table is for.
 
-Run from a checkout:  PYTHONPATH=. python bench/lazy_table.py --shape OpenELM-270M --prompt-len 512
+    python -m bench.lazy_table --shape OpenELM-270M --prompt-len 512
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A calibrated TTFT model: predicted time to first token of every prefill method on this machine.
 
-FLOPs alone do not predict TTFT on MLX's CPU backend (platform.md): the softmax's exp runs scalar
+FLOPs alone do not predict TTFT on MLX's CPU backend (BENCHMARKS.md): the softmax's exp runs scalar
 (15-17 ns per attention score), the SwiGLU's exp too, and every forward call reads all the weights
 of the layers it runs (a one-token base step does little else). The model sums five costs:
 

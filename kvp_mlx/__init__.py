@@ -48,7 +48,7 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    # Import the model stack on first use so `kvp-mlx --help` stays fast.
+    # The model stack (MLX, mlx-lm) is imported on first use: `import kvp_mlx` stays light.
     if name in _LAZY:
         import importlib
 

@@ -1,5 +1,5 @@
 """Per-architecture contracts with mlx-lm: where raw K/V pass, which model class a config gets,
-and what the runtime refuses (issue "One shape for the whole runtime")."""
+and what the runtime refuses."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LazyLLM (`lazy`) and random token pruning (`rp`) on every supported architecture (issue #6)."""
+"""LazyLLM (`lazy`) and random token pruning (`rp`) on every supported architecture."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""KV Prediction with exact predictors must reproduce the base model (issue: core runtime)."""
+"""KV Prediction with exact predictors must reproduce the base model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""KV-Runahead (issue #7): exact distributed prefill over local ring ranks, load balancing, and
+"""KV-Runahead: exact distributed prefill over local ring ranks, load balancing, and
 ranks that die or hang."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """EpiCache on MLX: bounded-memory conversation caches (block-wise prefill with eviction, episodes,
-per-layer budgets), and its baselines. See ../shared/docs/epicache.md and the modules:
+per-layer budgets; Kim et al., arXiv 2509.17396), and its baselines. The modules:
 ``cache`` (the compressed cache), ``prefill`` (block-wise prefill, scoring, eviction), ``episodes``,
 ``budgets``, ``memory`` (the Python API), ``loaders`` and ``evaluate`` (conv-eval)."""
 
