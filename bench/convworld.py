@@ -2,29 +2,21 @@
 
     python -m bench.convworld [--out models/convworld] [--profile full|smoke] [--results DIR]
 
-1. data: synthetic multi-session conversations between two speakers (kvp_mlx.epicache.synthetic
-   ``world_conversations``): each session on one topic, facts (names, places, dates, possessions,
-   plans) stated once among filler, one question per fact (one- or two-word answers), in cloze form
-   (``Finish what Chen said: My new boss``, the statement up to its value; the value's cue word
-   occurs once in the history), asked in random order (in the facts' order, a base trained on every
-   question of a conversation in a row answered the next question with the next fact: first answer
-   token right 96% in that layout, 40% for a question asked alone, as ``conv-eval`` asks it). Train,
-   dev (stopping rule) and test splits in the ``synthetic`` format; the train split as text too;
-2. a SentencePiece BPE tokenizer (toyworld's recipe) on the train text, with pieces that join letters and
-   punctuation, so that ``conv-eval``'s answer cue ``Answer:`` is one token: the question's last word
-   then sits right before the answer, as it sits right before the value in the history, and the
-   answer is a copy of what followed that word. (An earlier form, a quoted question ending in
-   ``"?`` with ``Answer`` and ``:`` two tokens, and cue words that also occurred in the filler,
-   reached dev exact match 0.24 after 1,500 steps.)
+1. data: synthetic multi-session conversations between two speakers (``bench.conversation_world``): each
+   session on one topic, facts (names, places, dates, possessions, plans) stated once among filler,
+   one question per fact (one- or two-word answers) in cloze form (``Finish what Chen said: My new
+   boss``: the statement up to its value, whose cue word occurs once in the history), asked in
+   random order. Train, dev (stopping rule) and test splits in the ``synthetic`` format; the train
+   split as text too;
+2. a SentencePiece BPE tokenizer (toyworld's recipe) on the train text, with pieces that join letters
+   and punctuation, so that ``conv-eval``'s answer cue ``Answer:`` is one token;
 3. an OpenELM base trained with the project's loop (``training.loop.train`` + ``targeted_lm_loss``:
    LM CE plus ``answer_weight`` x the CE of the answer tokens) on one conversation per sequence (the
    history, then every question with its answer and EOS, tokenised as ``kvp-mlx conv-eval`` prompts
-   them), until full-KV exact match on dev reaches the target or the step limit, after a first
-   phase on short conversations (two sessions, no filler lines: histories of ~120 tokens, where the
-   answer's one place among few makes retrieval quick to learn; trained on the world's own
-   histories from the start, the base stayed at chance through 1,100 steps); a smaller
-   auxiliary pretrained alone on the same curriculum, then KV Prediction (``kvp-mlx train``:
-   auxiliary and predictor together, through the frozen base);
+   them), first on short conversations (two sessions, no filler lines), then on the world's own,
+   until full-KV exact match on dev reaches the target or the step limit; a smaller auxiliary
+   pretrained alone on the same curriculum, then KV Prediction (``kvp-mlx train``: auxiliary and
+   predictor together, through the frozen base);
 4. evaluation on the test split with ``kvp_mlx.epicache.evaluate``: full KV, then every policy at
    budgets of 1/8, 1/4, 1/2 of the mean history length (entries per KV head per layer): exact match,
    F1, peak KV bytes, build (offline) and answer time; EpiCache with KV-Prediction-built episodes
@@ -95,7 +87,7 @@ class Profile:
     short_seq_len: int
     short_batch: int
     answer_weight: float = 5.0  # the base's loss: LM CE + this x CE on the answer tokens
-    cloze: bool = True  # questions quote the fact's statement up to its value (synthetic.cloze_question)
+    cloze: bool = True  # questions quote the fact's statement up to its value (conversation_world.cloze_question)
 
 
 PROFILES = {

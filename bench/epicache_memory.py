@@ -1,4 +1,4 @@
-"""Peak KV memory of EpiCache's block-wise prefill vs full KV on synthetic histories (issue 14).
+"""Peak KV memory of EpiCache's block-wise prefill vs full KV on synthetic histories.
 
 A small random llama-architecture model; histories of random tokens; budget M entries per head per
 layer, block B. Prints and writes (bench/results/epicache/memory.json) the peak slots per head, the

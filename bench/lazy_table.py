@@ -7,7 +7,7 @@ its first token equals base's and the KL divergence of its first-token distribut
 Weights are random, so the proxy says little about a trained model (and nothing for kvp, whose
 predictor here is random); the timing and FLOPs columns are what this table is for.
 
-Run from a checkout:  PYTHONPATH=. python bench/lazy_table.py --shape OpenELM-270M --prompt-len 512
+    python -m bench.lazy_table --shape OpenELM-270M --prompt-len 512
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     text = head + table(cases) + "\n\nTTFT of each timed rep, in run order:\n" + raw
     print(text)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
             f.write(text + "\n")
     return 0

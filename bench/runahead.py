@@ -372,6 +372,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         from dataclasses import asdict
 
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(asdict(result), f, indent=1)
     return 0

@@ -1,4 +1,4 @@
-"""How much of a CPU prefill is the attention softmax? (diagnostic for the 85%-of-FLOPs target)
+"""How much of a CPU prefill is the attention softmax? (why TTFT speedups fall short of FLOPs ratios)
 
     python -m bench.softmax_share [--prompt-length 1024] [--repetitions 3] [--out FILE.md]
 
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
     return 0
 

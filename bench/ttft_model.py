@@ -1,6 +1,6 @@
 """A calibrated TTFT model: predicted time to first token of every prefill method on this machine.
 
-FLOPs alone do not predict TTFT on MLX's CPU backend (platform.md): the softmax's exp runs scalar
+FLOPs alone do not predict TTFT on MLX's CPU backend (BENCHMARKS.md): the softmax's exp runs scalar
 (15-17 ns per attention score), the SwiGLU's exp too, and every forward call reads all the weights
 of the layers it runs (a one-token base step does little else). The model sums five costs:
 
@@ -416,9 +416,9 @@ def calibration_line(cal: Calibration) -> str:
 
 def shape_model(config: dict) -> nn.Module:
     """An mlx-lm model of ``config`` whose weights are never evaluated (shapes only, no memory)."""
-    from mlx_lm.utils import _get_classes
+    from kvp_mlx.mlx_lm_private import model_classes
 
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     return model_class(args_class.from_dict(config))
 
 

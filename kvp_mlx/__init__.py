@@ -36,6 +36,7 @@ PUBLIC_MODULES = (
     "kvp_mlx.epicache.policies", "kvp_mlx.epicache.policies.baselines",
     "kvp_mlx.runahead", "kvp_mlx.runahead.group", "kvp_mlx.runahead.split",
     "kvp_mlx.convert", "kvp_mlx.convert.corenet_config",
+    "kvp_mlx.mlx_lm_private",  # public wrappers of the private mlx-lm names kvp-mlx needs (model_classes)
     "kvp_mlx.testing",  # tiny models and tokenizers for tests and demos
 )
 
@@ -49,7 +50,7 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    # Import the model stack on first use so `kvp-mlx --help` stays fast.
+    # The model stack (MLX, mlx-lm) is imported on first use: `import kvp_mlx` stays light.
     if name in _LAZY:
         import importlib
 

@@ -1,7 +1,7 @@
 """Architecture adapters over mlx-lm's own model classes: capture raw K/V, inject predicted K/V.
 
 KV Prediction works on *raw* keys: after the key projection, before the key norm and before RoPE
-(kv-prediction.md). mlx-lm caches keys after norm and RoPE, so:
+(as corenet's predictor does). mlx-lm caches keys after norm and RoPE, so:
 - capture: each architecture declares, in :data:`ARCHITECTURES`, the hook that sees its raw K/V
   (the outputs of ``k_proj`` / ``v_proj``, or of openelm's fused ``qkv_proj``). For the duration
   of a forward pass those projections are wrapped in taps that keep what they return; nothing

@@ -159,7 +159,7 @@ def cache_fill_scores(shape: ModelShape, tokens: int, chunk: int, batch: int = 1
 
 def prefill_scores(shape: ModelShape, tokens: int, chunk: int, batch: int = 1) -> int:
     """Attention scores of a plain prefill. Not FLOPs, but each one costs an exp in MLX's unfused CPU
-    softmax (about 40 ns here), which at long prompts can outweigh the FLOPs (platform.md)."""
+    softmax (tens of ns each), which at long prompts can outweigh the FLOPs (BENCHMARKS.md)."""
     return cache_fill_scores(shape, tokens - 1, chunk, batch) + batch * shape.chunk_scores(1, tokens - 1, False)
 
 

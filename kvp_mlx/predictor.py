@@ -2,7 +2,7 @@
 
 For base layer i, ``mapping[i]`` names the auxiliary layer whose cache feeds it. Keys and values
 each get one ``Linear(aux_kv_dim -> base_kv_dim)`` with bias, applied on merged heads
-(``[B, L, heads * head_dim]``) and split back into the base layer's heads (kv-prediction.md).
+(``[B, L, heads * head_dim]``) and split back into the base layer's heads, as in corenet.
 
 Stored in a model directory as ``predictor.safetensors`` (``key_transforms.{i}.weight`` /
 ``.bias``, ``value_transforms.{i}.weight`` / ``.bias``) plus ``predictor.json``.

@@ -17,9 +17,10 @@ import kvp_mlx  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from kvp_mlx.decode import decode_greedy
 from kvp_mlx.methods import run_prefill
 from kvp_mlx.model import load
+
+from decoding import decode_greedy
 
 PROMPTS = [(1, 1, 0), (1, 2, 1), (1, 23, 2), (2, 37, 3)]  # (batch, length, seed)
 SHARED = {1, 3}  # indices of the prompts run with share_logits=True

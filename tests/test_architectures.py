@@ -1,5 +1,5 @@
 """Per-architecture contracts with mlx-lm: where raw K/V pass, which model class a config gets,
-and what the runtime refuses (issue "One shape for the whole runtime")."""
+and what the runtime refuses."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
-from mlx_lm.utils import _get_classes
 
 from kvp_mlx import testing as mb
 from kvp_mlx.adapters import (
     ARCHITECTURES, arch_of, attention_modules, base_cache_keys, kv_shapes, model_type_of, recording_raw_kv,
 )
 from kvp_mlx.errors import KVPError
+from kvp_mlx.mlx_lm_private import model_classes
 from kvp_mlx.flops import model_shape
 from kvp_mlx.model import load
 from kvp_mlx.training.losses import KVPTrainable, LossWeights, kvp_loss
@@ -89,7 +89,7 @@ def test_hook_works_inside_value_and_grad(arch):
 def test_build_model_follows_mlx_lm_model_type_resolution(arch):
     cfg = mb.tiny_config(arch, n_layers=2, vocab_size=VOCAB)
     model = mb.build_model(cfg)
-    assert type(model) is _get_classes(cfg)[0]
+    assert type(model) is model_classes(cfg)[0]
     assert model_type_of(model) in ARCHITECTURES
     arch_of(model)
 

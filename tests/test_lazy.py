@@ -1,4 +1,4 @@
-"""LazyLLM (`lazy`) and random token pruning (`rp`) on every supported architecture (issue #6)."""
+"""LazyLLM (`lazy`) and random token pruning (`rp`) on every supported architecture."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from kvp_mlx.adapters import arch_of
-from kvp_mlx.decode import decode_greedy
 from kvp_mlx.errors import KVPError
 from kvp_mlx.generation import generate
 from kvp_mlx.layerwise import embed, final_logits
@@ -17,6 +16,7 @@ from kvp_mlx.methods.lazy_schedule import (
 )
 from kvp_mlx.model import load
 
+from decoding import decode_greedy
 from conftest import ARCHS, NOT_LAYERWISE, VOCAB
 
 

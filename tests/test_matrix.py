@@ -24,10 +24,10 @@ from mlx_lm.models.rope_utils import Llama3RoPE, YarnRoPE
 from kvp_mlx import runtime_env
 from kvp_mlx import testing as mb
 from kvp_mlx.adapters import kv_shapes
-from kvp_mlx.decode import decode_greedy
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import _cast, load
 
+from decoding import decode_greedy
 from conftest import ARCHS, VOCAB, copy_of
 
 DTYPES = ["float32", pytest.param("float16", marks=pytest.mark.slow), pytest.param("bfloat16", marks=pytest.mark.slow)]

@@ -1,4 +1,4 @@
-"""KV Prediction with exact predictors must reproduce the base model (issue: core runtime)."""
+"""KV Prediction with exact predictors must reproduce the base model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 
 from kvp_mlx import testing as mb
 from kvp_mlx.adapters import inject_raw_kv, prefill_capturing_raw_kv
-from kvp_mlx.decode import decode_greedy
 from kvp_mlx.errors import KVPError
 from kvp_mlx.methods import PrefillResult
 from kvp_mlx.methods.base import fill_cache
@@ -15,6 +14,7 @@ from kvp_mlx.methods.kvp import predict_base_cache
 from kvp_mlx.model import load
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
+from decoding import decode_greedy
 from conftest import ARCHS, VOCAB
 
 

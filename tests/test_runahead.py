@@ -1,4 +1,4 @@
-"""KV-Runahead (issue #7): exact distributed prefill over local ring ranks, load balancing, and
+"""KV-Runahead: exact distributed prefill over local ring ranks, load balancing, and
 ranks that die or hang."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kvp_mlx.decode import decode_greedy
 from kvp_mlx.runahead.group import launch_local, write_local_hostfile
 from kvp_mlx.errors import KVPError
 from kvp_mlx.generation import generate
@@ -24,6 +23,7 @@ from kvp_mlx.runahead.split import (
     CostModel, SplitTable, balanced_split, even_split, pipeline_time, single_time,
 )
 
+from decoding import decode_greedy
 from conftest import VOCAB
 
 HERE = Path(__file__).parent

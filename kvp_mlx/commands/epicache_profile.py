@@ -8,8 +8,7 @@ from pathlib import Path
 
 from kvp_mlx.epicache.budgets import allocate, save_profile, sensitivity
 from kvp_mlx.errors import KVPError
-from kvp_mlx.prompting import read_prompt_arg
-
+from kvp_mlx.prompting import decode_utf8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,19 +26,22 @@ def run(args: argparse.Namespace) -> int:
     from kvp_mlx.epicache.synthetic import profile_text
     from kvp_mlx.model import load
 
+    text = read_text_file(args.text) if args.text else None
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise KVPError(f"--out {out}: not a directory")
     model = load(args.model)
-    if args.text:
-        try:
-            text = read_prompt_arg("@" + args.text) if not Path(args.text).is_file() else Path(args.text).read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise KVPError(f"{args.text}: cannot read ({e})") from None
-    else:
+    if text is None:
         text = profile_text(args.tokens * 2)
     ids = list(model.tokenizer.encode(text))[: args.tokens]
     sens = sensitivity(model.base, ids, args.block, args.sink)
-    out = Path(args.out) if args.out else model.path
+    out = out or model.path
     if out is None:
         raise KVPError("no directory to write the profile to (pass --out)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # a missing --out is created, as mlx_lm.convert does
+    except OSError as e:
+        raise KVPError(f"--out {out}: cannot create it ({e.strerror or e})") from None
     path = save_profile(out, sens, tokens=len(ids), block=args.block, sink=args.sink,
                         text=args.text or "synthetic")
     print(f"sensitivity per layer: {', '.join(f'{s:.4f}' for s in sens)}")
@@ -47,3 +49,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"budgets for M={args.show_budget}, alpha={args.alpha}: {allocate(sens, args.show_budget, args.alpha)}")
     print(f"wrote {path}")
     return 0
+
+
+def read_text_file(name: str) -> str:
+    """The UTF-8 text of file ``name``; a missing, unreadable or non-text file is a one-line error."""
+    try:
+        data = Path(name).read_bytes()
+    except OSError as e:
+        raise KVPError(f"{name}: {e.strerror or e}") from None
+    return decode_utf8(data, name)

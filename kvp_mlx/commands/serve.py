@@ -17,10 +17,10 @@ Binds to 127.0.0.1 unless --host says otherwise."""
 
 
 def _size(text: str) -> int:
-    from mlx_lm.utils import _parse_size
+    from kvp_mlx.mlx_lm_private import parse_size
 
     try:
-        value = _parse_size(text)
+        value = parse_size(text)
     except Exception:
         raise argparse.ArgumentTypeError(f"expected a size such as 2GB or 500MB, got '{text}'") from None
     if value < 0:

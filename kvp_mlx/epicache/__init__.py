@@ -1,8 +1,8 @@
 """EpiCache on MLX: bounded-memory conversation caches (block-wise prefill with eviction, episodes,
-per-layer budgets), and its baselines. The modules: ``cache`` (the compressed cache), ``prefill``
-(block-wise prefill and eviction), ``scoring`` (what scorers compute), ``policies`` (eviction
-policies and their registry), ``episodes``, ``budgets``, ``memory`` (the Python API), ``loaders``
-and ``evaluate`` (conv-eval)."""
+per-layer budgets; Kim et al., arXiv 2509.17396), and its baselines. The modules: ``cache`` (the
+compressed cache), ``prefill`` (block-wise prefill and eviction), ``scoring`` (what scorers compute),
+``policies`` (eviction policies and their registry), ``episodes``, ``budgets``, ``memory`` (the Python
+API), ``loaders`` and ``evaluate`` (conv-eval)."""
 
 from kvp_mlx.epicache.cache import CompressedKVCache, enable_compressed_caches
 from kvp_mlx.epicache.memory import ConversationMemory

@@ -1,4 +1,4 @@
-"""Per-layer KV budgets from a sensitivity profile (epicache.md section 4).
+"""Per-layer KV budgets from a sensitivity profile (EpiCache's layer-wise budget allocation).
 
 Sensitivity of layer l: the cosine similarity ``s_l`` between its keys under full causal attention
 and under a block-restricted mask (each query sees ``sink`` first tokens and the causal part of a

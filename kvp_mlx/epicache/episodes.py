@@ -1,5 +1,5 @@
 """Episodes: windows of utterances, embedded, clustered with k-means; medoids make each episode's
-scoring prompt, and a question goes to the episode whose centroid is nearest (epicache.md 2, 3).
+scoring prompt, and a question goes to the episode whose centroid is nearest.
 
 Embeddings default to the mean of the target model's own token embeddings over a text's tokens
 (no second model); :class:`HiddenStateEmbedder` mean-pools the final hidden states of any mlx-lm

@@ -25,7 +25,7 @@ def fill_kvp(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 204
     With ``warm`` (a conversation: the base cache holds ``tokens[:, :b]`` exactly or predicted, the
     auxiliary's ``tokens[:, :a]`` with a <= b), the auxiliary catches up on ``tokens[:, a:n]`` (the
     previous reply included: it needs it as context), the predictor maps only the positions the base
-    lacks, ``b .. n-1``, and they are written at those positions (conversations.md).
+    lacks, ``b .. n-1``, and they are written at those positions.
     """
     assert model.aux is not None and model.predictor is not None  # Capabilities.needs_aux
     base_cache = warm.cache if warm is not None else make_prompt_cache(model.base, max_kv_size)

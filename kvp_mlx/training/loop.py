@@ -7,7 +7,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -125,6 +125,3 @@ def train(
     bar.close()
     return history
 
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

@@ -1,4 +1,4 @@
-"""Losses as corenet computes them (kv-prediction.md, "Training")."""
+"""Losses of KV Prediction training, as corenet computes them."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class LossWeights:
     z_loss: float = 1e-4
     # Fraction of training sequences whose first s positions (s uniform in [0, T)) hold the base's
     # exact K/V instead of predicted ones: a warm session after a repair (exact history, predicted
-    # new message) is then in the training distribution (conversations.md, "Repair"). 0 = corenet.
+    # new message) is then in the training distribution. 0 = corenet.
     exact_prefix_fraction: float = 0.0
 
 

@@ -1,5 +1,5 @@
-"""Greedy decoding of a batch from a prefill result (mlx-lm's generation loop takes one prompt;
-tests and the accuracy report decode batches of equal-length prompts with this)."""
+"""Greedy decoding of a batch from a prefill result, for the exactness tests (mlx-lm's generation
+loop takes one prompt; these tests compare batches of equal-length prompts token by token)."""
 
 from __future__ import annotations
 
