@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from kvp_mlx.errors import KVPError
+from kvp_mlx.mlx_lm_private import rstrip_until
 from kvp_mlx.methods.interface import PrefillResult
 
 TASKS_DIR = Path(__file__).parent / "eval_tasks"
@@ -169,7 +170,7 @@ def make_lm_class() -> Any:
                 steps.close()
             if tokens and tokens[-1] in eos:
                 tokens = tokens[:-1]
-            return mlx_lm_evaluate._rstrip_until(self.tokenizer.decode(tokens), until)
+            return rstrip_until(self.tokenizer.decode(tokens), until)
 
     _KVPLM.__name__ = _KVPLM.__qualname__ = "KVPLM"
     KVPLM = register_model("kvp-mlx")(_KVPLM)

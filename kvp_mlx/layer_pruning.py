@@ -13,9 +13,9 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import _get_classes
 
 from kvp_mlx.adapters import sliding_window_layers
+from kvp_mlx.mlx_lm_private import model_classes
 
 
 def num_layers(config: dict) -> int:
@@ -30,7 +30,7 @@ def build_model(config: dict, seed: int | None = None) -> nn.Module:
     """
     if seed is not None:
         mx.random.seed(seed)
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
     mx.eval(model.parameters())
     return model

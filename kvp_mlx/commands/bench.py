@@ -95,8 +95,7 @@ def _mlx_lm_case(model, prompt: list[int], max_tokens: int, step: int) -> Callab
 def run(args: argparse.Namespace) -> int:
     import random
 
-    from kvp_mlx.generation import default_method
-    from kvp_mlx.methods import get_method
+    from kvp_mlx.methods import default_method, get_method
     from kvp_mlx.model import load
 
     model = load(args.model, dtype=args.dtype)

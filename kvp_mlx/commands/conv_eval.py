@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
           f"peak memory {report.peak_memory_bytes / 2**20:.1f} MiB  build {report.build_seconds:.2f} s  "
           f"answers {report.answer_seconds:.2f} s")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "policy": args.policy, "budget": args.budget, "block": args.block, "mean_f1": report.mean_f1,
             "mean_em": report.mean_em, "peak_kv_bytes": report.peak_kv_bytes,

@@ -19,7 +19,9 @@ from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import RotatingKVCache, _BaseCache
+from mlx_lm.models.cache import RotatingKVCache
+
+from kvp_mlx.mlx_lm_private import BaseCache
 
 from kvp_mlx.adapters import attention_modules
 from kvp_mlx.layerwise import project_qkv
@@ -58,7 +60,7 @@ def layer_queries(attn: nn.Module, x: mx.array, offset: int) -> mx.array:
     return attn.rope(q, offset=offset)
 
 
-class CompressedKVCache(_BaseCache):
+class CompressedKVCache(BaseCache):
     """One layer's cache: kept entries (padded per head) then appended ones, at true positions."""
 
     step = 256
@@ -216,9 +218,9 @@ def copy_cache(cache: list) -> list:
             out.append(c.copy())
         elif isinstance(c, RotatingKVCache):
             twin = RotatingKVCache(c.max_size, c.keep)
-            if c.keys is not None and c.values is not None:
-                twin.keys, twin.values = mx.array(c.keys), mx.array(c.values)
-            twin.offset, twin._idx = c.offset, c._idx
+            keys, values, *position = c.state  # this mlx-lm's state holds the write position too
+            twin.state = (None if keys is None else mx.array(keys), None if values is None else mx.array(values),
+                          *position)
             out.append(twin)
         else:
             raise TypeError(f"cannot copy a {type(c).__name__}")

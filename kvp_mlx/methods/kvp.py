@@ -56,7 +56,7 @@ def kvp_cost(model: PrefillModel, tokens: int, chunk: int, batch: int, info: dic
     assert model.aux is not None and model.predictor is not None  # Capabilities.needs_aux
     base, aux = model_shape(model.base), model_shape(model.aux)
     flops = kvp_flops(base, aux, model.predictor, tokens, chunk, batch)
-    passes = (Pass("aux", "fill", tokens - 1),) if tokens > 1 else ()
+    passes: tuple[Pass, ...] = (Pass("aux", "fill", tokens - 1),) if tokens > 1 else ()
     passes += (Pass("base", "step", offset=tokens - 1),)
     return Cost(flops, kvp_scores(base, aux, tokens, chunk, batch), passes)
 

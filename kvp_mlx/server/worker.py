@@ -24,7 +24,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import TextStateMachine, make_stop_sequences, make_text_state_machine
-from mlx_lm.server import _format_top_logprobs
+from kvp_mlx.mlx_lm_private import format_top_logprobs
 
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import KVPModel
@@ -179,7 +179,7 @@ class Worker:
                 piece: dict[str, Any] = {"text": text, "token": int(last.token)}
                 if req.logprobs or req.top_logprobs:
                     piece["logprob"] = float(last.logprobs[last.token].item())  # type: ignore[arg-type]
-                    piece["top"] = _format_top_logprobs(last.logprobs, req.top_logprobs, tokenizer)
+                    piece["top"] = format_top_logprobs(last.logprobs, req.top_logprobs, tokenizer)
                 job.events.put(("token", piece))
                 if reason is not None:
                     finish = reason
