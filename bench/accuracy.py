@@ -379,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout", default=None,
                         help="held-out jsonl (default: <toyworld>/corpus/heldout.jsonl, rebuilt if absent)")
     parser.add_argument("--max-files", type=int, default=None, help="conversations: only the first N")
+    parser.add_argument("--max-samples", type=int, default=None,
+                        help="score only the first N samples of each set (a quick run; default: all)")
     parser.add_argument("--windows", type=int, default=1,
                         help="conversations per held-out file: its first N stretches of 3 x (128 + 64) tokens "
                              "(0: all; written as conversation-accuracy-windows.json/.md when not 1)")
@@ -404,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         "held-out stdlib files": stdlib_samples(root / "corpus" / "heldout.jsonl", reference.tokenizer),
         "HumanEval (prompt -> canonical solution)": humaneval_samples(reference.tokenizer),
     }
+    if args.max_samples is not None:
+        sets = {name: samples[: args.max_samples] for name, samples in sets.items()}
     report: dict = {"sets": {}, "mean_prompt_tokens": {}}
     models = {e.directory: load(root / e.directory) for e in ENTRIES}
     for set_name, samples in sets.items():

@@ -17,7 +17,7 @@ step "$PY" -m bench.ttft --profile conversation --model "$out/random-pair" --his
     --no-plots --out "$out/ttft"
 step "$PY" -m bench.ttft_model --validate bench/results/2026-12-03-vm/quick.json
 step "$PY" -m bench.toyworld --profile smoke --out "$out/toyworld" --export-demo "$out/toyworld/demo"
-step "$PY" -m bench.accuracy --toyworld "$out/toyworld" --out "$out/accuracy"
+step "$PY" -m bench.accuracy --toyworld "$out/toyworld" --out "$out/accuracy" --max-samples 4 --max-files 2
 step "$PY" -m bench.pareto --toyworld "$out/toyworld" --out "$out/pareto" --prompts 1 --warmup 1 -n 1 --max-samples 2
 step "$PY" -m bench.convworld --profile smoke --out "$out/convworld"
 step "$PY" -m bench.kvp_layers --model "$out/convworld/kvp" --data "$out/convworld/data/test.json" \
