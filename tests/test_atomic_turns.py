@@ -97,8 +97,12 @@ def test_a_turn_stopped_inside_the_token_loop_leaves_the_session_as_it_was(ident
                             lambda self: [lambda tokens, logits: (trigger(), logits)[1]])
     else:
         make = sampling.SamplingOptions.sampler
-        monkeypatch.setattr(sampling.SamplingOptions, "sampler",
-                            lambda self, special: (lambda lp, s=make(self, special): (trigger(), s(lp))[1]))
+
+        def sampler(self, special):
+            inner = make(self, special)
+            return lambda logprobs: (trigger(), inner(logprobs))[1]
+
+        monkeypatch.setattr(sampling.SamplingOptions, "sampler", sampler)
     with pytest.raises(type(error)):
         for _ in session.stream_generate(THIRD, max_tokens=6):
             pass

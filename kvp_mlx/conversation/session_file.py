@@ -135,7 +135,7 @@ def _as_written(layers: list, metadata: dict[str, str]) -> tuple[dict[str, mx.ar
         else:
             raise KVPError(f"internal: a cache state holds a {type(value).__name__}")
         arrays[key] = value
-    flat = dict(tree_flatten([metadata, [type(c).__name__ for c in layers], scalars]))  # type: ignore[arg-type]
+    flat = dict(tree_flatten([metadata, [type(c).__name__ for c in layers], scalars]))
     return arrays, {k: str(v) for k, v in flat.items()}
 
 
