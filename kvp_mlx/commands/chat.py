@@ -169,6 +169,11 @@ def run(args: argparse.Namespace) -> int:
     if loaded:
         print(f"[chat] continuing the session in {path} ({len(session.tokens)} tokens, "
               f"{session.predicted_positions()} predicted)", file=sys.stderr)
+        from kvp_mlx.conversation.session_file import read_metadata
+
+        if path is not None and read_metadata(path)["checksum"] is None:
+            print(f"note: {path} was written by an older kvp-mlx without a checksum: loaded unverified "
+                  "(it is saved with one)", file=sys.stderr)
     chat = Chat(session, generation=kwargs, repair=args.repair, repair_step_size=args.repair_step_size,
                 save_to=path)
     return chat.run()

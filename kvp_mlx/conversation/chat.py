@@ -20,6 +20,14 @@ stopping between caches once the line has arrived; each statistics line then als
 entries the cache holds per KV head and layer, the most it has held, the episode the message went
 to and the KV memory of every cache.
 
+Nothing is lost, nothing is left half done: Ctrl-C during a reply (before its first token, in the
+middle, while it is being recorded) rolls that turn back (the session is as before the message; the
+partial reply on the screen is not kept), and the chat goes on. Ctrl-C while waiting for a message
+ends the chat as the end of input does; an idle repair it interrupts keeps its finished chunks.
+SIGTERM and SIGHUP (a closed terminal) end it too, after rolling back a turn in flight: the session
+is saved as on ``q`` and the exit status is 128 + the signal's number (143, 129), as a shell reports
+a process ended by a signal. While the session is saved, signals wait until the file is written.
+
 ``cache_prompt`` prefills a session with a prompt and saves it (``kvp-mlx cache-prompt``);
 ``open_session`` resumes a saved one (``--prompt-cache-file``).
 """
@@ -27,12 +35,14 @@ to and the KV memory of every cache.
 from __future__ import annotations
 
 import queue
+import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from types import FrameType
+from typing import Any, Callable, Iterator, TextIO
 
 import mlx.core as mx
 
@@ -150,6 +160,17 @@ class LineReader:
         return line
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: the chat saves and ends (exit status 128 + ``signum``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 @dataclass
 class ChatTurnStats:
     """The statistics line of a turn."""
@@ -202,6 +223,9 @@ class Chat:
         self._repair_done.set()
         self.stats: list[ChatTurnStats] = []
         self._idle_repaired = 0
+        self._raised: int | None = None  # the signal whose exception is on its way (None: none)
+        self._hold = False  # signals wait (the session is being saved)
+        self._pending: int | None = None  # an ending signal that arrived while another was handled
 
     # --- input and output ------------------------------------------------------------------------
 
@@ -212,7 +236,46 @@ class Chat:
         return line[:-1] if line.endswith("\n") else line
 
     def say(self, text: str) -> None:
-        print(text, file=self.stderr, flush=True)
+        try:
+            print(text, file=self.stderr, flush=True)
+        except (OSError, ValueError):  # the terminal has gone (SIGHUP): the chat still saves
+            pass
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stdout.write(text)
+            self.stdout.flush()
+        except (OSError, ValueError):
+            pass
+
+    # --- signals ---------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP :class:`Terminated`, in the main thread,
+        one at a time: one that arrives while another is handled, or while the session is saved,
+        waits (an ending one is raised once the first is handled; a second Ctrl-C is dropped)."""
+        if self._hold or self._raised is not None:
+            if signum in ENDING_SIGNALS:
+                self._pending = signum
+            return
+        self._raised = signum
+        if signum in ENDING_SIGNALS:
+            raise Terminated(signum)
+        raise KeyboardInterrupt
+
+    def _handled(self) -> None:
+        """The signal raised last has been handled: the next one may be raised; an ending one that
+        waited is raised now."""
+        self._raised = None
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._raised = pending
+            raise Terminated(pending)
+
+    def _install_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, *ENDING_SIGNALS)}
 
     def wait_for_repair(self, timeout: float | None = None) -> bool:
         """Block until the idle repair of the current wait (if any) has ended by itself. Called from
@@ -223,7 +286,39 @@ class Chat:
     # --- the loop --------------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Read and answer messages until ``q`` or the end of the input; save; exit status 0."""
+        """Read and answer messages until ``q``, the end of the input, Ctrl-C at the prompt, SIGTERM or
+        SIGHUP; save. Exit status 0, or 128 + the signal's number after SIGTERM or SIGHUP."""
+        previous = self._install_handlers()
+        status = 0
+        try:
+            try:
+                self._loop()
+            except Terminated as e:
+                status = 128 + e.signum
+            finally:  # whatever ended the loop, the session is consistent (a turn in flight was rolled back)
+                self._save()
+            if self._pending is not None:
+                status = 128 + self._pending
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return status
+
+    def _save(self) -> None:
+        if self.save_to is None:
+            return
+        self._hold = True  # signals wait: the file is written whole
+        try:
+            self.say(f"[chat] saving the session to {self.save_to}")
+            save_session(self.session, self.save_to)
+            state = self.session._repair
+            repair = (f", repaired {state.position - state.start} positions of {len(self.session.tokens) - state.start}"
+                      if state is not None else "")
+            self.say(f"[chat] session saved to {self.save_to} ({len(self.session.tokens)} tokens{repair})")
+        finally:
+            self._hold = False
+
+    def _loop(self) -> None:
         kv = self.session.kv if isinstance(self.session.kv, BoundedMemory) else None
         budget = "" if kv is None else (f", KV budget {kv.policy} {kv.budget} per head per layer, "
                                         f"block {kv.block}")
@@ -232,8 +327,7 @@ class Chat:
         while True:
             line = self._wait_for_input()
             if line is None:  # end of input (or Ctrl-C at the prompt): finish the prompt's line
-                self.stdout.write("\n")
-                self.stdout.flush()
+                self._write("\n")
                 break
             query = line.strip()
             if query == "q":
@@ -249,10 +343,6 @@ class Chat:
             if not query:
                 continue
             self.turn(line)
-        if self.save_to is not None:
-            save_session(self.session, self.save_to)
-            self.say(f"[chat] session saved to {self.save_to} ({len(self.session.tokens)} tokens)")
-        return 0
 
     def _wait_for_input(self) -> str | None:
         """Prompt, then wait for a line (read in the input thread). Meanwhile, with ``repair="idle"``,
@@ -273,6 +363,7 @@ class Chat:
             self._repair_done.set()
             return self.reader.get()
         except KeyboardInterrupt:  # Ctrl-C at the prompt: leave as at the end of input
+            self._handled()
             return None
         finally:
             self._repair_done.set()
@@ -281,19 +372,24 @@ class Chat:
         """One turn: stream the reply to stdout, then the statistics line to stderr. A one-line
         error (the message does not fit, ...) or Ctrl-C ends the turn, not the REPL."""
         before = len(self.session.turns)
+        steps = self.session.stream_generate(message, **self.generation)
         try:
-            for response in self.session.stream_generate(message, **self.generation):
-                self.stdout.write(response.text)
-                self.stdout.flush()
+            try:
+                for response in steps:
+                    self._write(response.text)
+            except BaseException as e:  # the turn is rolled back, wherever the exception arose
+                _abandon(steps, e)
+                raise
         except KVPError as e:
-            self.stdout.write("\n")
+            self._write("\n")
             self.say(f"error: {e}")
         except KeyboardInterrupt:
-            self.stdout.write("\n")
-            self.say("[chat] reply interrupted")
+            self._write("\n")
+            kept = len(self.session.turns) > before  # it had finished: nothing to roll back
+            self.say("[chat] reply interrupted" + ("" if kept else ": the turn was not kept"))
+            self._handled()
         else:
-            self.stdout.write("\n")
-        self.stdout.flush()
+            self._write("\n")
         if len(self.session.turns) == before:
             return None
         t = self.session.turns[-1]
@@ -307,3 +403,17 @@ class Chat:
         self.stats.append(stats)
         self.say(stats.line())
         return stats
+
+
+def _abandon(steps: Iterator, error: BaseException) -> None:
+    """Roll back the turn of ``steps`` (a session's stream) after ``error``: thrown into the stream
+    when it is suspended between tokens (the session restores itself and lets it out again); a
+    stream that raised it, or had finished, is left as it is."""
+    throw = getattr(steps, "throw", None)
+    if throw is None:
+        return
+    try:
+        throw(error)
+    except BaseException as e:  # the same error, back out (or the stream's own)
+        if e is not error:
+            raise

@@ -9,6 +9,13 @@ new positions, they are written at their true positions), and decodes with mlx-l
 feeds every generated token into the cache. ``repair`` recomputes exact base K/V from the first
 predicted position on, so later turns attend to an exact history; it can be stopped between chunks
 and resumed (a server repairs while idle). See the conversations note in the project documentation.
+
+Every operation is atomic: a turn (``stream_generate``, ``prefill``, ``score``), a repair chunk, a
+compression or a trim either completes or leaves the session exactly as it was (tokens, caches,
+predicted spans, repair and memory state), whatever stops it: an exception from the model, a
+sampler or a logits processor, ``KeyboardInterrupt``, or an exception thrown into a turn's stream
+(``steps.throw(exc)``). Only ``close()`` on a turn's stream keeps the reply so far, as a shorter
+reply whose tokens, caches and spans agree (a server's stop words and cancellations rely on it).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
+from kvp_mlx.conversation.checkpoint import CacheMark
 from kvp_mlx.conversation.turn_memory import TurnMemory
 from kvp_mlx.errors import KVPError
 from kvp_mlx.generation import GenerationResponse, _responses, split_generation_kwargs, token_stream, warn_context
@@ -67,6 +75,20 @@ class _RepairState:
 
 
 @dataclass
+class _Mark:
+    """A session as it was before an operation (:meth:`Session._mark`)."""
+
+    tokens: list[int]
+    predicted: list[tuple[int, int]]
+    turns: int
+    caches: FilledCache
+    repair: _RepairState | None
+    repair_position: int
+    cache_marks: list[CacheMark]
+    memory: Any
+
+
+@dataclass
 class Session:
     """A conversation with ``model``; ``method`` must be able to extend a warm cache (base, kvp, aux).
 
@@ -92,6 +114,8 @@ class Session:
     _call: MethodCall | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.system_prompt is not None and not getattr(self.model.tokenizer, "has_chat_template", False):
+            raise KVPError("a system prompt needs the chat template (this tokenizer has none)")
         if self.kv is not None:
             if self.method not in (None, "base"):
                 raise KVPError(f"a KV budget compresses the base model's own cache: it runs with method 'base', "
@@ -133,6 +157,53 @@ class Session:
 
     def predicted_positions(self) -> int:
         return sum(e - s for s, e in self.predicted)
+
+    def verify(self) -> None:
+        """Check the session's invariants (what a save writes and a load reads back): the decoder's
+        cache holds every token, the auxiliary's at most that many, the predicted spans and the
+        repair in progress lie within the tokens. A one-line :class:`KVPError` names what is wrong."""
+        assert self.caches is not None
+        n, held = len(self.tokens), self.offset
+        if held != n:
+            raise KVPError(f"the cache holds {held} positions but the session knows {n} tokens")
+        draft = self.caches.draft_cache
+        if draft is not None and held_positions(draft) > n:
+            raise KVPError(f"the auxiliary's cache holds {held_positions(draft)} positions, more than the {n} tokens")
+        if any(not 0 <= s < e <= n for s, e in self.predicted):
+            raise KVPError(f"predicted positions {self.predicted} outside the {n} tokens")
+        state = self._repair
+        if state is not None:
+            if not (self.predicted and state.start <= state.position <= n):
+                raise KVPError(f"a repair from {state.start} at {state.position} does not fit the {n} tokens")
+            if held_positions(state.cache) != state.position:
+                raise KVPError(f"the repair's cache holds {held_positions(state.cache)} positions, "
+                               f"its progress says {state.position}")
+
+    def _mark(self, floor: int | None = None) -> _Mark:
+        """What an operation writing positions ``floor`` and later (None: past every cache's end) may
+        change, to put back with :meth:`_restore`. Cheap: offsets, or twins sharing the arrays."""
+        assert self.caches is not None
+        marks = []
+        memory = self.kv.snapshot() if self.kv is not None else None
+        if self.kv is None or not any(c is self.caches.cache for c in self.kv.caches):
+            marks.append(CacheMark.of(self.caches.cache, floor))
+        if self.caches.draft_cache is not None:
+            marks.append(CacheMark.of(self.caches.draft_cache, floor))
+        repair = self._repair
+        return _Mark(list(self.tokens), list(self.predicted), len(self.turns), copy.copy(self.caches), repair,
+                     repair.position if repair is not None else 0, marks, memory)
+
+    def _restore(self, mark: _Mark) -> None:
+        """The session as it was at ``mark``."""
+        if mark.memory is not None:
+            assert self.kv is not None
+            self.kv.restore(mark.memory)
+        for cache_mark in mark.cache_marks:
+            cache_mark.restore()
+        if mark.repair is not None:
+            mark.repair.position = mark.repair_position
+        del self.turns[mark.turns :]
+        self.tokens, self.predicted, self.caches, self._repair = mark.tokens, mark.predicted, mark.caches, mark.repair
 
     def reset(self) -> None:
         """Forget the conversation (fresh caches)."""
@@ -202,28 +273,37 @@ class Session:
             raise KVPError("speculative decoding is not available in sessions yet")
         ids = self.tokens + self.render(prompt, **render)
         warn_context(len(ids), self.model, strict)
-        # decoding feeds the last prompt token and every reply token into the cache
-        stats = self._begin_turn(prompt, ids, len(ids) - 1, dec.max_tokens + 1)
+        mark = self._mark(len(ids) - 1)
         recorded: list[int] = []
+        last = None
 
         def record(steps: Iterator) -> Iterator:
             for step in steps:
                 recorded.append(int(step[0]))
                 yield step
 
-        tic = time.perf_counter()
-        assert self.caches is not None
-        steps = token_stream(call, mx.array(ids, dtype=mx.int32), dec, warm=self.caches,
-                             on_fill=lambda filled: self._take_fill(filled, stats))
-        last = None
-        try:
-            for last in _responses(record(steps), self.model.tokenizer, stats.prefilled_tokens, dec.max_tokens, tic,
-                                   call.name, self.caches.decoder):
-                yield last
-        finally:
+        def end(stats: TurnStats) -> None:
             stats.generated_tokens = len(recorded)
             stats.ttft_s = last.ttft_s if last is not None else 0.0
             self._end_turn(prompt, ids + recorded, stats, recorded)
+
+        try:
+            # decoding feeds the last prompt token and every reply token into the cache
+            stats = self._begin_turn(prompt, ids, len(ids) - 1, dec.max_tokens + 1)
+            tic = time.perf_counter()
+            assert self.caches is not None
+            steps = token_stream(call, mx.array(ids, dtype=mx.int32), dec, warm=self.caches,
+                                 on_fill=lambda filled: self._take_fill(filled, stats))
+            for last in _responses(record(steps), self.model.tokenizer, stats.prefilled_tokens, dec.max_tokens, tic,
+                                   call.name, self.caches.decoder):
+                yield last
+            end(stats)
+        except GeneratorExit:  # the consumer stopped between tokens: the reply so far is kept
+            self._atomic(mark, lambda: end(stats))
+            raise
+        except BaseException:
+            self._restore(mark)
+            raise
 
     def generate(self, prompt: TurnInput, **kwargs: Any) -> str:
         return "".join(r.text for r in self.stream_generate(prompt, **kwargs))
@@ -233,10 +313,14 @@ class Session:
         message is filled by the session's method. Through a chat template it is a complete user
         turn without the generation prompt (the next turn's message follows it)."""
         ids = self.tokens + self.render(prompt, use_chat_template=use_chat_template, add_generation_prompt=False)
-        stats = self._begin_turn(prompt, ids, len(ids), 0)
-        self._take_fill(self._fill(ids), stats)
-        self._end_turn(prompt, ids, stats, None)
-        return stats
+
+        def turn() -> TurnStats:
+            stats = self._begin_turn(prompt, ids, len(ids), 0)
+            self._take_fill(self._fill(ids), stats)
+            self._end_turn(prompt, ids, stats, None)
+            return stats
+
+        return self._atomic(self._mark(len(ids)), turn)
 
     def score(self, prompt: TurnInput, continuation: list[int]) -> mx.array:
         """Teacher forcing: add ``prompt`` as a turn (filled by the session's method) and feed the
@@ -246,16 +330,28 @@ class Session:
         if not continuation:
             raise KVPError("score needs a non-empty continuation")
         ids = self.tokens + self.render(prompt)
-        stats = self._begin_turn(prompt, ids, len(ids) - 1, len(continuation) + 1)
-        filled = self._fill(ids[:-1])
-        self._take_fill(filled, stats)
-        fed = [ids[-1], *continuation]
-        logits = filled.decoder(mx.array([fed], dtype=mx.int32), cache=filled.cache)[0, :-1].astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        mx.eval(logprobs)
-        stats.generated_tokens = len(continuation)
-        self._end_turn(prompt, ids + list(continuation), stats, continuation)
-        return logprobs
+
+        def turn() -> mx.array:
+            stats = self._begin_turn(prompt, ids, len(ids) - 1, len(continuation) + 1)
+            filled = self._fill(ids[:-1])
+            self._take_fill(filled, stats)
+            fed = [ids[-1], *continuation]
+            logits = filled.decoder(mx.array([fed], dtype=mx.int32), cache=filled.cache)[0, :-1].astype(mx.float32)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            mx.eval(logprobs)
+            stats.generated_tokens = len(continuation)
+            self._end_turn(prompt, ids + list(continuation), stats, continuation)
+            return logprobs
+
+        return self._atomic(self._mark(len(ids) - 1), turn)
+
+    def _atomic(self, mark: _Mark, operation: Callable[[], Any]) -> Any:
+        """``operation()``, or, if anything stops it, the session put back as it was at ``mark``."""
+        try:
+            return operation()
+        except BaseException:
+            self._restore(mark)
+            raise
 
     def _begin_turn(self, prompt: TurnInput, ids: list[int], fill_to: int, reserve: int) -> TurnStats:
         """The start every turn shares: the bounded memory (if any) chooses the cache and makes room
@@ -267,6 +363,8 @@ class Session:
             self.caches = FilledCache(self.kv.cache, self.model.base)
         if self.offset > fill_to:  # nothing new: run the last prompt token again
             self._trim_caches(self.offset - fill_to)
+            if self._repair is not None and self._repair.position > fill_to:
+                self._repair = None
         reused = self.offset if held is None else min(held, self.offset)
         return TurnStats(reused, len(ids) - reused, None)
 
@@ -288,12 +386,11 @@ class Session:
         held = self.offset
         if held > len(tokens):
             raise KVPError(f"internal: the cache holds {held} positions but the session knows {len(tokens)} tokens")
-        self.tokens = list(tokens[:held])
-        self.predicted = clip_spans(self.predicted, held)
-        self._trim_draft(held)  # interrupted between the auxiliary and the base
-        self.turns.append(stats)
+        self._trim_draft(held)  # a reply stopped early: the auxiliary may hold more
         if self.kv is not None:
             self.kv.after_turn(prompt, reply)
+        self.turns.append(stats)  # the caller's mark drops it again if what follows is interrupted
+        self.tokens, self.predicted = list(tokens[:held]), clip_spans(self.predicted, held)
 
     def compress(self, should_stop: Callable[[], bool] | None = None) -> Any:
         """A KV-budget session's work between turns (the memory's ``compress``: for
@@ -302,9 +399,14 @@ class Session:
         does what is left, or the next call)."""
         if self.kv is None:
             raise KVPError("this session has no KV budget: nothing to compress")
-        report = self.kv.compress(self.tokens, should_stop)
-        self.caches = FilledCache(self.kv.cache, self.model.base)
-        return report
+        kv = self.kv
+
+        def compress() -> Any:
+            report = kv.compress(self.tokens, should_stop)
+            self.caches = FilledCache(kv.cache, self.model.base)
+            return report
+
+        return self._atomic(self._mark(), compress)
 
     # --- repair and trim -------------------------------------------------------------------------
 
@@ -332,14 +434,28 @@ class Session:
             if should_stop is not None and should_stop():
                 return RepairReport(state.start, state.position, done, time.perf_counter() - tic, False)
             chunk = self.tokens[state.position : state.position + step]
-            base(mx.array([chunk], dtype=mx.int32), cache=state.cache)
-            mx.eval([c.state for c in state.cache])
-            state.position += len(chunk)
-            done += len(chunk)
+            n = len(chunk)
+            try:
+                base(mx.array([chunk], dtype=mx.int32), cache=state.cache)
+                mx.eval([c.state for c in state.cache])
+            except BaseException:  # the chunk is undone: the repair resumes at state.position
+                self._abandon_chunk(state)
+                raise
+            state.position += n
+            done += n
         assert self.caches is not None
-        self.caches = FilledCache(state.cache, base, self.caches.draft_cache)
-        self.predicted, self._repair = [], None
+        repaired = FilledCache(state.cache, base, self.caches.draft_cache)
+        self.caches, self.predicted, self._repair = repaired, [], None  # one step: no signal lands between
         return RepairReport(state.start, state.position, done, time.perf_counter() - tic, True)
+
+    def _abandon_chunk(self, state: _RepairState) -> None:
+        """The repair's cache back to its progress (the live caches are untouched), or, where it
+        cannot be trimmed, the repair dropped (the next one starts over)."""
+        extra = held_positions(state.cache) - state.position
+        if extra > 0 and can_trim_prompt_cache(state.cache):
+            trim_prompt_cache(state.cache, extra)
+        elif extra > 0:
+            self._repair = None
 
     def _start_repair(self, start: int) -> _RepairState:
         """An exact copy of the cache up to ``start`` (plain KVCache layers), or a fresh cache."""
@@ -359,12 +475,14 @@ class Session:
         """Drop the last ``n`` tokens (regenerate or edit a turn), where the caches allow it."""
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(self.tokens):
             raise KVPError(f"can trim 0 to {len(self.tokens)} tokens, got {n!r}")
-        self._trim_caches(n)
         keep = len(self.tokens) - n
-        self.tokens = self.tokens[:keep]
-        self.predicted = clip_spans(self.predicted, keep)
-        if self._repair is not None and self._repair.position > keep:
-            self._repair = None
+
+        def trim() -> None:
+            self._trim_caches(n)
+            repair = None if self._repair is not None and self._repair.position > keep else self._repair
+            self.tokens, self.predicted, self._repair = self.tokens[:keep], clip_spans(self.predicted, keep), repair
+
+        self._atomic(self._mark(keep), trim)
 
     def _trim_caches(self, n: int) -> None:
         assert self.caches is not None

@@ -6,7 +6,17 @@ renamed; a file from another model, a truncated or corrupt one is refused with o
 Compressed caches (EpiCache, :class:`~kvp_mlx.epicache.cache.CompressedKVCache`: kept entries,
 their mask and true positions) are saved in the same format; a session with a KV budget also
 records its policy, budget, block and episodes, and keeps every episode's cache (after the
-decoder's, in episode order), so a loaded session continues exactly as the saved one would have."""
+decoder's, in episode order), so a loaded session continues exactly as the saved one would have.
+
+A repair in progress is saved too (its exact cache of the first positions, after the auxiliary's),
+so a loaded session resumes it where it stopped. Only a session whose invariants hold is written
+(:meth:`Session.verify`), and a loaded one is verified the same way.
+
+Integrity: the metadata holds ``checksum``, the SHA-256 of what the file stores (every tensor's
+name, dtype, shape and bytes in name order, then the canonical JSON of the rest of the metadata),
+checked on load: a file with flipped bits is refused ("is corrupt (checksum mismatch)"). Files of
+version 1 (written before the checksum) still load, unverified (:func:`read_metadata` gives
+``checksum`` None, and the chat says so); they are written back with a checksum."""
 
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import cache as mlx_cache
 
-from kvp_mlx.conversation.session import Session
+from kvp_mlx.conversation.session import Session, _RepairState
 from kvp_mlx.epicache.cache import CompressedKVCache, enable_compressed_caches
 from kvp_mlx.epicache.episodes import Episodes, Utterance
 from kvp_mlx.epicache.memory import BoundedMemory
@@ -31,7 +41,8 @@ from kvp_mlx.methods.base import held_positions
 from kvp_mlx.model import KVPModel
 
 FORMAT = "kvp-mlx-session"
-VERSION = "1"
+VERSION = "2"  # 2: with a checksum and a repair in progress; 1 (no checksum) is still read
+VERSIONS = ("1", VERSION)
 # Cache classes a file may name (mlx-lm's load_prompt_cache looks names up in its cache module).
 CACHE_CLASSES = {"KVCache", "RotatingKVCache", "QuantizedKVCache", "ConcatenateKVCache", "ChunkedKVCache",
                  "CompressedKVCache"}
@@ -62,8 +73,14 @@ def save_session(session: Session, path: str | Path) -> Path:
     if path.suffix != ".safetensors":
         raise KVPError(f"a prompt cache file must end in .safetensors, got {path}")
     assert session.caches is not None
+    try:
+        session.verify()
+    except KVPError as e:
+        raise KVPError(f"internal: not saving an inconsistent session to {path}: {e}") from None
     caches = session.caches
     aux = caches.draft_cache or []
+    state = session._repair
+    repair = state.cache if state is not None else []
     kv = session.kv
     if kv is not None and not isinstance(kv, BoundedMemory):
         raise KVPError(f"cannot save a session whose memory is a {type(kv).__name__} (only BoundedMemory is saved)")
@@ -78,20 +95,62 @@ def save_session(session: Session, path: str | Path) -> Path:
         "tokens": json.dumps(session.tokens), "predicted": json.dumps(session.predicted),
         "max_kv_size": json.dumps(session.max_kv_size), "system_prompt": json.dumps(session.system_prompt),
         "method_options": json.dumps(session.method_options, default=str),
+        "repair": json.dumps(None if state is None else dict(start=state.start, position=state.position,
+                                                              layers=len(repair))),
     }
+    layers = caches.cache + aux + repair + episodes
+    metadata["checksum"] = checksum(*_as_written(layers, metadata))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise KVPError(f"cannot save the session to {path}: {e.strerror or e}") from None
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")
     try:
-        mlx_cache.save_prompt_cache(str(tmp), caches.cache + aux + episodes, metadata)
+        mlx_cache.save_prompt_cache(str(tmp), layers, metadata)
         os.replace(tmp, path)
     except OSError as e:
         raise KVPError(f"cannot save the session to {path}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _as_written(layers: list, metadata: dict[str, str]) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """The tensors and the flat metadata mlx-lm's ``save_prompt_cache`` writes for ``layers``."""
+    scalars: list = [""]
+    arrays: dict[str, mx.array] = {}
+    for key, value in tree_flatten([c.state for c in layers]):  # type: ignore[str-unpack]  # a list
+        if isinstance(value, mx.array):
+            arrays[key] = value
+            continue
+        if isinstance(value, (bool, int, float)):
+            scalars.append((key, "scalar"))
+            value = mx.array(value)
+        elif isinstance(value, str):
+            scalars.append((key, "string"))
+            value = mx.array([ord(c) for c in value])
+        elif value is None:
+            scalars.append((key, "none"))
+            value = mx.array([])
+        else:
+            raise KVPError(f"internal: a cache state holds a {type(value).__name__}")
+        arrays[key] = value
+    flat = dict(tree_flatten([metadata, [type(c).__name__ for c in layers], scalars]))
+    return arrays, {k: str(v) for k, v in flat.items()}
+
+
+def checksum(arrays: dict[str, mx.array], flat: dict[str, str]) -> str:
+    """SHA-256 of a session file's tensors (name order: name, dtype, shape, bytes) and the canonical
+    JSON of its flat metadata (without the checksum itself)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = arrays[name]
+        h.update(f"{name}|{a.dtype}|{tuple(a.shape)}|".encode())
+        if a.size:
+            h.update(np.array(a.view(mx.uint8) if a.dtype == mx.bfloat16 else a).tobytes())
+    rest = {k: v for k, v in flat.items() if k != "0.checksum"}
+    h.update(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode())
+    return "sha256:" + h.hexdigest()
 
 
 def _kv_state(kv: BoundedMemory | None) -> dict | None:
@@ -135,10 +194,8 @@ def _restore_kv(model: KVPModel, state: dict, active: list, others: list, path: 
     return kv
 
 
-def _load_caches(path: Path) -> list:
+def _load_caches(arrays: dict[str, mx.array], flat: dict[str, str]) -> list:
     """mlx-lm's prompt-cache format read back, with compressed caches as well as mlx-lm's own."""
-    loaded: Any = mx.load(str(path), return_metadata=True)
-    arrays, flat = loaded
     _, classes, scalars = tree_unflatten(list(flat.items()))
     values: dict[str, Any] = dict(arrays)
     for pos, kind in scalars[1:]:
@@ -156,16 +213,23 @@ def _load_caches(path: Path) -> list:
     return [(ours.get(c) or getattr(mlx_cache, c)).from_state(state) for c, state in zip(classes, states)]
 
 
-def _metadata(path: Path) -> dict[str, str]:
+def _read(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """A safetensors file's tensors and flat metadata, or a one-line error in our words."""
+    if path.is_dir():
+        raise KVPError(f"{path} is a directory, not a prompt cache file")
     if not path.is_file():
         raise KVPError(f"prompt cache file not found: {path}")
     try:
         loaded = mx.load(str(path), return_metadata=True)
-    except Exception as e:  # mlx raises RuntimeError/ValueError for truncated or corrupt files
-        reason = " ".join(str(e).split())
-        raise KVPError(f"cannot read prompt cache file {path} (truncated or corrupt?): {reason}") from None
-    raw = loaded[1] if isinstance(loaded, tuple) else {}
-    return {str(k): str(v) for k, v in raw.items()}
+    except OSError as e:
+        raise KVPError(f"cannot read prompt cache file {path}: {e.strerror or e}") from None
+    except Exception:  # mlx's own messages for a damaged file quote its JSON parser: not ours to show
+        raise KVPError(f"cannot read prompt cache file {path}: truncated or corrupt (not a readable "
+                       "safetensors file)") from None
+    if not isinstance(loaded, tuple):
+        raise KVPError(f"cannot read prompt cache file {path}: truncated or corrupt (not a safetensors file)")
+    arrays, raw = loaded
+    return dict(arrays), {str(k): str(v) for k, v in raw.items()}
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -174,14 +238,18 @@ def read_metadata(path: Path) -> dict[str, Any]:
     mlx-lm's format flattens ``[metadata, classes, scalars]``: ours under ``0.<key>``, the cache
     class names under ``1.<i>``.
     """
-    flat = _metadata(path)
+    return _parse_metadata(path, _read(path)[1])
+
+
+def _parse_metadata(path: Path, flat: dict[str, str]) -> dict[str, Any]:
     raw = {k[2:]: v for k, v in flat.items() if k.startswith("0.")}
     names = [v for k, v in flat.items() if k.startswith("1.")]
     if raw.get("format") != FORMAT:
         hint = " (an mlx-lm prompt cache? kvp-mlx needs a file written by kvp-mlx)" if names else ""
         raise KVPError(f"{path} is not a kvp-mlx session file{hint}")
-    if raw.get("version") != VERSION:
-        raise KVPError(f"{path}: unsupported session file version {raw.get('version')!r}")
+    if raw.get("version") not in VERSIONS:
+        raise KVPError(f"{path}: unsupported session file version {raw.get('version')!r} "
+                       f"(this kvp-mlx reads {', '.join(VERSIONS)})")
     try:
         meta = {
             "model": raw["model"], "identity": raw["model_identity"], "method": raw["method"],
@@ -189,7 +257,8 @@ def read_metadata(path: Path) -> dict[str, Any]:
             "tokens": json.loads(raw["tokens"]), "predicted": [tuple(p) for p in json.loads(raw["predicted"])],
             "max_kv_size": json.loads(raw["max_kv_size"]), "system_prompt": json.loads(raw["system_prompt"]),
             "method_options": json.loads(raw["method_options"]),
-            "kv": json.loads(raw.get("kv", "null")),
+            "kv": json.loads(raw.get("kv", "null")), "repair": json.loads(raw.get("repair", "null")),
+            "checksum": raw.get("checksum"), "version": raw["version"],
         }
     except (KeyError, ValueError, TypeError) as e:
         raise KVPError(f"{path}: malformed session metadata ({type(e).__name__}: {e})") from None
@@ -199,6 +268,12 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise KVPError(f"{path}: unknown cache class(es) {', '.join(bad)}")
     if not all(isinstance(t, int) for t in meta["tokens"]):
         raise KVPError(f"{path}: malformed session metadata (tokens)")
+    if meta["version"] != "1" and meta["checksum"] is None:
+        raise KVPError(f"{path} is corrupt (its checksum is missing)")
+    repair = meta["repair"]
+    if repair is not None and not (isinstance(repair, dict) and all(isinstance(repair.get(k), int)
+                                                                    for k in ("start", "position", "layers"))):
+        raise KVPError(f"{path}: malformed session metadata (repair)")
     return meta
 
 
@@ -206,17 +281,21 @@ def load_session(model: KVPModel, path: str | Path) -> Session:
     """A session saved by :func:`save_session`, refused with one line if it belongs to another model
     or the file is truncated or corrupt."""
     path = Path(path)
-    meta = read_metadata(path)
+    arrays, flat = _read(path)
+    meta = _parse_metadata(path, flat)
+    if meta["checksum"] is not None and checksum(arrays, flat) != meta["checksum"]:
+        raise KVPError(f"{path} is corrupt (checksum mismatch)")
     if meta["identity"] != model_identity(model):
         raise KVPError(f"{path} was saved for another model ({meta['model']}); load it with that model")
     kv_state = meta["kv"]
     try:
-        caches = _load_caches(path) if kv_state is not None or "CompressedKVCache" in meta["classes"] \
-            else mlx_cache.load_prompt_cache(str(path))
+        caches = _load_caches(arrays, flat)
     except Exception as e:  # the arrays did not fit the classes: a damaged file
         raise KVPError(f"cannot read prompt cache file {path} (truncated or corrupt?): {type(e).__name__}") from None
     n_dec, n_aux = meta["decoder_layers"], meta["aux_layers"]
-    caches, others = caches[: n_dec + n_aux], caches[n_dec + n_aux :]
+    n_repair = meta["repair"]["layers"] if meta["repair"] is not None else 0
+    repair_cache = caches[n_dec + n_aux : n_dec + n_aux + n_repair]
+    caches, others = caches[: n_dec + n_aux], caches[n_dec + n_aux + n_repair :]
     if others and kv_state is None:
         raise KVPError(f"{path}: holds {len(caches) + len(others)} cache layers, its metadata says {n_dec} + {n_aux}")
     if len(caches) != n_dec + n_aux:
@@ -238,6 +317,16 @@ def load_session(model: KVPModel, path: str | Path) -> Session:
     if kv_state is not None:
         kv = _restore_kv(model, kv_state, dec_cache, others, path)
     filled = FilledCache(dec_cache, decoder, aux_cache)
-    return Session(model, method=meta["method"], max_kv_size=meta["max_kv_size"], system_prompt=meta["system_prompt"],
-               method_options=meta["method_options"], tokens=meta["tokens"], predicted=meta["predicted"],
-               caches=filled, kv=kv)
+    repair = None
+    if meta["repair"] is not None:
+        if len(repair_cache) != n_repair or n_repair != len(model.base.layers):
+            raise KVPError(f"{path}: its repair cache does not fit this model's layers")
+        repair = _RepairState(repair_cache, meta["repair"]["start"], meta["repair"]["position"])
+    session = Session(model, method=meta["method"], max_kv_size=meta["max_kv_size"],
+                      system_prompt=meta["system_prompt"], method_options=meta["method_options"],
+                      tokens=meta["tokens"], predicted=meta["predicted"], caches=filled, kv=kv, _repair=repair)
+    try:
+        session.verify()
+    except KVPError as e:
+        raise KVPError(f"{path}: {e} (corrupt)") from None
+    return session

@@ -46,3 +46,12 @@ class TurnMemory(Protocol):
     def held(self, cache: list) -> int:
         """Positions ``cache`` holds."""
         ...
+
+    def snapshot(self) -> Any:
+        """Everything a turn or a compression may change (caches and state), cheaply (no cache data
+        is copied), for :meth:`restore` when the operation does not finish."""
+        ...
+
+    def restore(self, snapshot: Any) -> None:
+        """The memory as it was at ``snapshot`` (each snapshot is restored at most once)."""
+        ...

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from kvp_mlx.conversation.checkpoint import CacheMark
 from kvp_mlx.conversation.session import Session
 from kvp_mlx.epicache.cache import CompressedKVCache, copy_cache
 from kvp_mlx.epicache.episodes import Embedder, Episodes, TokenEmbedder, Utterance, cluster, windows
@@ -371,6 +372,21 @@ class BoundedMemory:
             report.evictions += 1
         report.seconds = _time.perf_counter() - tic
         return report
+
+    def snapshot(self) -> Any:
+        """What a turn or a compression may change, for :meth:`restore` (no cache data is copied)."""
+        return (list(self.caches), [CacheMark.of(c, 0) for c in self.caches], self.episodes, list(self.scorers),
+                self.active, list(self.utterances), self.peak_entries, self.clustered_windows,
+                list(self.prior_windows))
+
+    def restore(self, snapshot: Any) -> None:
+        """The memory as it was at ``snapshot``."""
+        caches, marks, *state = snapshot
+        for mark in marks:
+            mark.restore()
+        self.caches = caches
+        (self.episodes, self.scorers, self.active, self.utterances, self.peak_entries, self.clustered_windows,
+         self.prior_windows) = state
 
     def spec(self) -> dict:
         """What a saved session records of its KV policy."""
