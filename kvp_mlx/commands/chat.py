@@ -169,6 +169,9 @@ def run(args: argparse.Namespace) -> int:
     if loaded:
         print(f"[chat] continuing the session in {path} ({len(session.tokens)} tokens, "
               f"{session.predicted_positions()} predicted)", file=sys.stderr)
+    from kvp_mlx.progress import prefill_bar
+
+    kwargs["prompt_progress_callback"] = prefill_bar()  # a long message's prefill: a bar on a terminal's stderr
     chat = Chat(session, generation=kwargs, repair=args.repair, repair_step_size=args.repair_step_size,
                 save_to=path)
     return chat.run()
