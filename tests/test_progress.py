@@ -128,6 +128,25 @@ def test_the_server_logs_long_prefills(caplog):
     assert len(lines) == 4 and lines[0].startswith("prefill 25/100") and "done: 100 tokens" in lines[-1]
 
 
+def test_the_worker_logs_a_long_prefill(pair, caplog):
+    from kvp_mlx.server.protocol import GenerationRequest
+    from kvp_mlx.server.prompt_cache import SessionCache
+    from kvp_mlx.server.worker import Worker
+
+    worker = Worker(pair, SessionCache(), repair=False, prefill_step_size=STEP)
+    worker.start()
+    prompt = pair.tokenizer.encode(PROMPT * 2)
+    with caplog.at_level(logging.INFO, logger="kvp_mlx.server"):
+        job = worker.submit(GenerationRequest("text", prompt, "kvp", False, False, 2, [], False, 0, None))
+        while (event := job.events.get(timeout=120))[0] not in ("done", "error"):
+            pass
+        worker.stop()
+    assert event[0] == "done", event
+    lines = [r.getMessage() for r in caplog.records if r.name == "kvp_mlx.server"]
+    assert any(f"/{len(prompt) - 1} tokens" in line for line in lines), lines
+    assert lines[-1].startswith(f"prefill done: {len(prompt) - 1} tokens"), lines
+
+
 # --- the command line ------------------------------------------------------------------------------
 
 LONG = "some words to fill a few prefill chunks " * 4
