@@ -204,21 +204,26 @@ def _concat_chunks(chunks: list[mx.array]) -> mx.array:
 
 def prefill_capturing_raw_kv(
     model: nn.Module, tokens: mx.array, prefill_step_size: int = 2048, max_kv_size: int | None = None,
-    cache: list | None = None,
+    cache: list | None = None, progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list, list[mx.array], list[mx.array], mx.array]:
     """Run ``model`` over ``tokens`` [B, T] in chunks; return (cache, raw keys, values, last logits).
 
     The cache is mlx-lm's own (``make_prompt_cache(model, max_kv_size)``). Raw keys and values
     are per layer, ``[B, H, T, D]``, as the hook saw them. Last logits are ``[B, vocab]`` for the
     final token (used by the ``aux`` baseline). ``cache`` (an existing cache) is extended in
-    place: ``tokens`` then go at its next positions.
+    place: ``tokens`` then go at its next positions. ``progress(processed, T)``: before the first
+    chunk and after each (kvp_mlx.progress).
     """
     cache = make_prompt_cache(model, max_kv_size) if cache is None else cache
     logits = None
     with recording_raw_kv(model) as sinks:
         for start in range(0, tokens.shape[1], prefill_step_size):
+            if progress is not None and start == 0:
+                progress(0, tokens.shape[1])
             logits = model(tokens[:, start : start + prefill_step_size], cache=cache)
             mx.eval([(c.keys, c.values) for c in cache], [(s.keys[-1], s.values[-1]) for s in sinks])
+            if progress is not None:
+                progress(min(start + prefill_step_size, tokens.shape[1]), tokens.shape[1])
     keys = [_concat_chunks(s.keys) for s in sinks]
     values = [_concat_chunks(s.values) for s in sinks]
     assert logits is not None  # at least one chunk ran

@@ -124,7 +124,7 @@ def make_lm_class() -> Any:
             from tqdm import tqdm
 
             outs = []
-            for req in tqdm(requests, desc=f"generate ({self.method})"):
+            for req in tqdm(requests, desc=f"generate ({self.method})", disable=None):  # None: a terminal only
                 context, options = req.args
                 outs.append(self.generate_one(context, dict(options)))
             return outs

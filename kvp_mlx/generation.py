@@ -97,6 +97,7 @@ class Decoding:
     num_draft_tokens: int = 3
     seed: int | None = None
     sampling: SamplingOptions = SamplingOptions()
+    prompt_progress_callback: Callable[[int, int], None] | None = None  # (processed, total): kvp_mlx.progress
 
     def check(self, vocab_size: int | None = None) -> None:
         self.sampling.check(vocab_size)
@@ -172,8 +173,9 @@ def stream_generate(
     ``use_chat_template``, ``chat_template_config``, ``prefill_response``), sampling as mlx-lm's
     (``temp``, ``top_p``, ``min_p``, ``top_k``, ``min_tokens_to_keep``, ``xtc_probability``,
     ``xtc_threshold``, ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty`` and their
-    context sizes, ``logit_bias``; or ``sampling=SamplingOptions(...)``). Any other keyword must be
-    an option of the prefill method (``schedule=`` for ``lazy``), also accepted as
+    context sizes, ``logit_bias``; or ``sampling=SamplingOptions(...)``), and mlx-lm's
+    ``prompt_progress_callback(processed, total)`` (the fill's chunks; see kvp_mlx.progress).
+    Any other keyword must be an option of the prefill method (``schedule=`` for ``lazy``), also accepted as
     ``method_options``; an unknown one is a one-line error naming the valid keywords. A method the
     model cannot run (``kvp`` on a base-only directory) is a one-line error. A prompt longer than the model's
     context is a warning (``context_warning=False``: none) or, with ``strict_context``, an error.
@@ -212,7 +214,8 @@ def token_stream(call: MethodCall, ids: mx.array, dec: Decoding, warm: FilledCac
         yield from _from_prefill_logits(call, ids, sampler, processors, dec)
         return
     # The method stops one token short; mlx-lm's loop runs the last prompt token.
-    filled = call.fill(ids[None, :-1], dec.prefill_step_size, dec.max_kv_size, warm)
+    filled = call.fill(ids[None, :-1], dec.prefill_step_size, dec.max_kv_size, warm,
+                       progress=dec.prompt_progress_callback)
     if on_fill is not None:
         on_fill(filled)
     cache = filled.cache

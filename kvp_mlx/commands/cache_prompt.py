@@ -53,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
     model = load(args.model, dtype=args.dtype)
     if model.is_random:
         print("note: this model has RANDOM weights (a demo/timing model, not trained)", file=sys.stderr)
+    from kvp_mlx.progress import prefill_bar
+
     report = cache_prompt(model, prompt, path, method=args.method, max_kv_size=args.max_kv_size,
-                          system_prompt=args.system_prompt, prefill_step_size=args.prefill_step_size)
+                          system_prompt=args.system_prompt, prefill_step_size=args.prefill_step_size,
+                          progress=prefill_bar())  # a bar on a terminal's stderr (kvp_mlx.progress)
     rate = report.tokens / report.seconds if report.seconds > 0 else float("inf")
     print(f"Processed {report.tokens} tokens in {report.seconds:.3f} s ({rate:.1f} tokens-per-sec), "
           f"{report.predicted} predicted")

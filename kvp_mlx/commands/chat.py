@@ -174,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
         if path is not None and read_metadata(path)["checksum"] is None:
             print(f"note: {path} was written by an older kvp-mlx without a checksum: loaded unverified "
                   "(it is saved with one)", file=sys.stderr)
+    from kvp_mlx.progress import prefill_bar
+
+    kwargs["prompt_progress_callback"] = prefill_bar()  # a long message's prefill: a bar on a terminal's stderr
     chat = Chat(session, generation=kwargs, repair=args.repair, repair_step_size=args.repair_step_size,
                 save_to=path)
     return chat.run()

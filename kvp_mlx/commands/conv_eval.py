@@ -58,13 +58,19 @@ def run(args: argparse.Namespace) -> int:
         budget = budgets_for(model.path, len(model.base.layers), args.budget, args.alpha)
     embedder = load_embedder(args.embedder) if args.embedder else None
 
-    def show(r: QuestionResult) -> None:
-        print(f"{r.conversation}\tF1 {r.f1:.3f}\tEM {r.em:.0f}\tepisode {r.episode}\t"
-              f"Q: {r.question!r}\tpred: {r.prediction!r}\tgold: {r.answer!r}", flush=True)
+    from kvp_mlx.progress import CountingBar
+
+    questions = sum(len(c.questions) for c in conversations)
+    bar = CountingBar(questions if args.limit is None else min(questions, args.limit), "questions", "q")
+
+    def show(r: QuestionResult) -> None:  # the line on stdout; a bar over the questions on a terminal's stderr
+        bar.advance(f"{r.conversation}\tF1 {r.f1:.3f}\tEM {r.em:.0f}\tepisode {r.episode}\t"
+                    f"Q: {r.question!r}\tpred: {r.prediction!r}\tgold: {r.answer!r}")
 
     report = evaluate(model, conversations, args.policy, budget, block=args.block, level=args.level,
                       n_episodes=args.episodes, n_medoids=args.medoids, window=args.window, embedder=embedder,
                       kvp_build=args.kvp_build, max_tokens=args.max_tokens, limit=args.limit, on_result=show)
+    bar.close()
     n = len(report.results)
     print(f"policy {args.policy}  budget {args.budget}  block {args.block}  questions {n}  "
           f"mean F1 {report.mean_f1:.4f}  EM {report.mean_em:.4f}")

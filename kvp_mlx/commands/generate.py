@@ -133,12 +133,14 @@ def run(args: argparse.Namespace) -> int:
     from kvp_mlx.errors import KVPError
     from kvp_mlx.generation import check_decoding
     from kvp_mlx.methods import default_method
+    from kvp_mlx.progress import prefill_bar
     from kvp_mlx.prompting import read_prompt_arg
     from kvp_mlx.runtime_env import set_device
     from kvp_mlx.sampling import sampling_options
 
     verbose = args.verbose and not args.quiet
     kwargs = generation_kwargs(args)
+    kwargs["prompt_progress_callback"] = prefill_bar(quiet=not verbose)  # kvp_mlx.progress: stderr, a tty only
     sampling_keys = set(sampling_options().__dataclass_fields__)
     sampling_options(**{k: v for k, v in kwargs.items() if k in sampling_keys}).check()  # before any work
     check_decoding(args.max_tokens, args.prefill_step_size, args.max_kv_size, args.kv_bits, args.kv_group_size,

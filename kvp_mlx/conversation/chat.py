@@ -117,15 +117,16 @@ class CachePromptReport:
 
 def cache_prompt(model: KVPModel, prompt: str, path: Path, *, method: str | None = None,
                  max_kv_size: int | None = None, system_prompt: str | None = None,
-                 prefill_step_size: int = 2048) -> CachePromptReport:
+                 prefill_step_size: int = 2048,
+                 progress: Callable[[int, int], None] | None = None) -> CachePromptReport:
     """A new session that has prefilled ``prompt`` (its method fills the caches; no generation),
-    saved atomically to ``path`` (``kvp-mlx cache-prompt``)."""
+    saved atomically to ``path`` (``kvp-mlx cache-prompt``); ``progress(processed, total)``: the fill's."""
     path = prompt_cache_path(path)
     session = Session(model, method=method, max_kv_size=max_kv_size, system_prompt=system_prompt,
                       prefill_step_size=prefill_step_size)
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    stats = session.prefill(prompt)
+    stats = session.prefill(prompt, progress=progress)
     seconds = time.perf_counter() - tic
     peak = mx.get_peak_memory() / 1e9
     save_session(session, path)

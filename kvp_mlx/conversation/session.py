@@ -308,15 +308,17 @@ class Session:
     def generate(self, prompt: TurnInput, **kwargs: Any) -> str:
         return "".join(r.text for r in self.stream_generate(prompt, **kwargs))
 
-    def prefill(self, prompt: TurnInput, use_chat_template: bool | None = None) -> TurnStats:
+    def prefill(self, prompt: TurnInput, use_chat_template: bool | None = None,
+                progress: Callable[[int, int], None] | None = None) -> TurnStats:
         """Add a prompt to the caches without generating (``kvp-mlx cache-prompt``): the whole
         message is filled by the session's method. Through a chat template it is a complete user
-        turn without the generation prompt (the next turn's message follows it)."""
+        turn without the generation prompt (the next turn's message follows it). ``progress``: as
+        the generation keyword ``prompt_progress_callback``."""
         ids = self.tokens + self.render(prompt, use_chat_template=use_chat_template, add_generation_prompt=False)
 
         def turn() -> TurnStats:
             stats = self._begin_turn(prompt, ids, len(ids), 0)
-            self._take_fill(self._fill(ids), stats)
+            self._take_fill(self._fill(ids, progress), stats)
             self._end_turn(prompt, ids, stats, None)
             return stats
 
@@ -368,10 +370,10 @@ class Session:
         reused = self.offset if held is None else min(held, self.offset)
         return TurnStats(reused, len(ids) - reused, None)
 
-    def _fill(self, ids: list[int]) -> FilledCache:
+    def _fill(self, ids: list[int], progress: Callable[[int, int], None] | None = None) -> FilledCache:
         assert self._call is not None and self.caches is not None
         return self._call.fill(mx.array([ids], dtype=mx.int32), self.prefill_step_size, self.max_kv_size,
-                               warm=self.caches)
+                               warm=self.caches, progress=progress)
 
     def _take_fill(self, filled: FilledCache, stats: TurnStats) -> None:
         self.caches = filled

@@ -11,20 +11,28 @@ from kvp_mlx.flops import model_shape, prefill_flops, prefill_scores
 from kvp_mlx.methods.interface import (
     Capabilities, Cost, FilledCache, Pass, PrefillMethod, PrefillModel, PrefillResult, register,
 )
+from kvp_mlx.progress import ProgressFn
 
 
 def fill_cache(lm: nn.Module, tokens: mx.array, prefill_step_size: int, max_kv_size: int | None = None,
-               cache: list | None = None) -> list:
+               cache: list | None = None, progress: ProgressFn | None = None) -> list:
     """A cache holding ``tokens`` [B, T], filled in chunks (no logits are computed), as mlx-lm's
     ``generate_step`` fills it before the last prompt token. ``cache`` (holding a prefix of
-    ``tokens``) is extended in place; else a fresh ``make_prompt_cache(lm, max_kv_size)`` is used."""
+    ``tokens``) is extended in place; else a fresh ``make_prompt_cache(lm, max_kv_size)`` is used.
+    ``progress(processed, total)`` sees the positions computed so far of the ``total`` missing ones
+    (as mlx-lm's ``prompt_progress_callback``: before the first chunk, then after each)."""
     cache = make_prompt_cache(lm, max_kv_size) if cache is None else cache
     done = held_positions(cache)
     if done > tokens.shape[1]:
         raise KVPError(f"the cache holds {done} positions, more than the {tokens.shape[1]} tokens given")
+    total = tokens.shape[1] - done
+    if progress is not None and total > 0:
+        progress(0, total)
     for start in range(done, tokens.shape[1], prefill_step_size):
         lm(tokens[:, start : start + prefill_step_size], cache=cache)
         mx.eval([c.state for c in cache])
+        if progress is not None:
+            progress(min(start + prefill_step_size, tokens.shape[1]) - done, total)
     return cache
 
 
@@ -49,8 +57,9 @@ def prefill_base(model: PrefillModel, tokens: mx.array, prefill_step_size: int =
 
 
 def fill_base(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 2048,
-              max_kv_size: int | None = None, warm: FilledCache | None = None) -> FilledCache:
-    cache = fill_cache(model.base, tokens, prefill_step_size, max_kv_size, warm.cache if warm else None)
+              max_kv_size: int | None = None, warm: FilledCache | None = None,
+              progress: ProgressFn | None = None) -> FilledCache:
+    cache = fill_cache(model.base, tokens, prefill_step_size, max_kv_size, warm.cache if warm else None, progress)
     return FilledCache(cache, model.base)
 
 
@@ -66,6 +75,6 @@ register(PrefillMethod(
     summary="plain base prefill, the reference (what mlx-lm's generate_step does)",
     prefill=prefill_base,
     fill=fill_base,
-    capabilities=Capabilities(extends_cache=True),
+    capabilities=Capabilities(extends_cache=True, progress=True),
     cost=lambda model, tokens, chunk, batch, info: plain_prefill_cost(model.base, tokens, chunk, batch),
 ))

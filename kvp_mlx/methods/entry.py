@@ -10,7 +10,7 @@ method's ``fill`` or ``prefill``. Nothing else calls a declaration's functions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -64,9 +64,10 @@ class MethodCall:
         return self.model.aux if aux else self.model.base  # type: ignore[return-value]  # aux checked
 
     def fill(self, tokens: Any, prefill_step_size: int, max_kv_size: int | None = None,
-             warm: FilledCache | None = None) -> FilledCache:
+             warm: FilledCache | None = None, progress: Callable[[int, int], None] | None = None) -> FilledCache:
         """Caches holding ``tokens`` [B, n] (n may be 0); ``warm`` (this method's caches of a prefix
-        of ``tokens``) is extended in place."""
+        of ``tokens``) is extended in place. ``progress(processed, total)`` is reported to where the
+        method declares it can (Capabilities.progress; kvp_mlx.progress)."""
         if self.spec.fill is None:
             raise KVPError(f"method '{self.name}' prefills whole prompts: it cannot stop one token short or "
                            "extend a warm cache")
@@ -74,8 +75,9 @@ class MethodCall:
             raise KVPError(f"method '{self.name}' cannot extend a warm cache")
         tokens = self._tokens(tokens, allow_empty=True)
         _check_step(prefill_step_size)
+        reports = {"progress": progress} if progress is not None and self.spec.capabilities.progress else {}
         return self.spec.fill(self.model, tokens, prefill_step_size=prefill_step_size, max_kv_size=max_kv_size,
-                              warm=warm, **self.options)
+                              warm=warm, **reports, **self.options)
 
     def prefill(self, tokens: Any, prefill_step_size: int = 2048) -> PrefillResult | PeerRankResult:
         """The prefill of ``tokens`` [B, T]: the declared one, or ``fill`` of ``tokens[:, :-1]`` and

@@ -107,6 +107,7 @@ class Capabilities:
     batch: bool = True  # accepts a batch of equal-length prompts (B > 1)
     decoder: str = "base"  # the model that decodes from the filled cache: "base" or "aux"
     extends_cache: bool = False  # can extend a non-empty cache at an offset (warm conversations)
+    progress: bool = False  # its fill reports (processed, total) to a ``progress`` keyword (kvp_mlx.progress)
     # Why the method cannot run inside one ordinary process (None: it can).
     needs_launch: str | None = None
 
@@ -138,7 +139,8 @@ class Cost:
     passes: tuple[Pass, ...] = ()
 
 
-# fill(model, tokens [B, n], prefill_step_size, max_kv_size, warm=None, **options) -> FilledCache:
+# fill(model, tokens [B, n], prefill_step_size, max_kv_size, warm=None, **options) -> FilledCache
+# (with Capabilities.progress, also ``progress=``: a callback of (processed, total) positions):
 # caches holding tokens[:, :n] (n may be 0). With ``warm`` (a FilledCache of this method holding a
 # prefix of ``tokens``) the caches are extended in place to hold all n positions, written at their
 # true positions (Capabilities.extends_cache).

@@ -11,10 +11,12 @@ from kvp_mlx.flops import kvp_flops, kvp_scores, model_shape
 from kvp_mlx.errors import KVPError
 from kvp_mlx.methods.base import held_positions
 from kvp_mlx.methods.interface import Capabilities, Cost, FilledCache, Pass, PrefillMethod, PrefillModel, register
+from kvp_mlx.progress import ProgressFn
 
 
 def fill_kvp(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 2048,
-             max_kv_size: int | None = None, warm: FilledCache | None = None) -> FilledCache:
+             max_kv_size: int | None = None, warm: FilledCache | None = None,
+             progress: ProgressFn | None = None) -> FilledCache:
     """Base cache for ``tokens`` [B, n] predicted from the auxiliary model's prefill of them.
 
     Both caches are mlx-lm's own (``make_prompt_cache(..., max_kv_size)``), and the predicted K/V
@@ -26,6 +28,9 @@ def fill_kvp(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 204
     auxiliary's ``tokens[:, :a]`` with a <= b), the auxiliary catches up on ``tokens[:, a:n]`` (the
     previous reply included: it needs it as context), the predictor maps only the positions the base
     lacks, ``b .. n-1``, and they are written at those positions.
+
+    ``progress(processed, total)`` follows the auxiliary's prefill (``total = n - a`` positions),
+    the bulk of the work.
     """
     assert model.aux is not None and model.predictor is not None  # Capabilities.needs_aux
     base_cache = warm.cache if warm is not None else make_prompt_cache(model.base, max_kv_size)
@@ -36,7 +41,8 @@ def fill_kvp(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 204
         raise KVPError(f"cannot extend: the auxiliary holds {a} positions, the base {b}, of {n} tokens")
     if b == n:  # nothing to predict (a one-token prompt, or a cache that already holds the prefix)
         return FilledCache(base_cache, model.base, aux_cache)
-    _, keys, values, _ = prefill_capturing_raw_kv(model.aux, tokens[:, a:n], prefill_step_size, cache=aux_cache)
+    _, keys, values, _ = prefill_capturing_raw_kv(model.aux, tokens[:, a:n], prefill_step_size, cache=aux_cache,
+                                                  progress=progress)
     if b > a:  # the base already holds these positions (the previous reply): keep the new ones only
         keys, values = [k[:, :, b - a :] for k in keys], [v[:, :, b - a :] for v in values]
     predicted = model.predictor(keys, values)
@@ -65,6 +71,6 @@ register(PrefillMethod(
     name="kvp",
     summary="KV Prediction: auxiliary prefill of tokens[:-1] -> predictor -> base cache -> one base step",
     fill=fill_kvp,
-    capabilities=Capabilities(needs_aux=True, extends_cache=True),
+    capabilities=Capabilities(needs_aux=True, extends_cache=True, progress=True),
     cost=kvp_cost,
 ))

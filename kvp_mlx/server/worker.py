@@ -28,6 +28,7 @@ from kvp_mlx.mlx_lm_private import format_top_logprobs
 
 from kvp_mlx.errors import KVPError
 from kvp_mlx.model import KVPModel
+from kvp_mlx.progress import PrefillLog
 from kvp_mlx.server.prompt_cache import SessionCache
 from kvp_mlx.server.protocol import GenerationRequest
 from kvp_mlx.conversation.session import Session
@@ -157,7 +158,8 @@ class Worker:
         stop_sequences, text_sm = self._stop_sequences[stop_key]
         matcher = stop_sequences.matcher()
         sm = text_sm.make_state("normal")
-        kwargs: dict[str, Any] = dict(req.sampling, max_tokens=req.max_tokens, seed=req.seed)
+        kwargs: dict[str, Any] = dict(req.sampling, max_tokens=req.max_tokens, seed=req.seed,
+                                      prompt_progress_callback=PrefillLog(log))  # INFO lines for a long prefill
         job.events.put(("start", {"cached_tokens": reused}))
         finish, last = "length", None
         ok = False
