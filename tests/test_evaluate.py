@@ -201,7 +201,7 @@ def test_bad_task_files_and_paths_are_one_line_errors(tmp_path, capsys):
     assert f"task 'local_ll' ({root / 'local_ll.yaml'}, data files: ['{root / 'll.jsonl'}']): cannot load its " \
            "dataset: DatasetGenerationError" in line and "JSON parse error" in line, line
     line = _one_error(capsys, "evaluate", "--tasks", "local_gen", "--include-path", str(root))
-    assert f"task 'local_gen'" in line and f"FileNotFoundError: Unable to find '{root / 'gen.jsonl'}'" in line, line
+    assert "task 'local_gen'" in line and f"FileNotFoundError: Unable to find '{root / 'gen.jsonl'}'" in line, line
     line = _one_error(capsys, "evaluate", "--tasks", "local_ll", "--include-path", str(tmp_path / "missing"))
     assert line == f"error: --include-path {tmp_path / 'missing'} does not exist"
     line = _one_error(capsys, "evaluate", "--tasks", "local_ll", "--include-path", str(root / "ll.jsonl"))
