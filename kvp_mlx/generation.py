@@ -102,6 +102,9 @@ class Decoding:
         self.sampling.check(vocab_size)
         check_decoding(self.max_tokens, self.prefill_step_size, self.max_kv_size, self.kv_bits,
                        self.kv_group_size, self.quantized_kv_start, self.num_draft_tokens)
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+            raise KVPError(f"seed must be a non-negative integer below 2**64, got {seed!r}")
         if self.max_kv_size is not None and (self.draft is not None or self.draft_model is not None):
             # a rotating cache can be rewound only until it first wraps around
             raise KVPError("speculative decoding (--draft aux, --draft-model) needs trimmable caches: "

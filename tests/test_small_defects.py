@@ -266,3 +266,97 @@ def test_serve_sizes_and_the_open_host_warning(capsys, monkeypatch):
     assert_one_line_error(code, err, "cannot listen on 0.0.0.0:8080: Address already in use")
     code, err, _ = cli(capsys, "serve", "--host", "0.0.0.0", "--api-key", "k")
     assert not [line for line in err if line.startswith("warning:")]
+
+
+# --- I: an interrupted benchmark keeps what finished ----------------------------------------------
+
+
+def test_interrupted_benchmark_writes_what_finished(random_pair_dir, tmp_path, monkeypatch, capsys):
+    import bench.cases
+    from bench.ttft import main as ttft_main
+
+    real, calls = bench.cases.benchmark_config, []
+
+    def second_interrupts(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench.cases, "benchmark_config", second_interrupts)
+    argv = ["--model", str(random_pair_dir), "--prompt-lengths", "6,9", "--repetitions", "1", "--warmup", "1",
+            "--prefill-step-size", "4", "--out", str(tmp_path), "--name", "cut", "--no-calibrate"]
+    assert ttft_main(argv) == 130
+    result = json.loads((tmp_path / "cut.json").read_text())
+    assert result["interrupted"] is True and [r["prompt_tokens"] for r in result["runs"]] == [6]
+    assert (tmp_path / "cut.md").read_text().startswith("**interrupted**: only the 1 configuration(s) that finished")
+    (tmp_path / "afile").write_text("")
+    assert ttft_main([*argv[:-5], "--out", str(tmp_path / "afile")]) == 1
+    assert "--out " + str(tmp_path / "afile") + " is a file, not a directory" in capsys.readouterr().err
+
+
+# --- F, G, K: conv-eval, convert and output paths -------------------------------------------------
+
+
+def test_conv_eval_data_dir_formats_and_default_model(tmp_path, capsys):
+    code, err, _ = cli(capsys, "conv-eval", "--data", str(tmp_path), "--format", "synthetic", "--policy", "full")
+    assert_one_line_error(code, err, f"{tmp_path} is a directory: give one conversation file (--data FILE)")
+    with pytest.raises(SystemExit):
+        kvp_main(["conv-eval", "--help"])
+    help_text = capsys.readouterr().out
+    for name in ("locomo", "longmemeval", "realtalk", "synthetic"):
+        assert f"\n  {name}: " in help_text
+    assert '"sessions": [{"date"?, "turns": [{"speaker", "text"}]}]' in help_text
+    assert "default: the embedded demo model" in " ".join(help_text.split())
+    data = tmp_path / "conv.json"
+    data.write_text(json.dumps([{"id": "c", "sessions": [{"turns": [
+        {"speaker": "Ann", "text": "My cat is called Tom."}, {"speaker": "Bob", "text": "Nice."}]}],
+        "qa": [{"question": "What is the cat called?", "answer": "Tom"}]}]))
+    (tmp_path / "out").mkdir()
+    code, err, _ = cli(capsys, "conv-eval", "--data", str(data), "--format", "synthetic", "--policy", "full",
+                       "--json", str(tmp_path / "out"))
+    assert_one_line_error(code, err, f"--json {tmp_path / 'out'} is a directory, not a file")
+    code, err, out = cli(capsys, "conv-eval", "--data", str(data), "--format", "synthetic", "--policy", "full",
+                         "--max-tokens", "2", "--json", str(tmp_path / "r.json"))
+    assert code == 0 and "questions 1" in out and json.loads((tmp_path / "r.json").read_text())["results"]
+
+
+def test_convert_directories_are_one_line_errors(tmp_path, capsys):
+    ckpt, config = tmp_path / "c.pt", tmp_path / "c.yaml"
+    ckpt.write_text("")
+    config.write_text("")
+    for argv, message in [
+        (["--checkpoint", str(tmp_path), "--config", str(config)], f"--checkpoint {tmp_path} is a directory, not a file"),
+        (["--checkpoint", str(ckpt), "--config", str(tmp_path)], f"--config {tmp_path} is a directory, not a file"),
+        (["--checkpoint", str(ckpt), "--config", str(config), "--tokenizer", str(tmp_path)],
+         f"--tokenizer {tmp_path} is a directory, not a file"),
+    ]:
+        assert_one_line_error(*cli(capsys, "convert", *argv, "--out", str(tmp_path / "o"))[:2], message)
+    code, err, _ = cli(capsys, "convert", "--checkpoint", str(ckpt), "--config", str(config), "--out", str(ckpt))
+    assert_one_line_error(code, err, f"--out {ckpt} is a file, not a directory")
+    code, err, _ = cli(capsys, "convert", "--checkpoint", str(ckpt), "--config", str(config), "--out",
+                       str(ckpt / "sub"))
+    assert_one_line_error(code, err, f"--out {ckpt / 'sub'}: {ckpt} is a file, not a directory")
+
+
+# --- H, J: the Python API and --seed ------------------------------------------------------------
+
+
+def test_api_arguments_of_the_wrong_kind(demo, capsys):
+    with pytest.raises(KVPError, match=r"^model must be a KVPModel from kvp_mlx.load\(...\), got str$"):
+        generate("notamodel", "hi")
+    with pytest.raises(KVPError, match=r"^model must be a KVPModel from kvp_mlx.load\(...\), got NoneType$"):
+        Session(None)
+    with pytest.raises(KVPError, match="^load takes a path or repo id, got int$"):
+        load(123)
+    with pytest.raises(KVPError, match=r"^unknown keyword 'max_token' \(did you mean 'max_tokens'\?\)"):
+        generate(demo, "hi", max_token=3)
+    with pytest.raises(KVPError, match=r"^unknown keyword 'tmep' \(did you mean 'temp'\?\)"):
+        Session(demo).generate("hi", tmep=0.5)
+    for seed in (-1, 2**64, 1.5, True):
+        with pytest.raises(KVPError, match="^seed must be a non-negative integer below 2\\*\\*64"):
+            generate(demo, "hi", seed=seed, max_tokens=2)
+    code, err, out = cli(capsys, "generate", "--prompt", "hi", "--seed", "-1", "--temp", "1")
+    assert_one_line_error(code, err, "seed must be a non-negative integer below 2**64, got -1")
+    assert out == ""
+    assert isinstance(generate(demo, "hi", seed=2**64 - 1, temp=1.0, max_tokens=2), str)

@@ -146,6 +146,8 @@ def enter(model: PrefillModel, method: str | None = None, options: dict[str, Any
     """``method`` (default: :func:`default_method`) checked against ``model`` and, with ``warm``,
     able to extend a warm cache (a session's turns); ``options`` checked against its declaration
     (``source="cli"``: text converted, errors name the flags)."""
+    if not all(hasattr(model, name) for name in ("base", "aux", "predictor", "tokenizer")):
+        raise KVPError(f"model must be a KVPModel from kvp_mlx.load(...), got {type(model).__name__}")
     spec = get_method(method or default_method(model))
     problem = missing_models(model, spec)
     if problem:
