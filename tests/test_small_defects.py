@@ -74,6 +74,12 @@ def test_bad_token_ids_are_one_line_errors_on_every_road(demo, ids, message):
             demo.prefill(ids)
 
 
+def test_session_score_checks_the_last_token_and_the_continuation(demo):
+    for prompt, continuation in (([1, 4096], [5]), ([1, 2], [4096]), ([1, 2], [-3])):
+        with pytest.raises(KVPError, match="token id"):
+            Session(demo).score(prompt, continuation)
+
+
 def test_vocabulary_is_the_models_embedding(demo):
     """The last valid id works; the check reads the embedding's rows, not the tokenizer's size."""
     assert isinstance(generate(demo, [1, 4095], max_tokens=2), str)
@@ -88,6 +94,8 @@ def test_lone_surrogate_is_one_line(demo, capsys, monkeypatch):
         generate(demo, "ab\ud800", max_tokens=2)
     with pytest.raises(KVPError, match="the content of message 0 is not valid Unicode text"):
         generate(demo, [{"role": "user", "content": "\udfff"}], max_tokens=2)
+    with pytest.raises(KVPError, match="the prompt is not valid Unicode text"):
+        Session(demo).generate("\ud800", max_tokens=2)  # raw text: the session's own rendering
     # the UTF-8 bytes of a surrogate on standard input
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hi \xed\xa0\x80")))
     code, err, out = cli(capsys, "generate", "--prompt", "-", "--max-tokens", "2")
