@@ -123,7 +123,9 @@ def _add_predictions(calibration, group, run: dict) -> None:
         c["predicted_s"] = predict_seconds(calibration, work)
 
 
-def _run_device(device: str, settings: dict, calibrate: bool = True) -> list[dict]:
+def _run_device(device: str, settings: dict, runs: list[dict], calibrate: bool = True) -> list[dict]:
+    """Measure ``settings`` on ``device``, appending each finished configuration to ``runs`` (an
+    interrupted run keeps what finished)."""
     import mlx.core as mx
 
     from bench.models import build_pairs, load_group
@@ -137,7 +139,6 @@ def _run_device(device: str, settings: dict, calibrate: bool = True) -> list[dic
     groups += [load_group(path, settings["dtype"]) for path in settings["models"]]
     _log(f"[{device}] models ready in {time.perf_counter() - tic:.1f} s: "
          + "; ".join(f"{g.name} with {', '.join(g.variants) or 'no auxiliary'}" for g in groups))
-    runs = []
     for group in groups:
         calibration = None
         if calibrate:
@@ -198,14 +199,25 @@ def run_benchmark(settings: dict, out: Path | None = None, name: str | None = No
          f"{settings['repetitions']} repetitions, prefill step size {settings['prefill_step_size']}")
     started, load_before, tic = datetime.now(), report.load_average(), time.perf_counter()
     out = Path(out) if out else report.default_out_dir()  # named after the start date
-    runs, skipped = [], []
-    for device in settings["devices"]:
-        if device == "gpu" and not gpu_available():
-            msg = "no GPU is available to MLX on this machine (Metal on a Mac, CUDA elsewhere): skipping --device gpu"
-            print(msg)
-            skipped.append({"label": "device gpu", "reason": msg})
-            continue
-        runs += _run_device(device, settings, calibrate=settings.get("calibrate", True))
+    if out.exists() and not out.is_dir():
+        raise KVPError(f"--out {out} is a file, not a directory")
+    runs: list[dict] = []
+    skipped = []
+    interrupted = False
+    try:
+        for device in settings["devices"]:
+            if device == "gpu" and not gpu_available():
+                msg = ("no GPU is available to MLX on this machine (Metal on a Mac, CUDA elsewhere): skipping "
+                       "--device gpu")
+                print(msg)
+                skipped.append({"label": "device gpu", "reason": msg})
+                continue
+            _run_device(device, settings, runs, calibrate=settings.get("calibrate", True))
+    except KeyboardInterrupt:
+        if not runs:
+            raise
+        interrupted = True
+        _log(f"interrupted: writing the {len(runs)} finished configuration(s)")
     if not runs:
         print("nothing was benchmarked")
         return 0
@@ -213,8 +225,11 @@ def run_benchmark(settings: dict, out: Path | None = None, name: str | None = No
     result = report.result_envelope(report.SCHEMA, name, started, tic, equivalent_command(settings), load_before,
                                     settings, runs)
     result["skipped"] = skipped
+    if interrupted:
+        result["interrupted"] = True
     out.mkdir(parents=True, exist_ok=True)
-    return write_outputs(result, out, name, no_plots)
+    code = write_outputs(result, out, name, no_plots or interrupted)
+    return 130 if interrupted else code
 
 
 def write_outputs(result: dict, out: Path, name: str, no_plots: bool) -> int:
@@ -222,6 +237,10 @@ def write_outputs(result: dict, out: Path, name: str, no_plots: bool) -> int:
     from bench import report
 
     files = [report.write_json(result, out / f"{name}.json"), report.write_markdown(result, out / f"{name}.md")]
+    if result.get("interrupted"):
+        md_path = out / f"{name}.md"
+        md_path.write_text(f"**interrupted**: only the {len(result['runs'])} configuration(s) that finished (plots: "
+                      f"python -m bench.ttft --from-json {out / name}.json)\n\n" + md_path.read_text())
     predicted = predicted_markdown(result)
     if predicted:
         with open(out / f"{name}.md", "a") as md:

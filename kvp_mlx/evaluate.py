@@ -211,6 +211,7 @@ def evaluate(
     _lm_eval()
     from lm_eval import evaluator
 
+    check_include_paths(include_paths or [])
     cls = make_lm_class()
     lm = cls(
         model,
@@ -231,10 +232,11 @@ def evaluate(
             f"unknown lm-eval task(s) {', '.join(unknown)} (bundled: {', '.join(bundled_tasks())}; "
             "add task folders with --include-path)"
         )
+    loaded = [load_task(manager, t) for t in tasks]  # datasets read (or fetched) before any scoring
     try:
         results = evaluator.simple_evaluate(
             model=lm,
-            tasks=tasks,
+            tasks=loaded,
             num_fewshot=num_fewshot,
             limit=limit,
             task_manager=manager,
@@ -257,6 +259,82 @@ def evaluate(
         "prefill_step_size": prefill_step_size,
     }
     return results
+
+
+def _any_tag_loader() -> Any:
+    """PyYAML's safe loader reading lm-eval's tags (``!function``) as nothing: lm-eval resolves them."""
+    import yaml
+
+    class AnyTag(yaml.SafeLoader):
+        pass
+
+    AnyTag.add_multi_constructor("", lambda loader, suffix, node: None)
+    return AnyTag
+
+
+def check_include_paths(paths: list[str | Path]) -> None:
+    """Each ``--include-path`` exists, and every task YAML under it parses (lm-eval skips a malformed
+    one silently, and the task is then only "unknown")."""
+    import yaml
+
+    for root in map(Path, paths):
+        if not root.exists():
+            raise KVPError(f"--include-path {root} does not exist")
+        if not root.is_dir():
+            raise KVPError(f"--include-path {root} is not a directory (give the folder holding task YAML files)")
+        for path in sorted(root.glob("**/*.yaml")):
+            try:
+                config = yaml.load(path.read_text(encoding="utf-8"), Loader=_any_tag_loader())  # noqa: S506
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+                raise KVPError(f"task file {path} is not valid YAML: {getattr(e, 'problem', None) or _first_line(e)}"
+                               f"{where}") from None
+            if not isinstance(config, dict):
+                raise KVPError(f"task file {path} must hold a mapping of task settings, got {type(config).__name__}")
+
+
+def load_task(manager: Any, name: str) -> Any:
+    """lm-eval's task (or group) ``name`` with its dataset loaded; a dataset that cannot be read (a
+    missing or malformed data file, the hub offline) is a one-line error naming the task."""
+    import os
+
+    try:
+        loaded = manager.load([name])
+    except Exception as e:  # datasets and lm-eval raise many types for a dataset they cannot read
+        detail = f"{type(e).__name__}: {_first_line(e)}"
+        cause: BaseException = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is not e:
+            detail += f" ({type(cause).__name__}: {_first_line(cause)})"
+        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "0") not in ("", "0")]
+        hint = f"; {offline[0]} is set: the dataset must be in the local cache" if offline else ""
+        raise KVPError(f"task '{name}'{_task_files(manager, name)}: cannot load its dataset: {detail}{hint}") from None
+    if name in loaded["groups"]:
+        return loaded["groups"][name]
+    return loaded["tasks"].get(name) or list(loaded["tasks"].values())  # a tag: its tasks
+
+
+def _task_files(manager: Any, name: str) -> str:
+    """`` (TASK.yaml, data files: ...)`` for a task read from a YAML file naming local data files."""
+    import yaml
+
+    path = getattr(manager.task_index.get(name), "yaml_path", None)
+    if path is None:
+        return ""
+    try:
+        config = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_any_tag_loader())  # noqa: S506
+        files = (config.get("dataset_kwargs") or {}).get("data_files")
+    except Exception:  # only a hint for the message
+        files = None
+    if isinstance(files, dict):
+        files = list(files.values())
+    return f" ({path}, data files: {files})" if files else f" ({path})"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def bundled_tasks() -> list[str]:

@@ -32,7 +32,7 @@ from kvp_mlx.errors import KVPError
 from kvp_mlx.methods import FilledCache, MethodCall, PrefillModel, enter
 from kvp_mlx.methods.base import fill_cache
 from kvp_mlx.model import KVPModel
-from kvp_mlx.prompting import Prompt, check_context, render_prompt
+from kvp_mlx.prompting import Prompt, check_context, context_length, render_prompt
 from kvp_mlx.sampling import SamplingOptions, sampling_options, with_history
 
 DEFAULT_QUANTIZED_KV_START = 5000  # mlx-lm's default
@@ -103,6 +103,9 @@ class Decoding:
         self.sampling.check(vocab_size)
         check_decoding(self.max_tokens, self.prefill_step_size, self.max_kv_size, self.kv_bits,
                        self.kv_group_size, self.quantized_kv_start, self.num_draft_tokens)
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+            raise KVPError(f"seed must be a non-negative integer below 2**64, got {seed!r}")
         if self.max_kv_size is not None and (self.draft is not None or self.draft_model is not None):
             # a rotating cache can be rewound only until it first wraps around
             raise KVPError("speculative decoding (--draft aux, --draft-model) needs trimmable caches: "
@@ -186,7 +189,7 @@ def stream_generate(
         warn_context(int(ids.size), model, strict_context)
     mx.eval(ids)
     tic = time.perf_counter()
-    steps = token_stream(call, ids, dec)
+    steps = token_stream(call, ids, dec, context_warning=context_warning)
     yield from _responses(steps, model.tokenizer, int(ids.size), dec.max_tokens, tic, call.name, call.decoder)
 
 
@@ -197,10 +200,31 @@ def warn_context(n_tokens: int, model: KVPModel, strict: bool) -> None:
 
 
 def token_stream(call: MethodCall, ids: mx.array, dec: Decoding, warm: FilledCache | None = None,
-                 on_fill: Callable[[FilledCache], None] | None = None) -> Iterator[tuple[Any, mx.array, bool]]:
+                 on_fill: Callable[[FilledCache], None] | None = None,
+                 context_warning: bool = True) -> Iterator[tuple[Any, mx.array, bool]]:
     """(token, logprobs, from_draft) for the prompt ``ids`` [T]: the method fills the cache (``warm``:
     a conversation's caches, extended in place to hold ``ids[:-1]``), then mlx-lm's loop runs the
-    last token and decodes. ``on_fill`` sees the filled caches before decoding starts."""
+    last token and decodes. ``on_fill`` sees the filled caches before decoding starts. Decoding past
+    the model's context warns once on stderr (``context_warning=False``: not)."""
+    call.check_ids(ids)  # the whole prompt: mlx-lm's loop runs the last token unchecked
+    steps = _token_steps(call, ids, dec, warm, on_fill)
+    found = context_length(getattr(call.model, "base_config", {})) if context_warning else None
+    if found is None or ids.size > found[0]:  # no context known, or the prompt already warned
+        yield from steps
+        return
+    limit, key = found
+    try:
+        for n, step in enumerate(steps, 1):
+            if ids.size + n == limit + 1:
+                print(f"warning: decoding passed the model's context of {limit} tokens ({key}) at generated "
+                      f"token {n}; expect degraded output", file=sys.stderr)
+            yield step
+    finally:
+        steps.close()  # type: ignore[attr-defined]  # a generator
+
+
+def _token_steps(call: MethodCall, ids: mx.array, dec: Decoding, warm: FilledCache | None,
+                 on_fill: Callable[[FilledCache], None] | None) -> Iterator[tuple[Any, mx.array, bool]]:
     model = call.model
     if dec.seed is not None:
         mx.random.seed(dec.seed)

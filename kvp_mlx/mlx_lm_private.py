@@ -14,7 +14,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.cache import _BaseCache
 from mlx_lm.server import _format_top_logprobs
-from mlx_lm.utils import _get_classes, _parse_size
+from mlx_lm.utils import _get_classes
 
 # The base class of every mlx-lm cache: a cache subclassing it gets the defaults (state, is_trimmable,
 # from_state) that mlx-lm's cache functions read. A public cache base class or protocol would replace it.
@@ -27,13 +27,6 @@ def model_classes(config: dict) -> tuple[Callable[..., nn.Module], type[BaseMode
     ``mlx_lm.utils.get_model_classes``."""
     model_class, args_class = _get_classes(config)
     return model_class, args_class
-
-
-def parse_size(text: str) -> int:
-    """Bytes of a size such as ``2GB`` or ``500MB``, read as ``mlx_lm.server`` reads its
-    ``--prompt-cache-bytes`` (``_parse_size``), so ``kvp-mlx serve`` accepts the same values.
-    Replacement: a public size parser in mlx-lm, or a copy of its few lines."""
-    return int(_parse_size(text))
 
 
 def format_top_logprobs(logprobs: mx.array, top_n: int, tokenizer: Any) -> tuple[dict[str, Any], ...]:

@@ -245,6 +245,10 @@ def load(
     checkpoint's own dtype on a GPU (for a KV Prediction directory, the base's: the auxiliary and
     the predictor are cast to it). Only floating parameters are cast: quantized weights stay packed.
     """
+    if path_or_repo is not None and not isinstance(path_or_repo, (str, os.PathLike)):
+        raise KVPError(f"load takes a path or repo id, got {type(path_or_repo).__name__}")
+    if dtype is not None and not isinstance(dtype, str):
+        raise KVPError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {type(dtype).__name__}")
     if path_or_repo is None:
         if not (DEFAULT_MODEL_DIR / KVP_CONFIG).is_file():
             raise KVPError(

@@ -10,6 +10,7 @@ through the tokenizer's own template, so the token ids match mlx-lm's for the sa
 from __future__ import annotations
 
 import sys
+from numbers import Integral
 from typing import Any, Sequence
 
 import mlx.core as mx
@@ -35,11 +36,17 @@ def decode_utf8(data: bytes, source: str = "the prompt") -> str:
 
 
 def checked_text(text: str, source: str = "the prompt") -> str:
-    """A command-line string as Python received it: undecodable bytes (surrogate escapes) refused."""
+    """Text a tokenizer can take: undecodable command-line bytes (surrogate escapes) and lone
+    surrogates (``"\\ud800"`` in JSON or Python) are one-line errors."""
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:
-        decode_utf8(text.encode("utf-8", "surrogateescape"), source)
+    except UnicodeEncodeError as e:
+        try:
+            data = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise KVPError(f"{source} is not valid Unicode text: a lone surrogate U+{ord(text[e.start]):04X} at "
+                           f"character {e.start}") from None
+        decode_utf8(data, source)
     return text
 
 
@@ -77,17 +84,14 @@ def render_prompt(
     tokenizer's special tokens (BOS), as ``mlx_lm.generate --ignore-chat-template`` does.
     """
     if isinstance(prompt, mx.array) or (
-        isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt)
+        isinstance(prompt, (list, tuple)) and prompt and not all(isinstance(m, dict) for m in prompt)
     ):
-        flat = prompt.reshape(-1).tolist() if isinstance(prompt, mx.array) else list(prompt)
-        ids = [int(t) for t in flat]  # type: ignore[union-attr, arg-type]  # a 1-D array: list[int]
-        if not ids:
-            raise KVPError("empty prompt")
-        return ids
+        return token_ids(prompt)
     has_template = bool(getattr(tokenizer, "has_chat_template", False))
     if isinstance(prompt, str):
         if prompt == "":
             raise KVPError("empty prompt")
+        checked_text(prompt)
         templated = has_template if use_chat_template is None else use_chat_template
         if not templated:
             if system_prompt is not None or prefill_response is not None:
@@ -106,6 +110,8 @@ def render_prompt(
             raise KVPError(f"each chat message needs a string 'role' and 'content', got {bad[0]!r}")
     else:
         raise KVPError(f"a prompt is text, a list of chat messages or a list of token ids, got {type(prompt).__name__}")
+    for i, m in enumerate(messages):
+        checked_text(m["content"], f"the content of message {i}")
     if not has_template:
         raise KVPError("this model's tokenizer has no chat template (pass plain text, or give the model a "
                        "chat_template in tokenizer_config.json)")
@@ -119,6 +125,37 @@ def render_prompt(
     except Exception as e:  # jinja and transformers raise many types for a template that does not fit
         raise KVPError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def check_id_list(ids: Any, nested: bool = False) -> None:
+    """A one-line error for a list of token ids holding anything but integers (bools, floats,
+    strings; with ``nested``, one level of lists is a batch) or a negative id."""
+    for i, t in enumerate(ids):
+        if nested and isinstance(t, (list, tuple)):
+            check_id_list(t)
+        elif isinstance(t, bool) or not isinstance(t, Integral):
+            raise KVPError(f"token ids must be integers, got {t!r} ({type(t).__name__}) at position {i}")
+        elif int(t) < 0:
+            raise KVPError(f"token id {t} at position {i} is negative")
+        elif int(t) >= 2**31:
+            raise KVPError(f"token id {t} at position {i} is too large to be a token id")
+
+
+def token_ids(prompt: Sequence[Any] | mx.array) -> list[int]:
+    """A prompt given as token ids (a list, or a 1-D or [1, T] mx.array): integers and not
+    negative, or a one-line error. The model's vocabulary is checked where the model is known
+    (:meth:`kvp_mlx.methods.MethodCall.check_ids`)."""
+    if isinstance(prompt, mx.array):
+        if prompt.ndim > 2 or (prompt.ndim == 2 and prompt.shape[0] != 1):
+            raise KVPError(f"a prompt of token ids is one sequence [T], got shape {tuple(prompt.shape)}")
+        if prompt.size and not mx.issubdtype(prompt.dtype, mx.integer):
+            raise KVPError(f"token ids must be integers, got an array of {str(prompt.dtype).rsplit('.', 1)[-1]}")
+        prompt = prompt.reshape(-1).tolist()  # type: ignore[assignment]  # a list of ints
+    check_id_list(prompt)
+    ids = [int(t) for t in prompt]
+    if not ids:
+        raise KVPError("empty prompt")
+    return ids
 
 
 def context_length(config: dict) -> tuple[int, str] | None:

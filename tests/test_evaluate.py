@@ -182,3 +182,57 @@ def test_pass_at_k_estimator():
     assert he.pass_at_k_estimate(20, 11, 10) == 1.0
     assert he.pass_at_k_estimate(20, 1, 10) == pytest.approx(0.5)  # 1 - C(19,10)/C(20,10)
     assert he.pass_at_k_estimate(10, 3, 1) == pytest.approx(0.3)
+
+
+def _one_error(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_bad_task_files_and_paths_are_one_line_errors(tmp_path, capsys):
+    """Malformed or missing data, a malformed task YAML, a missing --include-path and an --output-dir
+    that is a file: one line each, naming the file or task, before any scoring."""
+    root = write_tasks(tmp_path / "tasks")
+    (root / "ll.jsonl").write_text('{"q": "a", "choices": ["x"], "label": 0}\n{not json\n')
+    (root / "gen.jsonl").unlink()
+    line = _one_error(capsys, "evaluate", "--tasks", "local_ll", "--include-path", str(root))
+    assert f"task 'local_ll' ({root / 'local_ll.yaml'}, data files: ['{root / 'll.jsonl'}']): cannot load its " \
+           "dataset: DatasetGenerationError" in line and "JSON parse error" in line, line
+    line = _one_error(capsys, "evaluate", "--tasks", "local_gen", "--include-path", str(root))
+    assert "task 'local_gen'" in line and f"FileNotFoundError: Unable to find '{root / 'gen.jsonl'}'" in line, line
+    line = _one_error(capsys, "evaluate", "--tasks", "local_ll", "--include-path", str(tmp_path / "missing"))
+    assert line == f"error: --include-path {tmp_path / 'missing'} does not exist"
+    line = _one_error(capsys, "evaluate", "--tasks", "local_ll", "--include-path", str(root / "ll.jsonl"))
+    assert "is not a directory (give the folder holding task YAML files)" in line
+    (root / "broken.yaml").write_text("task: broken\n  bad: [indent\n")
+    line = _one_error(capsys, "evaluate", "--tasks", "broken", "--include-path", str(root))
+    assert line == (f"error: task file {root / 'broken.yaml'} is not valid YAML: mapping values are not allowed "
+                    "here (line 2, column 6)")
+    (root / "broken.yaml").write_text("- just a list\n")
+    line = _one_error(capsys, "evaluate", "--tasks", "broken", "--include-path", str(root))
+    assert line == f"error: task file {root / 'broken.yaml'} must hold a mapping of task settings, got list"
+    (tmp_path / "afile").write_text("")
+    line = _one_error(capsys, "evaluate", "--tasks", "local_ll", "--output-dir", str(tmp_path / "afile"))
+    assert line == f"error: --output-dir {tmp_path / 'afile'} is a file, not a directory"
+    (tmp_path / "out" / "results.json").mkdir(parents=True)
+    line = _one_error(capsys, "evaluate", "--tasks", "local_ll", "--output-dir", str(tmp_path / "out"))
+    assert line.endswith("results.json is a directory, not a file")
+
+
+def test_offline_hub_task_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "hub.yaml").write_text((write_tasks(tmp_path / "t") / "local_ll.yaml").read_text().replace(
+        "task: local_ll", "task: hub_ll").replace("dataset_path: json", "dataset_path: nobody/kvp_no_such_dataset"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "kvp_mlx.cli", "evaluate", "--tasks", "hub_ll", "--include-path",
+                           str(tmp_path / "hub")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "task 'hub_ll'" in errors[0] and "nobody/kvp_no_such_dataset" in errors[0], errors
+    assert "HF_HUB_OFFLINE is set: the dataset must be in the local cache" in errors[0]

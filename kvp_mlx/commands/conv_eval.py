@@ -10,19 +10,19 @@ from pathlib import Path
 from kvp_mlx.epicache.budgets import budgets_for
 from kvp_mlx.epicache.episodes import load_embedder
 from kvp_mlx.epicache.evaluate import QuestionResult, evaluate
-from kvp_mlx.epicache.loaders import FORMATS, load_conversations
+from kvp_mlx.epicache.loaders import FORMATS, SCHEMAS, load_conversations
 from kvp_mlx.epicache.policies import available_policies, describe_policies, get_policy
 from kvp_mlx.epicache.prefill import LEVELS
 from kvp_mlx.errors import KVPError
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="the conversation file")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="its schema")
-    parser.add_argument("--model", required=True, help="a KV Prediction or mlx-lm model directory")
+    parser.add_argument("--data", required=True, help="the conversation file (one JSON file)")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="its schema (listed below)")
+    parser.add_argument("--model", help="a KV Prediction or mlx-lm model directory (default: the embedded demo model)")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "KV policies (--policy):\n" + describe_policies()
+    formats = "\n".join(f"  {name}: {schema}" for name, schema in SCHEMAS.items())
+    parser.epilog = f"formats (--format):\n{formats}\n\nKV policies (--policy):\n" + describe_policies()
     parser.add_argument("--policy", default="epicache", metavar="P",
                         help=f"KV policy: {', '.join(available_policies())} (default epicache; listed below)")
     parser.add_argument("--budget", type=int, help="KV entries per head per layer (M); not for --policy full")
@@ -45,12 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvp_mlx.commands.output_paths import check_output_file
     from kvp_mlx.model import load
 
     if get_policy(args.policy, what="--policy").evicts and args.budget is None:
         raise KVPError(f"--policy {args.policy} needs --budget")
     if args.budget is not None and args.budget < 1:
         raise KVPError("--budget must be positive")
+    if args.json:
+        check_output_file(args.json, "--json")
     conversations = load_conversations(args.data, args.format)
     model = load(args.model, dtype=args.dtype)
     budget = None

@@ -43,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from kvp_mlx.commands.method_flags import method_options
     from kvp_mlx.errors import KVPError
 
+    from kvp_mlx.commands.output_paths import check_output_dir
+
+    if args.output_dir:
+        check_output_dir(args.output_dir, "--output-dir", ("results.json",))
     options = method_options(args, args.method)
     tasks = [t for t in args.tasks.replace(",", " ").split() if t]
     if not tasks:

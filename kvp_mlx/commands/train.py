@@ -86,7 +86,9 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from kvp_mlx.training.jsonsafe import dumps_json
     from kvp_mlx.training.kvp_run import run_kvp_training
+    from kvp_mlx.commands.output_paths import check_output_dir
 
+    check_output_dir(args.out, "--out")
     summary = run_kvp_training(config_from_args(args), force=args.force, resume=args.resume)
     history = summary.pop("history")
     if history:

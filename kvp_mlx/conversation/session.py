@@ -35,7 +35,7 @@ from kvp_mlx.generation import GenerationResponse, _responses, split_generation_
 from kvp_mlx.methods import FilledCache, MethodCall, enter
 from kvp_mlx.methods.base import held_positions
 from kvp_mlx.model import KVPModel
-from kvp_mlx.prompting import Message, render_prompt
+from kvp_mlx.prompting import Message, checked_text, render_prompt
 
 TurnInput = str | list[Message] | list[int]  # a new turn: text, chat messages or token ids
 
@@ -251,7 +251,7 @@ class Session:
         if isinstance(prompt, str) and not templated:
             if prompt == "":
                 raise KVPError("empty prompt")
-            return list(tokenizer.encode(prompt, add_special_tokens=first))
+            return list(tokenizer.encode(checked_text(prompt), add_special_tokens=first))
         return render_prompt(tokenizer, prompt, system_prompt=self.system_prompt if first else None,
                              use_chat_template=use_chat_template, chat_template_config=chat_template_config,
                              add_generation_prompt=add_generation_prompt)
@@ -332,6 +332,9 @@ class Session:
         if not continuation:
             raise KVPError("score needs a non-empty continuation")
         ids = self.tokens + self.render(prompt)
+
+        assert self._call is not None
+        self._call.check_ids(ids + list(continuation))  # the decoder reads the last ones unchecked
 
         def turn() -> mx.array:
             stats = self._begin_turn(prompt, ids, len(ids) - 1, len(continuation) + 1)

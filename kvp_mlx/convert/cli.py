@@ -153,6 +153,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-config", help="OpenELM config.json for a single-model checkpoint")
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """Input files that are directories, and an --out that is a file, as one line before any work."""
+    from kvp_mlx.commands.output_paths import check_output_dir
+
+    for flag in ("checkpoint", "config", "tokenizer", "base_config", "aux_config", "model_config"):
+        path = getattr(args, flag)
+        if path is not None and Path(path).is_dir():
+            raise KVPError(f"--{flag.replace('_', '-')} {path} is a directory, not a file")
+    check_output_dir(args.out, "--out")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a parsed ``convert`` command; prints ``error: ...`` and returns 1 on bad input."""
     quantization = None
@@ -162,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         print("error: --q-bits and --q-group-size need -q / --quantize", file=sys.stderr)
         return 1
     try:
+        check_inputs(args)
         out = convert_checkpoint(
             args.checkpoint,
             args.config,

@@ -17,6 +17,18 @@ from kvp_mlx.errors import KVPError
 
 FORMATS = ("locomo", "longmemeval", "realtalk", "synthetic")
 
+# Each --format's schema in a line or two (``kvp-mlx conv-eval --help``); fields with ? are optional.
+SCHEMAS = {
+    "locomo": '[{"sample_id"?, "conversation": {"session_N": [{"speaker", "text", "blip_caption"?}], '
+              '"session_N_date_time"?}, "qa": [{"question", "answer", "category"?}]}] (locomo10.json)',
+    "longmemeval": '[{"question_id"?, "haystack_sessions": [[{"role", "content"}]], "haystack_dates"?, '
+                   '"question", "answer", "question_date"?, "question_type"?}] (longmemeval_s.json)',
+    "realtalk": '{"session_N": [{"speaker", "clean_text" or "text"}], "session_N_date_time"?, '
+                '"qa": [{"question", "answer"}]} (one Chat_*.json; the sessions may sit under "conversation")',
+    "synthetic": '[{"id"?, "sessions": [{"date"?, "turns": [{"speaker", "text"}]}], '
+                 '"qa": [{"question", "answer", "category"?}]}] (this project\'s format)',
+}
+
 
 @dataclass(frozen=True)
 class QA:
@@ -69,10 +81,14 @@ class _Reader:
         return value
 
     def load(self) -> Any:
+        if self.path.is_dir():
+            raise KVPError(f"{self.path} is a directory: give one conversation file (--data FILE)")
         try:
             return json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise KVPError(f"{self.path}: no such file") from None
+        except OSError as e:
+            raise KVPError(f"{self.path}: cannot read it ({e.strerror or e})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise KVPError(f"{self.path}: not valid JSON ({e})") from None
 

@@ -20,6 +20,7 @@ from kvp_mlx.methods.interface import (
     FilledCache, PeerRankResult, PrefillMethod, PrefillModel, PrefillResult, as_token_batch, get_method,
     method_specs,
 )
+from kvp_mlx.prompting import check_id_list
 
 
 def default_method(model: PrefillModel) -> str:
@@ -102,14 +103,39 @@ class MethodCall:
             )
         return result
 
+    def check_ids(self, tokens: Any) -> None:
+        """A one-line error unless ``tokens`` (ids [T] or [B, T]) are integers in this model's vocabulary."""
+        self._tokens(tokens, allow_empty=True)
+
     def _tokens(self, tokens: Any, allow_empty: bool) -> mx.array:
+        if isinstance(tokens, (list, tuple)):
+            check_id_list(tokens, nested=True)
+        if isinstance(tokens, mx.array) and tokens.size and not mx.issubdtype(tokens.dtype, mx.integer):
+            raise KVPError(f"token ids must be integers, got an array of {str(tokens.dtype).rsplit('.', 1)[-1]}")
         tokens = as_token_batch(tokens, allow_empty=allow_empty)
         if tokens.shape[0] > 1 and not self.spec.capabilities.batch:
             raise KVPError(f"method '{self.name}' runs one prompt at a time (B=1); got a batch of {tokens.shape[0]}")
-        vocab = getattr(getattr(self.model.base, "args", None), "vocab_size", None)
-        if vocab is not None and tokens.size and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
-            raise KVPError(f"token ids must lie in [0, {vocab}) for this model")
+        check_vocabulary(tokens, vocab_size(self.model))
         return tokens
+
+
+def vocab_size(model: PrefillModel) -> int | None:
+    """The rows of the base model's embedding (which may exceed the tokenizer's vocabulary)."""
+    size = getattr(getattr(model.base, "args", None), "vocab_size", None)
+    if size is None:
+        size = (getattr(model, "base_config", None) or {}).get("vocab_size")
+    return size if isinstance(size, int) else None
+
+
+def check_vocabulary(tokens: mx.array, vocab: int | None) -> None:
+    """A one-line error for an id outside ``[0, vocab)`` (an embedding lookup out of bounds crashes)."""
+    if not tokens.size:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0:
+        raise KVPError(f"token id {low} is negative: token ids must lie in [0, {vocab or 'vocabulary size'})")
+    if vocab is not None and high >= vocab:
+        raise KVPError(f"token id {high} is outside this model's vocabulary: token ids must lie in [0, {vocab})")
 
 
 def _check_step(prefill_step_size: Any) -> None:
@@ -122,6 +148,8 @@ def enter(model: PrefillModel, method: str | None = None, options: dict[str, Any
     """``method`` (default: :func:`default_method`) checked against ``model`` and, with ``warm``,
     able to extend a warm cache (a session's turns); ``options`` checked against its declaration
     (``source="cli"``: text converted, errors name the flags)."""
+    if not all(hasattr(model, name) for name in ("base", "aux", "predictor", "tokenizer")):
+        raise KVPError(f"model must be a KVPModel from kvp_mlx.load(...), got {type(model).__name__}")
     spec = get_method(method or default_method(model))
     problem = missing_models(model, spec)
     if problem:

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any
@@ -86,8 +87,9 @@ class Handler(APIHandler):
         key = self.app.config.api_key
         if key is None:
             return True
-        given = self.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 7235); the key is compared in constant time
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
             self._error(RequestError(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                      "authentication_error"))
             return False
@@ -125,6 +127,31 @@ class Handler(APIHandler):
             if keepalive and time.monotonic() - last >= KEEPALIVE_S:
                 self._send(b": keepalive\n\n")
                 last = time.monotonic()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's errors (a bad request line, an unsupported method) as JSON bodies."""
+        self.close_connection = True
+        data = json.dumps(RequestError(code, message or HTTPStatus(code).phrase).body()).encode()
+        self.send_response(code, message)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if getattr(self, "command", None) != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(data)
+
+    def _not_allowed(self) -> None:
+        self.close_connection = True
+        data = json.dumps(RequestError(405, f"method {self.command} is not allowed: the API takes GET and POST",
+                                       "invalid_request_error").body()).encode()
+        self.send_response(405)
+        self.send_header("Allow", "GET, POST, OPTIONS")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_PUT = do_DELETE = do_PATCH = _not_allowed
 
     # --- GET -----------------------------------------------------------------------------------
 

@@ -16,8 +16,9 @@ from typing import Any
 from kvp_mlx.errors import KVPError
 from kvp_mlx.generation import check_decoding
 from kvp_mlx.methods import enter, get_method, missing_models, session_methods
+from kvp_mlx.methods.entry import vocab_size
 from kvp_mlx.model import KVPModel
-from kvp_mlx.prompting import context_length, render_prompt
+from kvp_mlx.prompting import check_id_list, checked_text, context_length, render_prompt
 from kvp_mlx.sampling import SamplingOptions
 
 MAX_TOP_LOGPROBS = 10  # as mlx-lm (it allows 0..11)
@@ -86,6 +87,35 @@ def _flag(body: dict, name: str, default: bool = False) -> bool:
     if not isinstance(value, bool):
         raise _bad(f"{name} must be true or false, got {value!r}")
     return value
+
+
+def _check_strings(value: Any, where: str = "the request body") -> None:
+    """A 400 for a string no tokenizer can take (JSON's ``"\\ud800"``: a lone surrogate), naming its field."""
+    if isinstance(value, str):
+        try:
+            checked_text(value, where)
+        except KVPError as e:
+            raise _bad(str(e)) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key, f"a key of {where}")
+            _check_strings(item, key if where == "the request body" else f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_strings(item, f"{where}[{i}]")
+
+
+def _prompt_ids(model: KVPModel, prompt: Any) -> list[int]:
+    """``/v1/completions``' ``prompt``: a string, or token ids (as OpenAI's API allows) in the model's vocabulary."""
+    if isinstance(prompt, str) and prompt:
+        return list(model.tokenizer.encode(prompt))
+    if not isinstance(prompt, list) or not prompt or any(isinstance(t, (list, dict)) for t in prompt):
+        raise _bad("'prompt' must be a non-empty string or a non-empty list of token ids")
+    try:
+        check_id_list(prompt)
+    except KVPError as e:
+        raise _bad(f"prompt: {e}") from None
+    return list(prompt)
 
 
 def _message_text(content: Any, index: int) -> str:
@@ -185,6 +215,7 @@ def parse_request(body: Any, kind: str, model: KVPModel, model_id: str, default_
     ``/v1/completions`` (``"text"``) and tokenize its prompt."""
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
+    _check_strings(body)
     requested = body.get("model")
     if requested is not None and requested not in (model_id, "default_model"):
         if not isinstance(requested, str):
@@ -210,8 +241,8 @@ def parse_request(body: Any, kind: str, model: KVPModel, model_id: str, default_
     include_usage = bool(options and _flag(options, "include_usage"))
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
-        max_tokens = body.get("max_tokens", default_max_tokens)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise _bad(f"max_tokens must be a positive integer, got {max_tokens!r}")
     logprobs = _flag(body, "logprobs")
     top = body.get("top_logprobs")
@@ -225,25 +256,26 @@ def parse_request(body: Any, kind: str, model: KVPModel, model_id: str, default_
     if template_config is not None and not isinstance(template_config, dict):
         raise _bad("chat_template_kwargs must be an object")
     stop_words = _stop_words(body)
-    sampling = _sampling(body, getattr(getattr(model.base, "args", None), "vocab_size", None))
+    vocab = vocab_size(model)
+    sampling = _sampling(body, vocab)
     if kind == "chat":
         prompt = encode_chat(model, _messages(body), template_config)
     else:
-        text = body.get("prompt")
-        if not isinstance(text, str) or not text:
-            raise _bad("'prompt' must be a non-empty string")
-        prompt = list(model.tokenizer.encode(text))
+        prompt = _prompt_ids(model, body.get("prompt"))
     if not prompt:
         raise _bad("the prompt is empty")
+    if vocab is not None and max(prompt) >= vocab:
+        raise _bad(f"token id {max(prompt)} is outside this model's vocabulary: token ids must lie in [0, {vocab})")
     limit = context_length(model.base_config)
+    if limit is not None and len(prompt) >= limit[0]:
+        raise _bad(f"the prompt has {len(prompt)} tokens, which leaves no room in the model's context of {limit[0]}")
+    if max_tokens is None:  # the server's default, cut to what is left of the context
+        max_tokens = default_max_tokens if limit is None else min(default_max_tokens, limit[0] - len(prompt))
     if limit is None and max_tokens > MAX_TOKENS_UNKNOWN_CONTEXT:
         raise _bad(f"max_tokens must be at most {MAX_TOKENS_UNKNOWN_CONTEXT} (the model's context is not known)")
-    if limit is not None:
-        if len(prompt) > limit[0]:
-            raise _bad(f"the prompt has {len(prompt)} tokens, more than the model's context of {limit[0]}")
-        if len(prompt) + max_tokens > limit[0]:
-            raise _bad(f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceed the model's "
-                       f"context of {limit[0]} tokens")
+    if limit is not None and len(prompt) + max_tokens > limit[0]:
+        raise _bad(f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceed the model's "
+                   f"context of {limit[0]} tokens (at most {limit[0] - len(prompt)} fit)")
     try:
         check_decoding(max_tokens, prefill_step_size, None, None, 64, 0, 1)
     except KVPError as e:

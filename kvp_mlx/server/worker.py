@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import TextStateMachine, make_stop_sequences, make_text_state_machine
+from mlx_lm.generate import TextStateMachine, make_text_state_machine
 from kvp_mlx.mlx_lm_private import format_top_logprobs
 
 from kvp_mlx.errors import KVPError
@@ -34,6 +34,31 @@ from kvp_mlx.server.protocol import GenerationRequest
 from kvp_mlx.conversation.session import Session
 
 log = logging.getLogger("kvp_mlx.server")
+
+
+class StopText:
+    """Stop strings matched on the decoded text (mlx-lm matches their token ids, which miss a stop
+    string tokenized differently inside the text, and strips them from the text instead): generation
+    stops where the first one occurs, the text before it kept, the stop string dropped. Text that may
+    begin a stop string is held back until the next piece decides."""
+
+    def __init__(self, words: list[str]) -> None:
+        self.words, self.pending = words, ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(the text that can be emitted, whether a stop string ended the generation)."""
+        buf = self.pending + text
+        found = [i for i in (buf.find(w) for w in self.words) if i >= 0]
+        if found:
+            self.pending = ""
+            return buf[:min(found)], True
+        hold = max((k for w in self.words for k in range(1, len(w)) if buf.endswith(w[:k])), default=0)
+        self.pending = buf[len(buf) - hold:]
+        return buf[:len(buf) - hold], False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
 
 
 @dataclass
@@ -70,7 +95,7 @@ class Worker:
         self.idle = threading.Event()  # set while nothing is queued, running or left to repair
         self.idle.set()
         self._thread = threading.Thread(target=self._run, name="kvp-mlx-worker", daemon=True)
-        self._stop_sequences: dict[tuple[str, ...], Any] = {}
+        self._text_sm: TextStateMachine | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -149,15 +174,10 @@ class Worker:
         if session is None:
             session = Session(self.model, method=req.method, prefill_step_size=self.prefill_step_size)
         suffix = req.prompt[len(session.tokens):]
-        stop_key = tuple(req.stop_words)
-        if stop_key not in self._stop_sequences:
-            if len(self._stop_sequences) > 64:
-                self._stop_sequences.clear()
-            self._stop_sequences[stop_key] = (make_stop_sequences(tokenizer, req.stop_words),
-                                              make_text_state_machine(tokenizer, req.stop_words))
-        stop_sequences, text_sm = self._stop_sequences[stop_key]
-        matcher = stop_sequences.matcher()
-        sm = text_sm.make_state("normal")
+        if self._text_sm is None:  # mlx-lm's reasoning and tool-call markers, stripped from the text
+            self._text_sm = make_text_state_machine(tokenizer, [])
+        sm = self._text_sm.make_state("normal")
+        stop = StopText(req.stop_words)
         kwargs: dict[str, Any] = dict(req.sampling, max_tokens=req.max_tokens, seed=req.seed,
                                       prompt_progress_callback=PrefillLog(log))  # INFO lines for a long prefill
         job.events.put(("start", {"cached_tokens": reused}))
@@ -168,16 +188,16 @@ class Worker:
             for last in steps:
                 job.generated += 1
                 reason = last.finish_reason
-                eos = reason == "stop"
-                if matcher.advance(last.token):
-                    reason = "stop"
                 sm, segments = TextStateMachine.split(sm, last.text)
                 text = "".join(t for s, t in segments if s == "normal")
-                if reason == "length" or eos:  # nothing pending can be a stop word any more
+                if reason is not None:  # the end: nothing is held back any more
                     sm, flushed, _ = TextStateMachine.flush(sm)
                     text += flushed
-                elif reason == "stop":  # a stop word: what is held back is its start
-                    sm, _ = TextStateMachine.discard(sm)
+                text, stopped = stop.feed(text)
+                if stopped:
+                    reason = "stop"
+                elif reason is not None:
+                    text += stop.flush()
                 piece: dict[str, Any] = {"text": text, "token": int(last.token)}
                 if req.logprobs or req.top_logprobs:
                     piece["logprob"] = float(last.logprobs[last.token].item())  # type: ignore[arg-type]
