@@ -12,42 +12,19 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
+from kvp_mlx import architectures
 from kvp_mlx.building import (  # noqa: F401  (re-exported for tests)
     TOKENIZER_FILES, build_model, layer_pruned, make_predictor, num_layers, save_kvp_dir, save_lm_dir,
 )
 
 
 def tiny_config(arch: str, n_layers: int = 2, vocab_size: int = 512) -> dict:
-    """A small config of each supported architecture (GQA, and each arch's key-norm habit).
+    """A small config of a registered architecture (hidden size 64, GQA where it has it, each
+    architecture's key-norm, NoPE and sliding-window habits): its registry entry's ``tiny_config``.
 
-    ``arch`` is a short name: openelm, llama, mistral, qwen2, qwen3, gemma3 (mlx-lm's gemma3_text).
+    ``arch`` is a model_type (``gemma3`` is accepted for mlx-lm's gemma3_text).
     """
-    if arch == "openelm":
-        return {
-            "model_type": "openelm", "head_dim": 16, "num_transformer_layers": n_layers,
-            "model_dim": 64, "vocab_size": vocab_size, "ffn_dim_divisor": 32,
-            "num_query_heads": [4] * n_layers, "num_kv_heads": [2] * n_layers,
-            "ffn_multipliers": [1.0] * n_layers, "normalize_qk_projections": True,
-            "share_input_output_layers": True, "rope_freq_constant": 10000, "rms_norm_eps": 1e-6,
-        }
-    common = {
-        "hidden_size": 64, "num_hidden_layers": n_layers, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
-        "vocab_size": vocab_size, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-    }
-    if arch in ("llama", "mistral"):
-        return {"model_type": arch, **common, "tie_word_embeddings": False}
-    if arch == "qwen2":
-        return {"model_type": "qwen2", **common, "tie_word_embeddings": True}
-    if arch == "qwen3":
-        return {"model_type": "qwen3", **common, "head_dim": 16, "tie_word_embeddings": True}
-    if arch == "gemma3":  # sliding-window layers (window 8) and global ones: S G S G ...
-        return {
-            "model_type": "gemma3_text", **common, "head_dim": 16, "rope_theta": 1_000_000.0,
-            "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 16, "sliding_window": 8,
-            "sliding_window_pattern": 2 if n_layers > 1 else 1,
-        }
-    raise ValueError(f"no tiny config for architecture '{arch}'")
+    return architectures.tiny_config(arch, n_layers, vocab_size)
 
 
 def convert_kvp_dir(

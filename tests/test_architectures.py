@@ -53,7 +53,7 @@ def test_hooked_raw_kv_reproduce_mlx_lm_cache(arch, quantized):
         values = mx.concatenate(sink.values, axis=2)
         cached_keys, cached_values = c.keys[..., :13, :], c.values[..., :13, :]
         assert keys.shape == cached_keys.shape, f"{name}: captured keys {keys.shape} vs cached {cached_keys.shape}"
-        key_diff = mx.abs(base_cache_keys(attn, keys) - cached_keys).max().item()
+        key_diff = mx.abs(base_cache_keys(model, attn, keys) - cached_keys).max().item()
         assert key_diff <= 1e-6, (
             f"{name}: captured raw keys no longer reproduce mlx-lm's cached keys (layer {layer}, "
             f"max diff {key_diff}); mlx-lm changed where keys pass"

@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
+from kvp_mlx.adapters import counted_positions
 from kvp_mlx.errors import KVPError
 from kvp_mlx.flops import model_shape, prefill_flops, prefill_scores
 from kvp_mlx.methods.interface import (
@@ -29,11 +30,13 @@ def fill_cache(lm: nn.Module, tokens: mx.array, prefill_step_size: int, max_kv_s
 
 
 def held_positions(cache: list) -> int:
-    """How many positions an mlx-lm cache holds (every layer must agree)."""
-    offsets = {int(c.offset) for c in cache}
-    if len(offsets) > 1:
-        raise KVPError(f"the cache's layers hold different numbers of positions: {sorted(offsets)}")
-    return offsets.pop() if offsets else 0
+    """How many positions an mlx-lm cache holds (every positional layer must agree; recurrent
+    states of hybrid models are not counted: kvp_mlx.adapters.counted_positions)."""
+    held = counted_positions(cache)
+    if held is None:
+        raise KVPError("the cache holds only recurrent states (a state-space model): it does not count the "
+                       "positions it absorbed, so it cannot be extended or trimmed")
+    return held
 
 
 def plain_prefill(lm: nn.Module, tokens: mx.array, prefill_step_size: int) -> tuple[list, mx.array]:
@@ -66,6 +69,6 @@ register(PrefillMethod(
     summary="plain base prefill, the reference (what mlx-lm's generate_step does)",
     prefill=prefill_base,
     fill=fill_base,
-    capabilities=Capabilities(extends_cache=True),
+    capabilities=Capabilities(extends_cache=True, kv_access=False),
     cost=lambda model, tokens, chunk, batch, info: plain_prefill_cost(model.base, tokens, chunk, batch),
 ))

@@ -40,6 +40,19 @@ def missing_models(model: PrefillModel, spec: PrefillMethod) -> str | None:
     return None
 
 
+def architecture_problem(model: PrefillModel, spec: PrefillMethod) -> str | None:
+    """Why ``spec`` cannot reach the K/V of ``model``'s architectures (kvp_mlx.architectures), or None."""
+    if not spec.capabilities.kv_access:
+        return None
+    from kvp_mlx.architectures import kv_prediction_problem
+
+    for part in (model.base, model.aux):
+        problem = kv_prediction_problem(part) if part is not None else None
+        if problem:
+            return f"method '{spec.name}' needs K/V access: {problem}"
+    return None
+
+
 @dataclass(frozen=True)
 class MethodCall:
     """A method entered for a model with checked options; runs on prompts of that model."""
@@ -121,7 +134,7 @@ def enter(model: PrefillModel, method: str | None = None, options: dict[str, Any
     able to extend a warm cache (a session's turns); ``options`` checked against its declaration
     (``source="cli"``: text converted, errors name the flags)."""
     spec = get_method(method or default_method(model))
-    problem = missing_models(model, spec)
+    problem = architecture_problem(model, spec) or missing_models(model, spec)
     if problem:
         raise KVPError(problem)
     if warm and (spec.fill is None or not spec.capabilities.extends_cache):

@@ -71,8 +71,10 @@ class FilledCache:
 
     @property
     def offset(self) -> int:
-        """Positions the decoder's cache holds."""
-        return int(self.cache[0].offset) if self.cache else 0
+        """Positions the decoder's cache holds (its positional layers: a hybrid's recurrent states count none)."""
+        from kvp_mlx.methods.base import held_positions
+
+        return held_positions(self.cache)
 
 
 @dataclass
@@ -107,6 +109,9 @@ class Capabilities:
     batch: bool = True  # accepts a batch of equal-length prompts (B > 1)
     decoder: str = "base"  # the model that decodes from the filled cache: "base" or "aux"
     extends_cache: bool = False  # can extend a non-empty cache at an offset (warm conversations)
+    # Reads or writes K/V per layer (capture, injection, pruning): needs an architecture kvp-mlx
+    # supports (kvp_mlx.architectures); False for a method that only runs mlx-lm's own forward.
+    kv_access: bool = True
     # Why the method cannot run inside one ordinary process (None: it can).
     needs_launch: str | None = None
 
