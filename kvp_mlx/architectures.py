@@ -84,7 +84,8 @@ class FusedQKV:
         return _linear_out(attn[self.attr]) // (q_heads + 2 * kv_heads)
 
     def _split(self, y: mx.array, q_heads: int, kv_heads: int) -> list[mx.array]:
-        return mx.split(  # type: ignore[return-value]  # a list with a list of indices_heads(y, q_heads + 2 * kv_heads), [q_heads, q_heads + kv_heads], axis=2)
+        heads = _heads(y, q_heads + 2 * kv_heads)
+        return mx.split(heads, [q_heads, q_heads + kv_heads], axis=2)  # type: ignore[return-value]  # indices: a list
 
     def taps(self, q_heads, kv_heads, record):
         def tap(y: mx.array) -> None:
