@@ -213,10 +213,14 @@ class Architecture:
     def head_dim(self, attn: nn.Module) -> int:
         return self.raw_kv.head_dim(attn, self.q_heads(attn), self.kv_heads(attn))
 
+    def normed_keys(self, attn: nn.Module, raw_keys: mx.array) -> mx.array:
+        """Raw keys ``[B, H, L, D]`` after the layer's key norm (identity where it has none)."""
+        return self.key_norm(attn, raw_keys.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+
     def cache_keys(self, attn: nn.Module, raw_keys: mx.array, offset: int = 0) -> mx.array:
         """Raw keys ``[B, H, L, D]`` as the layer caches them: its key norm, then RoPE at ``offset``
         where the layer applies it."""
-        keys = self.key_norm(attn, raw_keys.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+        keys = self.normed_keys(attn, raw_keys)
         return attn.rope(keys, offset=offset) if self.applies_rope(attn) else keys
 
     def project_qkv(self, attn: nn.Module, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
@@ -255,25 +259,33 @@ def model_type_of(model: nn.Module) -> str | None:
 
 
 def kv_prediction_problem(model: nn.Module) -> str | None:
-    """Why kvp-mlx cannot capture and inject this model's K/V (one line naming the architecture),
+    """Why kvp-mlx cannot capture and inject this model's K/V, in one line naming the architecture,
     or None when it can."""
     model_type = model_type_of(model)
     if model_type in ARCHITECTURES:
         return None
+    what = f"kvp-mlx cannot reach the K/V of architecture '{model_type}'"
     if model_type in REFUSED:
-        return f"architecture '{model_type}' is not supported for K/V access: {REFUSED[model_type]}"
+        return f"{what}: {REFUSED[model_type]}"
+    kinds = _state_kinds(model)
+    if kinds:
+        return f"{what}: its layers keep {', '.join(kinds)} (recurrent or hybrid layers), not only attention K/V"
+    return f"{what}: it has no registry entry (supported: {', '.join(sorted(ARCHITECTURES))})"
+
+
+def _state_kinds(model: nn.Module) -> list[str]:
+    """The kinds of layer cache mlx-lm makes for ``model`` other than attention K/V caches."""
     from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
+    def name(c: object) -> str:
+        parts = getattr(c, "caches", None)
+        return f"{type(c).__name__}({', '.join(name(p) for p in parts)})" if parts else type(c).__name__
+
     try:
-        kinds = sorted({type(c).__name__ for c in make_prompt_cache(model)}
-                       - {KVCache.__name__, RotatingKVCache.__name__})
+        caches = make_prompt_cache(model)
     except Exception:  # noqa: BLE001 - a model whose caches cannot be made: say only what is known
-        kinds = []
-    if kinds:
-        return (f"architecture '{model_type}' is not supported for K/V access: its layers keep "
-                f"{', '.join(kinds)} states (recurrent or hybrid layers), not only attention K/V")
-    return (f"architecture '{model_type}' is not supported for K/V access: no registry entry "
-            f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+        return []
+    return sorted({name(c) for c in caches if type(c) not in (KVCache, RotatingKVCache)})
 
 
 def architecture_of(model: nn.Module) -> Architecture:

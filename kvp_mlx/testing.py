@@ -27,6 +27,52 @@ def tiny_config(arch: str, n_layers: int = 2, vocab_size: int = 512) -> dict:
     return architectures.tiny_config(arch, n_layers, vocab_size)
 
 
+def _plain_only_configs(n: int, vocab: int) -> dict[str, dict]:
+    common = {"hidden_size": 64, "num_hidden_layers": n, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": vocab, "max_position_embeddings": 2048}
+    return {
+        "qwen3_next": {  # gated delta-net layers (ArraysCache) and attention layers (KVCache)
+            "model_type": "qwen3_next", **common, "intermediate_size": 128, "linear_num_value_heads": 2,
+            "linear_num_key_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+            "linear_conv_kernel_dim": 4, "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+            "shared_expert_intermediate_size": 32, "mlp_only_layers": [], "moe_intermediate_size": 32,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "partial_rotary_factor": 0.25, "head_dim": 16,
+            "full_attention_interval": 2,
+        },
+        "lfm2": {  # short convolutions (ArraysCache) and attention layers (KVCache)
+            "model_type": "lfm2", **common, "norm_eps": 1e-5, "conv_bias": False, "conv_L_cache": 3,
+            "block_dim": 64, "block_multiple_of": 32, "block_ffn_dim_multiplier": 1.0,
+            "block_auto_adjust_ff_dim": False, "intermediate_size": 128,
+            "layer_types": ["conv" if i % 2 == 0 else "full_attention" for i in range(n)],
+        },
+        "falcon_h1": {  # every layer holds a mamba-2 state and attention K/V (a CacheList)
+            "model_type": "falcon_h1", **common, "head_dim": 16, "intermediate_size": 128, "mamba_d_conv": 4,
+            "mamba_d_head": 16, "mamba_d_ssm": 64, "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_n_heads": 4,
+            "mamba_chunk_size": 16, "rope_theta": 10000.0,
+        },
+        "mamba": {  # recurrent states only (no positions)
+            "model_type": "mamba", "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128,
+            "state_size": 16, "num_hidden_layers": n, "conv_kernel": 4, "use_bias": False, "use_conv_bias": True,
+            "time_step_rank": 8, "tie_word_embeddings": True,
+        },
+        "deepseek_v3": {  # multi-head latent attention (MLA)
+            "model_type": "deepseek_v3", **common, "num_key_value_heads": 4, "intermediate_size": 128,
+            "moe_intermediate_size": 32, "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2,
+            "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "v_head_dim": 16,
+            "qk_nope_head_dim": 16, "first_k_dense_replace": 1, "rms_norm_eps": 1e-6,
+        },
+    }
+
+
+# Architectures mlx-lm runs and KV Prediction does not (hybrid, recurrent, MLA): their tiny configs,
+# for the tests that check they run as plain mlx-lm models and are refused for K/V methods.
+PLAIN_ONLY = ("qwen3_next", "lfm2", "falcon_h1", "mamba", "deepseek_v3")
+
+
+def plain_only_config(model_type: str, n_layers: int = 2, vocab_size: int = 512) -> dict:
+    return _plain_only_configs(n_layers, vocab_size)[model_type]
+
+
 def convert_kvp_dir(
     src: str | Path, dst: str | Path, *, q_bits: int | None = None, q_group_size: int | None = None,
     dtype: str | None = None,

@@ -49,7 +49,7 @@ def architecture_problem(model: PrefillModel, spec: PrefillMethod) -> str | None
     for part in (model.base, model.aux):
         problem = kv_prediction_problem(part) if part is not None else None
         if problem:
-            return f"method '{spec.name}' needs K/V access: {problem}"
+            return f"method '{spec.name}' needs per-layer K/V: {problem}"
     return None
 
 
