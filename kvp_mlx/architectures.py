@@ -365,6 +365,13 @@ def _ministral3_config(n: int, vocab: int) -> dict:
                                 "original_max_position_embeddings": 16}}
 
 
+def _exaone4_config(n: int, vocab: int) -> dict:  # L G L G: local (RoPE, window 8), global (NoPE)
+    # layer_types too: transformers' Exaone4Config reads the pattern as an int when it lacks them
+    return {"model_type": "exaone4", **_common(n, vocab), "head_dim": 16, "tie_word_embeddings": False,
+            "rope_scaling": None, "sliding_window": 8, "sliding_window_pattern": "LG",
+            "layer_types": _alternating(n, "sliding_attention", "full_attention")}
+
+
 def _llama4_config(n: int, vocab: int) -> dict:  # layers 1, 3, ... are NoPE
     return {"model_type": "llama4_text", **_common(n, vocab), "intermediate_size_mlp": 128, "head_dim": 16,
             "tie_word_embeddings": False, "use_qk_norm": True, "no_rope_layers": _alternating(n, 1, 0)}
@@ -407,9 +414,7 @@ for _arch in (
                  kv_heads_attr="num_key_value_heads", per_layer_keys=("layer_types",),
                  not_layerwise="attention sinks", notes="head counts in num_attention_heads / num_key_value_heads; "
                  "sinks act after the cache"),
-    Architecture("exaone4", _config("exaone4", head_dim=16, tie_word_embeddings=False, rope_scaling=None,
-                                    sliding_window=8, sliding_window_pattern="LG"),
-                 not_layerwise="post-norm blocks", notes="global layers are NoPE (no rope attribute)"),
+    Architecture("exaone4", _exaone4_config, not_layerwise="post-norm blocks", notes="global layers are NoPE (no rope attribute)"),
     Architecture("glm4", _config("glm4", attention_bias=False, head_dim=16, partial_rotary_factor=0.5),
                  not_layerwise="extra post norms", notes="partial rotary (mlx-lm's rope has fewer dims)"),
     Architecture("ministral3", _ministral3_config, per_layer_keys=("layer_types",),
