@@ -62,14 +62,17 @@ def layer_pruned(model: nn.Module, config: dict, keep: Sequence[int]) -> tuple[n
         if isinstance(config.get(key), list):
             cfg[key] = [config[key][i] for i in keep]
     new_index = {old: new for new, old in enumerate(keep)}
+    # where the blocks' parameters live ("model.layers", gpt2's "model.h"): the path of model.layers[0]
+    first = model.layers[0]
+    prefix = next(name for name, m in model.named_modules() if m is first).rsplit(".", 1)[0]
+    block = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
     weights: list = []
     for name, value in tree_flatten(model.parameters()):  # type: ignore[str-unpack]  # a list (typed list | dict)
-        m = re.search(r"(^|\.)layers\.(\d+)\.", name)
+        m = block.match(name)
         if m is None:
             weights.append((name, value))
-        elif int(m.group(2)) in new_index:
-            new = f"{m.group(1)}layers.{new_index[int(m.group(2))]}."
-            weights.append((name[: m.start()] + new + name[m.end() :], value))
+        elif int(m.group(1)) in new_index:
+            weights.append((f"{prefix}.{new_index[int(m.group(1))]}.{name[m.end():]}", value))
     pruned = build_model(cfg)
     sliding = set(sliding_window_layers(model))
     kinds = [i in sliding for i in keep]
