@@ -414,7 +414,8 @@ for _arch in (
                  kv_heads_attr="num_key_value_heads", per_layer_keys=("layer_types",),
                  not_layerwise="attention sinks", notes="head counts in num_attention_heads / num_key_value_heads; "
                  "sinks act after the cache"),
-    Architecture("exaone4", _exaone4_config, not_layerwise="post-norm blocks", notes="global layers are NoPE (no rope attribute)"),
+    Architecture("exaone4", _exaone4_config, not_layerwise="post-norm blocks",
+                 notes="global layers are NoPE (no rope attribute)"),
     Architecture("glm4", _config("glm4", attention_bias=False, head_dim=16, partial_rotary_factor=0.5),
                  not_layerwise="extra post norms", notes="partial rotary (mlx-lm's rope has fewer dims)"),
     Architecture("ministral3", _ministral3_config, per_layer_keys=("layer_types",),

@@ -19,7 +19,7 @@ from kvp_mlx.flops import model_shape
 from kvp_mlx.model import load
 from kvp_mlx.training.losses import KVPTrainable, LossWeights, kvp_loss
 
-from conftest import ARCHS, VOCAB
+from conftest import VOCAB
 
 ALL = sorted(ARCHITECTURES)  # every registered architecture (model_type names)
 
