@@ -73,6 +73,16 @@ def counted_positions(cache: list) -> int | None:
     return 0 if all(c.empty() for c in cache) else None
 
 
+def held_positions(cache: list) -> int:
+    """How many positions an mlx-lm cache holds (every positional layer must agree; a hybrid's
+    recurrent states count none)."""
+    held = counted_positions(cache)
+    if held is None:
+        raise KVPError("the cache holds only recurrent states (a state-space model): it does not count the "
+                       "positions it absorbed, so it cannot be extended or trimmed")
+    return held
+
+
 def sliding_window_layers(model: nn.Module) -> list[int]:
     """Indices of the layers mlx-lm gives a sliding-window (``RotatingKVCache``) cache."""
     return [i for i, c in enumerate(make_prompt_cache(model)) if isinstance(c, RotatingKVCache)]

@@ -200,3 +200,23 @@ def test_cross_family_identity_is_exact(chat_tokenizer, tmp_path):
     assert diff.max().item() <= 1e-5
     want = [r.token for r in stream_generate(model, TURNS[0], method="base", max_tokens=STEPS)]
     assert [r.token for r in stream_generate(model, TURNS[0], method="kvp", max_tokens=STEPS)] == want
+
+
+# --- token pruning: exact at keep 1.0 where the entry lets it drive the blocks, else refused ----
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_token_pruning_keeps_everything_or_refuses(arch, tokenizer_dir, tmp_path):
+    cfg = mb.tiny_config(arch, n_layers=2, vocab_size=VOCAB)
+    model = load(mb.save_lm_dir(tmp_path / arch, mb.build_model(cfg, seed=2), cfg, tokenizer_dir))
+    tokens = mx.random.randint(0, VOCAB, (1, 13), key=mx.random.key(5))
+    reason = ARCHITECTURES[arch].not_layerwise
+    base = model.prefill(tokens, method="base")
+    for method, options in (("lazy", {"schedule": "L1.0-1.0"}), ("rp", {"keep": 1.0})):
+        if reason is not None:
+            with pytest.raises(KVPError, match=f"token pruning does not support {arch}"):
+                model.prefill(tokens, method=method, **options)
+            continue
+        res = model.prefill(tokens, method=method, prefill_step_size=5, **options)
+        diff = mx.abs(base.logits - res.logits).max().item()
+        assert diff <= 1e-5, f"{arch} {method}: logits differ by {diff}"

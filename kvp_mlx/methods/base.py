@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
-from kvp_mlx.adapters import counted_positions
+from kvp_mlx.adapters import held_positions  # noqa: F401  (imported from here by sessions)
 from kvp_mlx.errors import KVPError
 from kvp_mlx.flops import model_shape, prefill_flops, prefill_scores
 from kvp_mlx.methods.interface import (
@@ -27,16 +27,6 @@ def fill_cache(lm: nn.Module, tokens: mx.array, prefill_step_size: int, max_kv_s
         lm(tokens[:, start : start + prefill_step_size], cache=cache)
         mx.eval([c.state for c in cache])
     return cache
-
-
-def held_positions(cache: list) -> int:
-    """How many positions an mlx-lm cache holds (every positional layer must agree; recurrent
-    states of hybrid models are not counted: kvp_mlx.adapters.counted_positions)."""
-    held = counted_positions(cache)
-    if held is None:
-        raise KVPError("the cache holds only recurrent states (a state-space model): it does not count the "
-                       "positions it absorbed, so it cannot be extended or trimmed")
-    return held
 
 
 def plain_prefill(lm: nn.Module, tokens: mx.array, prefill_step_size: int) -> tuple[list, mx.array]:

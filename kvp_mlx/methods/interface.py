@@ -27,6 +27,7 @@ from typing import Any, Callable, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
+from kvp_mlx.adapters import held_positions
 from kvp_mlx.errors import KVPError
 
 
@@ -72,8 +73,6 @@ class FilledCache:
     @property
     def offset(self) -> int:
         """Positions the decoder's cache holds (its positional layers: a hybrid's recurrent states count none)."""
-        from kvp_mlx.methods.base import held_positions
-
         return held_positions(self.cache)
 
 
