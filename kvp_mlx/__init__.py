@@ -24,6 +24,7 @@ PUBLIC_MODULES = (
     "kvp_mlx.conversation.session_file",  # save_session, load_session
     "kvp_mlx.methods",  # the prefill-method registry and interface
     "kvp_mlx.methods.base", "kvp_mlx.methods.kvp", "kvp_mlx.methods.lazy_schedule",
+    "kvp_mlx.architectures",  # one registry entry per architecture
     "kvp_mlx.adapters",  # how each architecture's raw K/V are captured and injected
     "kvp_mlx.predictor",  # KVPredictor, PredictorConfig, default_layer_mapping
     "kvp_mlx.building",  # build_model, layer_pruned, make_predictor, save_kvp_dir, save_lm_dir

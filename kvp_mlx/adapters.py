@@ -2,11 +2,12 @@
 
 KV Prediction works on *raw* keys: after the key projection, before the key norm and before RoPE
 (as corenet's predictor does). mlx-lm caches keys after norm and RoPE, so:
-- capture: each architecture declares, in :data:`ARCHITECTURES`, the hook that sees its raw K/V
-  (the outputs of ``k_proj`` / ``v_proj``, or of openelm's fused ``qkv_proj``). For the duration
-  of a forward pass those projections are wrapped in taps that keep what they return; nothing
-  is read back from a cache (a ``RotatingKVCache`` reorders and trims what it holds);
-- inject: predicted raw keys get the layer's ``k_norm`` and RoPE at their positions, then are
+- capture: each architecture's registry entry (:mod:`kvp_mlx.architectures`) names the projections
+  its raw K/V pass through (``k_proj`` / ``v_proj``, or a fused or interleaved qkv projection).
+  For the duration of a forward pass those projections are wrapped in taps that keep what they
+  return; nothing is read back from a cache (a ``RotatingKVCache`` reorders and trims what it holds);
+- inject: predicted raw keys get the layer's key norm and RoPE (where the layer applies it) at
+  their positions, as the entry says, then are
   written with the values into the model's own cache (``make_prompt_cache``: sliding-window
   layers keep their ``RotatingKVCache``), in the chunks a chunked prefill would write.
 No model code is copied: every architecture runs through its own mlx-lm class.
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
+from kvp_mlx.architectures import ARCHITECTURES, Architecture, architecture_of, model_type_of  # noqa: F401
 from kvp_mlx.errors import KVPError
 from kvp_mlx.predictor import KVShape
 
@@ -34,104 +36,51 @@ class RawKV:
     keys: list[mx.array] = field(default_factory=list)
     values: list[mx.array] = field(default_factory=list)
 
-
-class RawKVHook(Protocol):
-    """Where an architecture's raw K/V pass: ``taps`` names the attention's submodules to wrap and
-    what to do with each one's output."""
-
-    def taps(self, attn: nn.Module, sink: RawKV) -> dict[str, Callable[[mx.array], None]]: ...
+    def record(self, kind: str, y: mx.array) -> None:
+        """Keep ``y`` [B, L, H, D] (a projection's output split into heads) as ``[B, H, L, D]``."""
+        (self.keys if kind == "k" else self.values).append(y.transpose(0, 2, 1, 3))
 
 
-def _heads(y: mx.array, n_heads: int) -> mx.array:
-    """A projection's output ``[B, L, H * D]`` as ``[B, H, L, D]``."""
-    B, L, _ = y.shape
-    return y.reshape(B, L, n_heads, -1).transpose(0, 2, 1, 3)
-
-
-@dataclass(frozen=True)
-class KVProjections:
-    """Raw keys and values are the outputs of two projections, ``[B, L, kv_heads * head_dim]``."""
-
-    keys: str = "k_proj"
-    values: str = "v_proj"
-
-    def taps(self, attn: nn.Module, sink: RawKV) -> dict[str, Callable[[mx.array], None]]:
-        heads = attn.n_kv_heads
-        return {
-            self.keys: lambda y: sink.keys.append(_heads(y, heads)),
-            self.values: lambda y: sink.values.append(_heads(y, heads)),
-        }
-
-
-@dataclass(frozen=True)
-class FusedQKV:
-    """Raw keys and values are slices of one projection: query heads, then key, then value heads."""
-
-    attr: str = "qkv_proj"
-
-    def taps(self, attn: nn.Module, sink: RawKV) -> dict[str, Callable[[mx.array], None]]:
-        q_heads, kv_heads = attn.n_heads, attn.n_kv_heads
-
-        def record(y: mx.array) -> None:
-            qkv = _heads(y, q_heads + 2 * kv_heads)
-            _, keys, values = mx.split(qkv, [q_heads, q_heads + kv_heads], axis=1)
-            sink.keys.append(keys)
-            sink.values.append(values)
-
-        return {self.attr: record}
-
-
-@dataclass(frozen=True)
-class Arch:
-    """Where an architecture keeps its attention module, where its raw K/V pass, and (for
-    kvp_mlx.layerwise) the names of its blocks' parts."""
-
-    attention_attr: str
-    raw_kv: RawKVHook
-    # Names of the block's other parts and of the model's ends (for kvp_mlx.layerwise).
-    attn_norm_attr: str = "input_layernorm"
-    mlp_norm_attr: str = "post_attention_layernorm"
-    mlp_attr: str = "mlp"
-    out_proj_attr: str = "o_proj"
-    inner_attr: str = "model"  # model.<inner> holds the embedding and the final norm
-    embed_attr: str = "embed_tokens"
-    # Why kvp_mlx.layerwise cannot drive this architecture's blocks (None: it can). Its blocks are
-    # x + attn(norm(x)), then + mlp(norm(.)), over unscaled token embeddings.
-    not_layerwise: str | None = None
-
-
-ARCHITECTURES: dict[str, Arch] = {
-    "openelm": Arch(
-        "attn", FusedQKV("qkv_proj"), attn_norm_attr="attn_norm", mlp_norm_attr="ffn_norm", mlp_attr="ffn",
-        out_proj_attr="out_proj", inner_attr="transformer", embed_attr="token_embeddings",
-    ),
-    "llama": Arch("self_attn", KVProjections("k_proj", "v_proj")),
-    "mistral": Arch("self_attn", KVProjections("k_proj", "v_proj")),  # mlx-lm runs it as llama
-    "qwen2": Arch("self_attn", KVProjections("k_proj", "v_proj")),
-    "qwen3": Arch("self_attn", KVProjections("k_proj", "v_proj")),
-    "gemma3_text": Arch(
-        "self_attn", KVProjections("k_proj", "v_proj"),
-        not_layerwise="its blocks have extra feed-forward norms and scaled embeddings",
-    ),
-}
-
-
-def model_type_of(model: nn.Module) -> str | None:
-    return getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", None)
-
-
-def arch_of(model: nn.Module) -> Arch:
-    model_type = model_type_of(model)
-    if model_type not in ARCHITECTURES:
-        raise KVPError(
-            f"unsupported architecture '{model_type}' (supported: {', '.join(sorted(ARCHITECTURES))})"
-        )
-    return ARCHITECTURES[model_type]
+Arch = Architecture  # the registry's entry (kvp_mlx.architectures)
+arch_of = architecture_of
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     arch = arch_of(model)
-    return [getattr(layer, arch.attention_attr) for layer in model.layers]
+    return [arch.attention_of(layer) for layer in model.layers]
+
+
+def cache_offsets(cache: list) -> list[int]:
+    """The positions each positional layer cache holds (KVCache and kin, inside a CacheList too).
+    Recurrent states (ArraysCache, MambaCache) count no positions and are left out."""
+    offsets = []
+    for c in cache:
+        for part in getattr(c, "caches", None) or (c,):
+            if hasattr(part, "offset"):
+                offsets.append(int(part.offset))
+    return offsets
+
+
+def counted_positions(cache: list) -> int | None:
+    """How many positions a cache holds, where any layer counts them; None for a cache of only
+    recurrent states (a state-space model such as mamba: its states do not say how many tokens
+    they absorbed)."""
+    offsets = set(cache_offsets(cache))
+    if len(offsets) > 1:
+        raise KVPError(f"the cache's layers hold different numbers of positions: {sorted(offsets)}")
+    if offsets:
+        return offsets.pop()
+    return 0 if all(c.empty() for c in cache) else None
+
+
+def held_positions(cache: list) -> int:
+    """How many positions an mlx-lm cache holds (every positional layer must agree; a hybrid's
+    recurrent states count none)."""
+    held = counted_positions(cache)
+    if held is None:
+        raise KVPError("the cache holds only recurrent states (a state-space model): it does not count the "
+                       "positions it absorbed, so it cannot be extended or trimmed")
+    return held
 
 
 def sliding_window_layers(model: nn.Module) -> list[int]:
@@ -140,18 +89,9 @@ def sliding_window_layers(model: nn.Module) -> list[int]:
 
 
 def kv_shapes(model: nn.Module) -> list[KVShape]:
-    """Per layer: number of KV heads and head dim, read from the key projection's output size."""
-    shapes = []
-    for attn in attention_modules(model):
-        n_kv = attn.n_kv_heads
-        if hasattr(attn, "head_dim"):
-            head_dim = attn.head_dim
-        elif hasattr(attn, "k_proj"):
-            head_dim = attn.k_proj.weight.shape[0] // n_kv
-        else:
-            raise KVPError(f"cannot read the head dim of {type(attn).__name__}")
-        shapes.append(KVShape(int(n_kv), int(head_dim)))
-    return shapes
+    """Per layer: number of KV heads and head dim (the key projection's output size over the heads)."""
+    arch = arch_of(model)
+    return [KVShape(arch.kv_heads(attn), arch.head_dim(attn)) for attn in attention_modules(model)]
 
 
 class _Tap(nn.Module):
@@ -183,7 +123,7 @@ def recording_raw_kv(model: nn.Module) -> Iterator[list[RawKV]]:
         for attn in attention_modules(model):
             sink = RawKV()
             sinks.append(sink)
-            for name, record in arch.raw_kv.taps(attn, sink).items():
+            for name, record in arch.raw_kv.taps(arch.q_heads(attn), arch.kv_heads(attn), sink.record).items():
                 if name not in attn:
                     raise KVPError(
                         f"{model_type_of(model)}: mlx-lm's {type(attn).__name__} has no '{name}', where this "
@@ -230,11 +170,10 @@ def prefill_capturing_raw_kv(
     return cache, keys, values, logits[:, -1, :]
 
 
-def base_cache_keys(attn: nn.Module, raw_keys: mx.array, offset: int = 0) -> mx.array:
-    """Raw keys as the layer caches them: its key norm (where it has one), then RoPE at ``offset``."""
-    if "k_norm" in attn:
-        raw_keys = attn.k_norm(raw_keys)  # RMSNorm over head_dim: the layout does not matter
-    return attn.rope(raw_keys, offset=offset)
+def base_cache_keys(model: nn.Module, attn: nn.Module, raw_keys: mx.array, offset: int = 0) -> mx.array:
+    """Raw keys of ``model``'s layer ``attn`` as the layer caches them: its key norm, then RoPE at
+    ``offset`` where the layer applies it (:meth:`Architecture.cache_keys`)."""
+    return arch_of(model).cache_keys(attn, raw_keys, offset)
 
 
 def inject_raw_kv(
@@ -255,7 +194,7 @@ def inject_raw_kv(
     ``prefill_step_size`` chunks, as mlx-lm's chunked prefill writes them, so a sliding-window
     layer's ``RotatingKVCache`` ends up holding what the model's own prefill would leave there.
     """
-    attns = attention_modules(model)
+    arch, attns = arch_of(model), attention_modules(model)
     if len(raw_kv) != len(attns):
         raise KVPError(f"got K/V for {len(raw_kv)} layers, the model has {len(attns)}")
     cache = make_prompt_cache(model, max_kv_size) if cache is None else cache
@@ -274,7 +213,7 @@ def inject_raw_kv(
             values = values[..., start : start + prefill_step_size, :]
             if dtype is not None:
                 keys, values = keys.astype(dtype), values.astype(dtype)
-            c.update_and_fetch(base_cache_keys(attn, keys, offset + start), values)
+            c.update_and_fetch(arch.cache_keys(attn, keys, offset + start), values)
         mx.eval([(c.keys, c.values) for c in cache])
     return cache
 
@@ -307,8 +246,9 @@ def forward_with_predicted_kv(
     model: nn.Module, tokens: mx.array, raw_kv: list[tuple[mx.array, mx.array]]
 ) -> mx.array:
     """Logits of ``model`` over ``tokens`` attending (causally) only to the given raw K/V."""
+    arch = arch_of(model)
     caches = [
-        SequenceCache(replace=(base_cache_keys(attn, k), v))
+        SequenceCache(replace=(arch.cache_keys(attn, k), v))
         for attn, (k, v) in zip(attention_modules(model), raw_kv)
     ]
     return model(tokens, cache=caches)

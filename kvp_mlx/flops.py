@@ -24,10 +24,8 @@ from dataclasses import dataclass
 
 import mlx.nn as nn
 
-from kvp_mlx.adapters import attention_modules, kv_shapes
+from kvp_mlx.adapters import arch_of, attention_modules, kv_shapes
 from kvp_mlx.predictor import KVPredictor
-
-_KV_PROJECTIONS = ("qkv_proj", "k_proj", "v_proj", "kv_proj", "wqkv")
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,10 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def model_shape(model: nn.Module) -> ModelShape:
-    """Read per-layer FLOPs from an mlx-lm model's modules (any supported architecture)."""
+    """Read per-layer FLOPs from an mlx-lm model's modules (any supported architecture): the
+    projections its registry entry names as the K/V ones (a fused qkv projection: all of it)."""
+    arch = arch_of(model)
+    kv_names = {f"{arch.attention}.{name}" for name in arch.raw_kv.projections()}
     layers = []
     for layer, attn, kv in zip(model.layers, attention_modules(model), kv_shapes(model)):
         kv_proj = other = 0
@@ -87,11 +88,11 @@ def model_shape(model: nn.Module) -> ModelShape:
             if not _is_linear(module):
                 continue
             d_in, d_out = _linear_dims(module)
-            if name.rsplit(".", 1)[-1] in _KV_PROJECTIONS:
+            if name in kv_names:
                 kv_proj += 2 * d_in * d_out
             else:
                 other += 2 * d_in * d_out
-        layers.append(LayerShape(kv_proj, other, int(attn.n_heads), kv.head_dim))
+        layers.append(LayerShape(kv_proj, other, arch.q_heads(attn), kv.head_dim))
     head = getattr(model, "lm_head", None)
     if head is not None and _is_linear(head):
         d_in, d_out = _linear_dims(head)

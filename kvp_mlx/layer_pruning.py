@@ -15,11 +15,26 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from kvp_mlx.adapters import sliding_window_layers
+from kvp_mlx.architectures import ARCHITECTURES, Architecture
 from kvp_mlx.mlx_lm_private import model_classes
 
 
+def _entry(config: dict) -> Architecture | None:
+    return ARCHITECTURES.get(config.get("model_type", ""))
+
+
 def num_layers(config: dict) -> int:
-    return int(config.get("num_transformer_layers") or config["num_hidden_layers"])
+    arch = _entry(config)
+    key = arch.layers_key if arch else "num_hidden_layers"
+    return int(config.get(key) or config.get("num_transformer_layers") or config["num_hidden_layers"])
+
+
+def _rope_layers(model: nn.Module) -> list[bool]:
+    """Per layer: does it apply RoPE (its registry entry says)."""
+    from kvp_mlx.adapters import arch_of, attention_modules
+
+    arch = arch_of(model)
+    return [bool(arch.applies_rope(a)) for a in attention_modules(model)]
 
 
 def build_model(config: dict, seed: int | None = None) -> nn.Module:
@@ -41,22 +56,23 @@ def layer_pruned(model: nn.Module, config: dict, keep: Sequence[int]) -> tuple[n
     n = num_layers(config)
     if not keep or any(not 0 <= i < n for i in keep) or list(keep) != sorted(set(keep)):
         raise ValueError(f"layers to keep must be increasing indices in [0, {n}), got {list(keep)}")
-    cfg = copy.deepcopy(config)
-    if "num_transformer_layers" in cfg:
-        cfg["num_transformer_layers"] = len(keep)
-        for key in ("num_query_heads", "num_kv_heads", "ffn_multipliers"):
+    cfg, arch = copy.deepcopy(config), _entry(config)
+    cfg[arch.layers_key if arch else "num_hidden_layers"] = len(keep)
+    for key in arch.per_layer_keys if arch else ():  # config lists of one entry per layer
+        if isinstance(config.get(key), list):
             cfg[key] = [config[key][i] for i in keep]
-    else:
-        cfg["num_hidden_layers"] = len(keep)
     new_index = {old: new for new, old in enumerate(keep)}
+    # where the blocks' parameters live ("model.layers", gpt2's "model.h"): the path of model.layers[0]
+    first = model.layers[0]
+    prefix = next(name for name, m in model.named_modules() if m is first).rsplit(".", 1)[0]
+    block = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
     weights: list = []
     for name, value in tree_flatten(model.parameters()):  # type: ignore[str-unpack]  # a list (typed list | dict)
-        m = re.search(r"(^|\.)layers\.(\d+)\.", name)
+        m = block.match(name)
         if m is None:
             weights.append((name, value))
-        elif int(m.group(2)) in new_index:
-            new = f"{m.group(1)}layers.{new_index[int(m.group(2))]}."
-            weights.append((name[: m.start()] + new + name[m.end() :], value))
+        elif int(m.group(1)) in new_index:
+            weights.append((f"{prefix}.{new_index[int(m.group(1))]}.{name[m.end():]}", value))
     pruned = build_model(cfg)
     sliding = set(sliding_window_layers(model))
     kinds = [i in sliding for i in keep]
@@ -64,6 +80,12 @@ def layer_pruned(model: nn.Module, config: dict, keep: Sequence[int]) -> tuple[n
         raise ValueError(
             f"keeping layers {list(keep)} changes which layers use a sliding window "
             f"(the config's layer pattern cannot express {['sliding' if k else 'global' for k in kinds]})"
+        )
+    rope = [_rope_layers(model)[i] for i in keep]
+    if rope != _rope_layers(pruned):
+        raise ValueError(
+            f"keeping layers {list(keep)} changes which layers apply RoPE "
+            f"(the config's layer pattern cannot express {['rope' if r else 'nope' for r in rope]})"
         )
     if "quantization" in cfg:  # a quantized base (e.g. an mlx-community 4-bit model): same modules quantized
         q, names = cfg["quantization"], {name for name, _ in weights}

@@ -16,6 +16,7 @@ import mlx.nn as nn
 import numpy as np
 
 from kvp_mlx.adapters import Arch, arch_of, model_type_of, sliding_window_layers
+from kvp_mlx.architectures import architecture_of_attention
 from kvp_mlx.errors import KVPError
 
 # attend(queries, keys, values, scale) -> output [B, H, L, D]; all after norm and RoPE.
@@ -67,27 +68,16 @@ def rope_at(rope: nn.Module, x: mx.array, positions: np.ndarray) -> mx.array:
     return per_token.transpose(2, 1, 0, 3)
 
 
-def project_qkv(attn: nn.Module, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """Queries, keys, values ``[B, H, L, D]`` of normed input ``x``: after q/k norm, before RoPE."""
-    B, L, _ = x.shape
-    if "qkv_proj" in attn:  # openelm: one fused projection, q heads then k then v
-        qkv = attn.qkv_proj(x).reshape(B, L, attn.n_heads + 2 * attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        q, k, v = mx.split(qkv, [attn.n_heads, attn.n_heads + attn.n_kv_heads], axis=1)
-    else:
-        q = attn.q_proj(x).reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
-        k = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = attn.v_proj(x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    if "q_norm" in attn:  # RMSNorm over head_dim: the same in either layout
-        q = attn.q_norm(q)
-    if "k_norm" in attn:
-        k = attn.k_norm(k)
-    return q, k, v
+def project_qkv(attn: nn.Module, x: mx.array, arch: Arch | None = None) -> tuple[mx.array, mx.array, mx.array]:
+    """Queries, keys, values ``[B, H, L, D]`` of normed input ``x``: after q/k norm, before RoPE
+    (the projections and norms the architecture's entry names)."""
+    return (arch or architecture_of_attention(attn)).project_qkv(attn, x)
 
 
 def block_kv(layer: nn.Module, arch: Arch, x: mx.array, positions: np.ndarray) -> tuple[mx.array, mx.array]:
     """Only the keys (after norm and RoPE) and values a block caches for tokens ``x`` [1, L, dim]."""
     attn = getattr(layer, arch.attention_attr)
-    _, k, v = project_qkv(attn, getattr(layer, arch.attn_norm_attr)(x))
+    _, k, v = project_qkv(attn, getattr(layer, arch.attn_norm_attr)(x), arch)
     return rope_at(attn.rope, k, positions), v
 
 
@@ -96,7 +86,7 @@ def run_block(
 ) -> mx.array:
     """One transformer block on tokens ``x`` [1, L, dim] at ``positions``; returns its output."""
     attn = getattr(layer, arch.attention_attr)
-    q, k, v = project_qkv(attn, getattr(layer, arch.attn_norm_attr)(x))
+    q, k, v = project_qkv(attn, getattr(layer, arch.attn_norm_attr)(x), arch)
     q, k = rope_at(attn.rope, q, positions), rope_at(attn.rope, k, positions)
     out = attend(q, k, v, attn.scale)
     B, _, L, _ = out.shape

@@ -32,7 +32,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from kvp_mlx.adapters import arch_of, kv_shapes
+from kvp_mlx.adapters import kv_shapes
 from kvp_mlx.errors import KVPError
 from kvp_mlx.layer_pruning import layer_pruned
 from kvp_mlx.methods import PrefillResult, enter
@@ -191,7 +191,6 @@ def load_lm(directory: Path, what: str = "base") -> tuple[nn.Module, Any, dict]:
         raise KVPError(f"cannot load {what} model from {directory}: {_one_line(e)}") from None
     except RuntimeError as e:  # mlx's safetensors reader: truncated or corrupt weights
         raise _unreadable_weights(directory, what, e) from None
-    arch_of(model)  # raises a clear error for an unsupported architecture
     vocab_size = config.get("vocab_size")
     if isinstance(vocab_size, int):
         check_tokenizer_covers_vocab(

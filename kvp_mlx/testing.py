@@ -12,42 +12,65 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
+from kvp_mlx import architectures
 from kvp_mlx.building import (  # noqa: F401  (re-exported for tests)
     TOKENIZER_FILES, build_model, layer_pruned, make_predictor, num_layers, save_kvp_dir, save_lm_dir,
 )
 
 
 def tiny_config(arch: str, n_layers: int = 2, vocab_size: int = 512) -> dict:
-    """A small config of each supported architecture (GQA, and each arch's key-norm habit).
+    """A small config of a registered architecture (hidden size 64, GQA where it has it, each
+    architecture's key-norm, NoPE and sliding-window habits): its registry entry's ``tiny_config``.
 
-    ``arch`` is a short name: openelm, llama, mistral, qwen2, qwen3, gemma3 (mlx-lm's gemma3_text).
+    ``arch`` is a model_type (``gemma3`` is accepted for mlx-lm's gemma3_text).
     """
-    if arch == "openelm":
-        return {
-            "model_type": "openelm", "head_dim": 16, "num_transformer_layers": n_layers,
-            "model_dim": 64, "vocab_size": vocab_size, "ffn_dim_divisor": 32,
-            "num_query_heads": [4] * n_layers, "num_kv_heads": [2] * n_layers,
-            "ffn_multipliers": [1.0] * n_layers, "normalize_qk_projections": True,
-            "share_input_output_layers": True, "rope_freq_constant": 10000, "rms_norm_eps": 1e-6,
-        }
-    common = {
-        "hidden_size": 64, "num_hidden_layers": n_layers, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
-        "vocab_size": vocab_size, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+    return architectures.tiny_config(arch, n_layers, vocab_size)
+
+
+def _plain_only_configs(n: int, vocab: int) -> dict[str, dict]:
+    common = {"hidden_size": 64, "num_hidden_layers": n, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": vocab, "max_position_embeddings": 2048}
+    return {
+        "qwen3_next": {  # gated delta-net layers (ArraysCache) and attention layers (KVCache)
+            "model_type": "qwen3_next", **common, "intermediate_size": 128, "linear_num_value_heads": 2,
+            "linear_num_key_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+            "linear_conv_kernel_dim": 4, "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+            "shared_expert_intermediate_size": 32, "mlp_only_layers": [], "moe_intermediate_size": 32,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "partial_rotary_factor": 0.25, "head_dim": 16,
+            "full_attention_interval": 2,
+        },
+        "lfm2": {  # short convolutions (ArraysCache) and attention layers (KVCache)
+            "model_type": "lfm2", **common, "norm_eps": 1e-5, "conv_bias": False, "conv_L_cache": 3,
+            "block_dim": 64, "block_multiple_of": 32, "block_ffn_dim_multiplier": 1.0,
+            "block_auto_adjust_ff_dim": False, "intermediate_size": 128,
+            "layer_types": ["conv" if i % 2 == 0 else "full_attention" for i in range(n)],
+        },
+        "falcon_h1": {  # every layer holds a mamba-2 state and attention K/V (a CacheList)
+            "model_type": "falcon_h1", **common, "head_dim": 16, "intermediate_size": 128, "mamba_d_conv": 4,
+            "mamba_d_head": 16, "mamba_d_ssm": 64, "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_n_heads": 4,
+            "mamba_chunk_size": 16, "rope_theta": 10000.0,
+        },
+        "mamba": {  # recurrent states only (no positions)
+            "model_type": "mamba", "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128,
+            "state_size": 16, "num_hidden_layers": n, "conv_kernel": 4, "use_bias": False, "use_conv_bias": True,
+            "time_step_rank": 8, "tie_word_embeddings": True,
+        },
+        "deepseek_v3": {  # multi-head latent attention (MLA)
+            "model_type": "deepseek_v3", **common, "num_key_value_heads": 4, "intermediate_size": 128,
+            "moe_intermediate_size": 32, "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2,
+            "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "v_head_dim": 16,
+            "qk_nope_head_dim": 16, "first_k_dense_replace": 1, "rms_norm_eps": 1e-6,
+        },
     }
-    if arch in ("llama", "mistral"):
-        return {"model_type": arch, **common, "tie_word_embeddings": False}
-    if arch == "qwen2":
-        return {"model_type": "qwen2", **common, "tie_word_embeddings": True}
-    if arch == "qwen3":
-        return {"model_type": "qwen3", **common, "head_dim": 16, "tie_word_embeddings": True}
-    if arch == "gemma3":  # sliding-window layers (window 8) and global ones: S G S G ...
-        return {
-            "model_type": "gemma3_text", **common, "head_dim": 16, "rope_theta": 1_000_000.0,
-            "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 16, "sliding_window": 8,
-            "sliding_window_pattern": 2 if n_layers > 1 else 1,
-        }
-    raise ValueError(f"no tiny config for architecture '{arch}'")
+
+
+# Architectures mlx-lm runs and KV Prediction does not (hybrid, recurrent, MLA): their tiny configs,
+# for the tests that check they run as plain mlx-lm models and are refused for K/V methods.
+PLAIN_ONLY = ("qwen3_next", "lfm2", "falcon_h1", "mamba", "deepseek_v3")
+
+
+def plain_only_config(model_type: str, n_layers: int = 2, vocab_size: int = 512) -> dict:
+    return _plain_only_configs(n_layers, vocab_size)[model_type]
 
 
 def convert_kvp_dir(

@@ -19,7 +19,9 @@ from kvp_mlx.flops import model_shape
 from kvp_mlx.model import load
 from kvp_mlx.training.losses import KVPTrainable, LossWeights, kvp_loss
 
-from conftest import ARCHS, VOCAB
+from conftest import VOCAB
+
+ALL = sorted(ARCHITECTURES)  # every registered architecture (model_type names)
 
 
 def _tiny(arch: str, quantized: bool = False) -> nn.Module:
@@ -31,7 +33,7 @@ def _tiny(arch: str, quantized: bool = False) -> nn.Module:
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "quantized"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL)
 def test_hooked_raw_kv_reproduce_mlx_lm_cache(arch, quantized):
     """Raw K/V seen by the architecture's hook, after its key norm and RoPE, are exactly what
     mlx-lm's own chunked prefill stores in its cache (two chunks: RoPE offsets matter)."""
@@ -53,7 +55,7 @@ def test_hooked_raw_kv_reproduce_mlx_lm_cache(arch, quantized):
         values = mx.concatenate(sink.values, axis=2)
         cached_keys, cached_values = c.keys[..., :13, :], c.values[..., :13, :]
         assert keys.shape == cached_keys.shape, f"{name}: captured keys {keys.shape} vs cached {cached_keys.shape}"
-        key_diff = mx.abs(base_cache_keys(attn, keys) - cached_keys).max().item()
+        key_diff = mx.abs(base_cache_keys(model, attn, keys) - cached_keys).max().item()
         assert key_diff <= 1e-6, (
             f"{name}: captured raw keys no longer reproduce mlx-lm's cached keys (layer {layer}, "
             f"max diff {key_diff}); mlx-lm changed where keys pass"
@@ -65,7 +67,7 @@ def test_hooked_raw_kv_reproduce_mlx_lm_cache(arch, quantized):
         )
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL)
 def test_hook_works_inside_value_and_grad(arch):
     """The captured keys carry gradients to the projection that made them."""
     model = _tiny(arch)
@@ -77,15 +79,14 @@ def test_hook_works_inside_value_and_grad(arch):
         return sum((s.keys[0] ** 2).sum() + s.values[0].sum() for s in sinks)
 
     loss, grads = nn.value_and_grad(model, loss_fn)(model.trainable_parameters())
-    hook = arch_of(model).raw_kv
-    proj = getattr(hook, "attr", None) or hook.keys
-    suffix = f"layers.2.{arch_of(model).attention_attr}.{proj}.weight"
+    proj = arch_of(model).raw_kv.projections()[0]
+    suffix = f".2.{arch_of(model).attention_attr}.{proj}.weight"  # layer 2 (model.layers or model.h)
     (g,) = [v for k, v in tree_flatten(grads) if k.endswith(suffix)]
     assert mx.isfinite(loss).item()
     assert mx.abs(g).max().item() > 0, f"{arch}: no gradient reached {proj} through the hook"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL)
 def test_build_model_follows_mlx_lm_model_type_resolution(arch):
     cfg = mb.tiny_config(arch, n_layers=2, vocab_size=VOCAB)
     model = mb.build_model(cfg)
@@ -140,3 +141,32 @@ def test_training_loss_runs_on_gemma3(identity_dirs):
     assert mx.isfinite(loss).item()
     assert metrics["l1"].item() <= 1e-6
     assert abs(metrics["ce"].item() - metrics["ce_aux"].item()) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_layer_pruned_prefix_keeps_the_base_layers_cache(arch):
+    """Keeping layers {0, 1} of 3 (the entry's layer-count key and per-layer config lists): the
+    pruned model's caches equal the base's first two layers' after the same prefill."""
+    cfg = mb.tiny_config(arch, n_layers=3, vocab_size=VOCAB)
+    model = mb.build_model(cfg, seed=5)
+    pruned, pruned_cfg = mb.layer_pruned(model, cfg, [0, 1])
+    assert mb.num_layers(pruned_cfg) == 2 and len(pruned.layers) == 2
+    tokens = mx.random.randint(0, VOCAB, (1, 11), key=mx.random.key(4))
+    ours, theirs = make_prompt_cache(model), make_prompt_cache(pruned)
+    model(tokens, cache=ours)
+    pruned(tokens, cache=theirs)
+    for a, b in zip(ours[:2], theirs):
+        assert type(a) is type(b)
+        assert mx.array_equal(a.state[0], b.state[0]).item(), f"{arch}: pruned keys differ"
+
+
+def test_layer_pruning_keeps_per_layer_rope_lists():
+    """smollm3's per-layer NoPE list follows the kept layers; cohere2 refuses a pruning that would
+    turn a NoPE global layer into a RoPE one."""
+    cfg = mb.tiny_config("smollm3", n_layers=3, vocab_size=VOCAB)  # no_rope_layers [1, 0, 1]
+    model = mb.build_model(cfg)
+    _, pruned_cfg = mb.layer_pruned(model, {**cfg, "no_rope_layers": [1, 0, 1]}, [1, 2])
+    assert pruned_cfg["no_rope_layers"] == [0, 1]
+    cfg = mb.tiny_config("cohere2", n_layers=3, vocab_size=VOCAB)  # S G S
+    with pytest.raises(ValueError, match="sliding window|apply RoPE"):
+        mb.layer_pruned(mb.build_model(cfg), cfg, [1, 2])

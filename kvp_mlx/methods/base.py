@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
+from kvp_mlx.adapters import held_positions  # noqa: F401  (imported from here by sessions)
 from kvp_mlx.errors import KVPError
 from kvp_mlx.flops import model_shape, prefill_flops, prefill_scores
 from kvp_mlx.methods.interface import (
@@ -34,14 +35,6 @@ def fill_cache(lm: nn.Module, tokens: mx.array, prefill_step_size: int, max_kv_s
         if progress is not None:
             progress(min(start + prefill_step_size, tokens.shape[1]) - done, total)
     return cache
-
-
-def held_positions(cache: list) -> int:
-    """How many positions an mlx-lm cache holds (every layer must agree)."""
-    offsets = {int(c.offset) for c in cache}
-    if len(offsets) > 1:
-        raise KVPError(f"the cache's layers hold different numbers of positions: {sorted(offsets)}")
-    return offsets.pop() if offsets else 0
 
 
 def plain_prefill(lm: nn.Module, tokens: mx.array, prefill_step_size: int) -> tuple[list, mx.array]:
@@ -75,6 +68,6 @@ register(PrefillMethod(
     summary="plain base prefill, the reference (what mlx-lm's generate_step does)",
     prefill=prefill_base,
     fill=fill_base,
-    capabilities=Capabilities(extends_cache=True, progress=True),
+    capabilities=Capabilities(extends_cache=True, progress=True, kv_access=False),
     cost=lambda model, tokens, chunk, batch, info: plain_prefill_cost(model.base, tokens, chunk, batch),
 ))

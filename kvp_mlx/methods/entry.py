@@ -41,6 +41,19 @@ def missing_models(model: PrefillModel, spec: PrefillMethod) -> str | None:
     return None
 
 
+def architecture_problem(model: PrefillModel, spec: PrefillMethod) -> str | None:
+    """Why ``spec`` cannot reach the K/V of ``model``'s architectures (kvp_mlx.architectures), or None."""
+    if not spec.capabilities.kv_access:
+        return None
+    from kvp_mlx.architectures import kv_prediction_problem
+
+    for part in (model.base, model.aux):
+        problem = kv_prediction_problem(part) if part is not None else None
+        if problem:
+            return f"method '{spec.name}' needs per-layer K/V: {problem}"
+    return None
+
+
 @dataclass(frozen=True)
 class MethodCall:
     """A method entered for a model with checked options; runs on prompts of that model."""
@@ -151,7 +164,7 @@ def enter(model: PrefillModel, method: str | None = None, options: dict[str, Any
     if not all(hasattr(model, name) for name in ("base", "aux", "predictor", "tokenizer")):
         raise KVPError(f"model must be a KVPModel from kvp_mlx.load(...), got {type(model).__name__}")
     spec = get_method(method or default_method(model))
-    problem = missing_models(model, spec)
+    problem = architecture_problem(model, spec) or missing_models(model, spec)
     if problem:
         raise KVPError(problem)
     if warm and (spec.fill is None or not spec.capabilities.extends_cache):

@@ -27,6 +27,7 @@ from typing import Any, Callable, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
+from kvp_mlx.adapters import held_positions
 from kvp_mlx.errors import KVPError
 
 
@@ -71,8 +72,8 @@ class FilledCache:
 
     @property
     def offset(self) -> int:
-        """Positions the decoder's cache holds."""
-        return int(self.cache[0].offset) if self.cache else 0
+        """Positions the decoder's cache holds (its positional layers: a hybrid's recurrent states count none)."""
+        return held_positions(self.cache)
 
 
 @dataclass
@@ -108,6 +109,9 @@ class Capabilities:
     decoder: str = "base"  # the model that decodes from the filled cache: "base" or "aux"
     extends_cache: bool = False  # can extend a non-empty cache at an offset (warm conversations)
     progress: bool = False  # its fill reports (processed, total) to a ``progress`` keyword (kvp_mlx.progress)
+    # Reads or writes K/V per layer (capture, injection, pruning): needs an architecture kvp-mlx
+    # supports (kvp_mlx.architectures); False for a method that only runs mlx-lm's own forward.
+    kv_access: bool = True
     # Why the method cannot run inside one ordinary process (None: it can).
     needs_launch: str | None = None
 

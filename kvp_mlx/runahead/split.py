@@ -49,12 +49,12 @@ class CostModel:
     @classmethod
     def from_model(cls, lm: nn.Module, flops_per_s: float = 1e12, dtype_bytes: int = 4) -> "CostModel":
         """FLOP counts of an mlx-lm model at ``flops_per_s``, averaged over its layers."""
-        from kvp_mlx.adapters import attention_modules, kv_shapes
+        from kvp_mlx.adapters import arch_of, attention_modules, kv_shapes
 
-        layers = lm.layers
+        layers, arch = lm.layers, arch_of(lm)
         # tree_flatten returns a list here (mlx annotates list | dict)
         weights = sum(v.size for layer in layers for _, v in tree_flatten(layer.parameters()) if v.ndim == 2)  # type: ignore[str-unpack, union-attr]
-        heads_dims = [a.n_heads * s.head_dim for a, s in zip(attention_modules(lm), kv_shapes(lm))]
+        heads_dims = [arch.q_heads(a) * s.head_dim for a, s in zip(attention_modules(lm), kv_shapes(lm))]
         kv = sum(2 * s.heads * s.head_dim for s in kv_shapes(lm)) / len(layers)
         return cls(
             n_layers=len(layers),
@@ -258,12 +258,12 @@ def measure_cost_model(
 
 
 def hidden_size(lm: nn.Module) -> int:
-    """The model dimension: the input size of the first attention's query projection."""
-    from kvp_mlx.adapters import attention_modules
+    """The model dimension: the input size of the first attention's key projection."""
+    from kvp_mlx.adapters import arch_of, attention_modules
+    from kvp_mlx.flops import _linear_dims
 
     attn = attention_modules(lm)[0]
-    proj = attn.qkv_proj if "qkv_proj" in attn else attn.q_proj
-    return int(proj.weight.shape[1])
+    return _linear_dims(attn[arch_of(lm).raw_kv.projections()[0]])[0]
 
 
 def _check(n_tokens: int, ranks: int) -> None:

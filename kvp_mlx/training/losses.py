@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from kvp_mlx.adapters import attention_modules, forward_raw_kv, forward_with_predicted_kv
+from kvp_mlx.adapters import arch_of, attention_modules, forward_raw_kv, forward_with_predicted_kv
 from kvp_mlx.predictor import KVPredictor
 
 
@@ -67,10 +67,6 @@ class KVPTrainable(nn.Module):
         self.predictor = predictor
 
 
-def _normed(attn: nn.Module, keys: mx.array) -> mx.array:
-    return attn.k_norm(keys) if "k_norm" in attn else keys
-
-
 def exact_prefix_lengths(batch: int, length: int, fraction: float) -> mx.array:
     """Per sequence, how many leading positions hold exact base K/V: 0 for a ``1 - fraction`` share
     of the sequences, uniform in [0, length) for the others."""
@@ -120,10 +116,10 @@ def kvp_loss(
     loss = ce_base + weights.aux_ce * ce_aux
     metrics: dict = {"ce": ce_base, "ce_aux": ce_aux}
     if weights.consistency:
-        attns = attention_modules(base)
-        target_k = [_normed(attn, k) for attn, k in zip(attns, raw_keys)]
+        arch, attns = arch_of(base), attention_modules(base)
+        target_k = [arch.normed_keys(attn, k) for attn, k in zip(attns, raw_keys)]
         l1 = [
-            mx.mean(mx.abs(_normed(attn, k) - tk)) + mx.mean(mx.abs(v - tv))
+            mx.mean(mx.abs(arch.normed_keys(attn, k) - tk)) + mx.mean(mx.abs(v - tv))
             for attn, (k, v), tk, tv in zip(attns, predicted, target_k, raw_values)
         ]
         consistency = sum(l1) / len(l1) if weights.average_layers else sum(l1)
