@@ -50,8 +50,7 @@ class PrefillBar:
         if self._bar is None:
             if processed == 0:  # before the first chunk: maybe a one-chunk prefill
                 return
-            from tqdm import tqdm
-
+            tqdm = _tqdm()
             self._bar = tqdm(total=total, initial=processed, desc=self.desc, unit="tok", unit_scale=True,
                              file=self.stream, leave=False, dynamic_ncols=True)
         self._bar.update(processed - self._bar.n)
@@ -114,8 +113,7 @@ class CountingBar:
         stream = sys.stderr if stream is None else stream
         self._bar: Any = None
         if not quiet and is_terminal(stream):
-            from tqdm import tqdm
-
+            tqdm = _tqdm()
             self._bar = tqdm(total=total, desc=desc, unit=unit, file=stream, leave=False)
 
     def advance(self, line: str | None = None) -> None:
@@ -132,3 +130,12 @@ class CountingBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _tqdm() -> Any:
+    """tqdm's bar class, without its monitor thread (bars here are updated on every chunk; the thread
+    would only outlive them and meet a signal at interpreter exit)."""
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0
+    return tqdm

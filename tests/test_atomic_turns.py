@@ -218,3 +218,30 @@ def test_a_system_prompt_without_a_chat_template_is_refused(identity):
     assert not identity.tokenizer.has_chat_template
     with pytest.raises(KVPError, match="a system prompt needs the chat template"):
         Session(identity, system_prompt="be brief")
+
+
+def test_a_repair_interrupted_between_two_layers_resumes_exactly(identity, monkeypatch):
+    """A signal can land between the layers of a repair chunk's forward pass: every layer of the
+    repair's cache goes back to the repair's progress (one trim for all would leave them unequal)."""
+    session = two_turns(identity)
+    second = identity.base.layers[1]
+    layer_call = type(second).__call__
+    calls = []
+
+    def call(self, *args, **kwargs):
+        if self is second:
+            calls.append(1)
+            if len(calls) == 2:  # the second chunk: layer 0 has written it, layer 1 has not
+                raise KeyboardInterrupt
+        return layer_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(second), "__call__", call)
+    with pytest.raises(KeyboardInterrupt):
+        session.repair(prefill_step_size=4)
+    monkeypatch.undo()
+    state = session._repair
+    assert state is not None and state.position == 4
+    assert {c.offset for c in state.cache} == {state.position}
+    session.verify()
+    session.repair()
+    assert [r.token for r in session.stream_generate(THIRD, max_tokens=6)] == reference_third(identity)

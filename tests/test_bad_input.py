@@ -106,8 +106,10 @@ def test_unknown_architecture(tmp_path, tokenizer_dir):
     cfg = {"model_type": "gpt2", "n_ctx": 64, "n_embd": 32, "n_head": 2, "n_layer": 1,
            "n_positions": 64, "layer_norm_epsilon": 1e-5, "vocab_size": VOCAB}
     mb.save_lm_dir(tmp_path / "gpt2", mb.build_model(cfg), cfg, tokenizer_dir)
+    config = tmp_path / "gpt2" / "config.json"
+    config.write_text(config.read_text().replace('"gpt2"', '"nosuchmodel"'))
     assert_one_line_error(run_cli("generate", "--model", str(tmp_path / "gpt2"), "--prompt", "hi"),
-                          "unsupported architecture 'gpt2'")
+                          "nosuchmodel")
 
 
 def test_unknown_method_is_rejected_by_the_api(random_pair_dir):

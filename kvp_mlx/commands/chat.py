@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 DESCRIPTION = """\
@@ -179,4 +180,6 @@ def run(args: argparse.Namespace) -> int:
     kwargs["prompt_progress_callback"] = prefill_bar()  # a long message's prefill: a bar on a terminal's stderr
     chat = Chat(session, generation=kwargs, repair=args.repair, repair_step_size=args.repair_step_size,
                 save_to=path)
-    return chat.run()
+    status = chat.run()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # saved and ending: a late Ctrl-C cannot interrupt the exit
+    return status

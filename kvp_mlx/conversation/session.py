@@ -455,11 +455,16 @@ class Session:
 
     def _abandon_chunk(self, state: _RepairState) -> None:
         """The repair's cache back to its progress (the live caches are untouched), or, where it
-        cannot be trimmed, the repair dropped (the next one starts over)."""
-        extra = held_positions(state.cache) - state.position
-        if extra > 0 and can_trim_prompt_cache(state.cache):
-            trim_prompt_cache(state.cache, extra)
-        elif extra > 0:
+        cannot be trimmed, the repair dropped (the next one starts over). An interrupt can land
+        between two layers of the chunk's forward pass, so each layer is trimmed by what it holds."""
+        layers = [c for c in state.cache if getattr(c, "offset", None) is not None]
+        if not any(c.offset > state.position for c in layers):
+            return
+        if can_trim_prompt_cache(state.cache):
+            for c in layers:
+                if c.offset > state.position:
+                    c.trim(c.offset - state.position)
+        else:
             self._repair = None
 
     def _start_repair(self, start: int) -> _RepairState:
