@@ -5,10 +5,14 @@ matmul). Loading an optimized OpenBLAS into the global symbol scope *before*
 `mlx.core` is imported makes MLX resolve `cblas_sgemm` and friends to it
 (60-135 GFLOP/s on the project's machines). This module must run before the
 first `import mlx.core`; `kvp_mlx/__init__.py` imports it first.
+
+It also registers :func:`_quiesce_at_exit`, which keeps OpenBLAS's exit-time destructor from
+hanging when MLX work is still running as the process exits (see the comment there).
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import os
@@ -59,6 +63,8 @@ def load_optimized_blas() -> str | None:
             try:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
                 loaded_blas = path
+                # Registered before mlx.core and mlx_lm are imported, so it runs after their handlers.
+                atexit.register(_quiesce_at_exit)
             except OSError as e:
                 blas_problem = f"could not load {path}: {e}"
     if loaded_blas is None:
@@ -93,3 +99,26 @@ def set_blas_threads(n: int) -> bool:
     except (OSError, AttributeError):
         return False
     return True
+
+
+def _quiesce_at_exit() -> None:
+    """Let in-flight BLAS work finish, then stop OpenBLAS's pool taking new jobs (atexit, Python).
+
+    MLX leaks its CPU stream threads at exit, so a queued op (mlx-lm async-evals one token ahead)
+    can still be inside a threaded sgemm when OpenBLAS's destructor `gotoblas_quit` runs: its
+    `blas_thread_shutdown_` posts -1 to a busy worker, which then overwrites it with 0 when its job
+    ends, sleeps in pthread_cond_wait unsignalled, and the destructor's pthread_join waits forever.
+    """
+    mx = sys.modules.get("mlx.core")
+    if mx is not None:
+        streams: list = [mx.cpu]  # the main thread's default CPU stream
+        generate = sys.modules.get("mlx_lm.generate")
+        if generate is not None and hasattr(generate, "generation_stream"):
+            streams.append(generate.generation_stream)  # where kvp_mlx and mlx-lm generate
+        for stream in streams:
+            try:
+                mx.synchronize(stream)
+            except Exception:  # an op failed (its error was reported already) or no such stream
+                pass
+    # Work on streams we cannot reach (other threads') now runs in its caller, not the pool.
+    set_blas_threads(1)
