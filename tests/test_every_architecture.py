@@ -119,11 +119,36 @@ def test_plain_model_runs_base_as_mlx_lm_and_refuses_kvp(plain_dirs, name, capsy
     assert reason in err, err
 
 
-@pytest.mark.parametrize("name", ["qwen3_next", "falcon_h1"])
+@pytest.mark.parametrize("name", ["qwen3_next", "falcon_h1", "mamba"])
 def test_hybrid_base_session_is_mlx_lm(plain_dirs, name):
     want = mlx_lm_turns(plain_dirs[name])
     session = Session(load(plain_dirs[name]), method="base")
     assert [[r.token for r in session.stream_generate(m, max_tokens=STEPS)] for m in TURNS] == want
+
+
+def test_recurrent_session_counts_its_tokens_and_refuses_trims(plain_dirs, tmp_path):
+    """mamba's states count no positions: the session counts the tokens it fed them (as mlx-lm's
+    own multi-turn path carries one cache); trim and a shorter fork are one-line errors that leave
+    the session as it was; a whole fork, a save and a load go on exactly."""
+    from kvp_mlx.conversation.session_file import load_session, save_session
+
+    model = load(plain_dirs["mamba"])
+    want = mlx_lm_turns(plain_dirs["mamba"])
+    session = Session(model, method="base")
+    assert [r.token for r in session.stream_generate(TURNS[0], max_tokens=STEPS)] == want[0]
+    n = len(session.tokens)
+    assert session.offset == n
+    session.verify()
+    for refused in (lambda: session.trim(2), lambda: session.fork(n - 2)):
+        with pytest.raises(KVPError, match="recurrent states .* cannot be trimmed") as info:
+            refused()
+        assert "\n" not in str(info.value)
+    assert len(session.tokens) == n
+    fork = session.fork()
+    save_session(session, tmp_path / "s.safetensors")
+    loaded = load_session(model, tmp_path / "s.safetensors")
+    for s in (session, fork, loaded):
+        assert [r.token for r in s.stream_generate(TURNS[1], max_tokens=STEPS)] == want[1]
 
 
 # --- the registry: one entry is a new architecture --------------------------------------------
