@@ -107,3 +107,19 @@ def test_evaluate_base_on_a_hybrid_is_mlx_lms_own(hybrid_dir, tmp_path):
     assert len(lls(ours)) == 9 and len(set(lls(ours))) > 1
     assert lls(ours) == pytest.approx(lls(theirs), abs=1e-4)
     assert ev.scores(ours)["local_ll"] == ev.scores(theirs)["local_ll"]
+
+
+def test_bench_times_a_hybrid_and_flops_refuse_it_in_one_line(hybrid_dir, capsys):
+    """`kvp-mlx bench --methods base,mlx-lm` needs no FLOPs model and runs; the FLOPs count (the
+    lab's `bench.ttft`, method costs) refuses a model without a registry entry in one line."""
+    from kvp_mlx.cli import main
+    from kvp_mlx.errors import KVPError
+    from kvp_mlx.flops import model_shape
+
+    assert main(["bench", "--model", str(hybrid_dir), "--methods", "base,mlx-lm", "-p", "24", "-g", "4",
+                 "-n", "1", "--warmup", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "| base |" in table and "| mlx-lm |" in table
+    with pytest.raises(KVPError, match="no FLOPs model for architecture 'qwen3_next'.*ArraysCache") as info:
+        model_shape(load(hybrid_dir).base)
+    assert "\n" not in str(info.value)
