@@ -119,6 +119,9 @@ class Capabilities:
     # Reads or writes K/V per layer (capture, injection, pruning): needs an architecture kvp-mlx
     # supports (kvp_mlx.architectures); False for a method that only runs mlx-lm's own forward.
     kv_access: bool = True
+    # The registry path whose per-architecture claim the method needs ("runahead": an entry's
+    # ``not_runahead`` refuses it; kvp_mlx.architectures.path_problem), or None.
+    architecture_path: str | None = None
     # Why the method cannot run inside one ordinary process (None: it can).
     needs_launch: str | None = None
 
