@@ -183,6 +183,10 @@ class Architecture:
     # The token-pruning helpers' view of the blocks; None with the reason they cannot drive them.
     blocks: Blocks = Blocks()
     not_layerwise: str | None = None
+    # Why KV-Runahead (kvp_mlx.runahead) or EpiCache (kvp_mlx.epicache) cannot run it; None: they
+    # are exact on it (tests/test_every_architecture.py checks both ways).
+    not_runahead: str | None = None
+    not_epicache: str | None = None
     # Config keys for a layer-pruned copy: the layer count, and lists holding one entry per layer.
     layers_key: str = "num_hidden_layers"
     per_layer_keys: tuple[str, ...] = ()
@@ -295,6 +299,25 @@ def architecture_of(model: nn.Module) -> Architecture:
     return ARCHITECTURES[model_type_of(model)]  # type: ignore[index]  # checked above
 
 
+def path_problem(model: nn.Module, path: str) -> str | None:
+    """Why ``path`` (``"runahead"`` or ``"epicache"``) cannot run ``model``, in one line naming its
+    architecture (the entry's declared reason, or why kvp-mlx cannot reach its K/V), or None."""
+    problem = kv_prediction_problem(model)
+    if problem:
+        return f"{path} needs per-layer K/V: {problem}"
+    arch = ARCHITECTURES[model_type_of(model)]  # type: ignore[index]  # checked above
+    reason = {"runahead": arch.not_runahead, "epicache": arch.not_epicache}[path]
+    return f"{path} does not support {arch.model_type}: {reason}" if reason else None
+
+
+def epicache_architecture(model: nn.Module) -> Architecture:
+    """The model's entry, where EpiCache supports it (else a one-line :class:`KVPError`)."""
+    problem = path_problem(model, "epicache")
+    if problem:
+        raise KVPError(problem)
+    return architecture_of(model)
+
+
 def architecture_of_attention(attn: nn.Module) -> Architecture:
     """The entry of an attention module met before through :meth:`Architecture.attention_of` (its
     class or a base of it: kvp_mlx.epicache subclasses attention modules)."""
@@ -377,6 +400,10 @@ def _llama4_config(n: int, vocab: int) -> dict:  # layers 1, 3, ... are NoPE
             "tie_word_embeddings": False, "use_qk_norm": True, "no_rope_layers": _alternating(n, 1, 0)}
 
 
+# Why the paths refuse an architecture (declared once here, checked both ways by the tests).
+_SLIDING = ("sliding-window layers: a RotatingKVCache keeps only a window of the prefix K/V the ranks pass on")
+_NOT_EXACT = "not exact across ranks under the 2-rank oracle (cause not yet found)"
+
 for _arch in (
     Architecture("openelm", _openelm_config, attention="attn", raw_kv=FusedQKV("qkv_proj"),
                  blocks=Blocks("attn_norm", "ffn_norm", "ffn", "out_proj", "transformer", "token_embeddings"),
@@ -385,17 +412,20 @@ for _arch in (
                  notes="fused qkv_proj; k_norm over the head dim on [B, H, L, D]"),
     Architecture("llama", _config("llama", tie_word_embeddings=False)),
     Architecture("mistral", _config("mistral", tie_word_embeddings=False), notes="mlx-lm runs it as llama"),
-    Architecture("qwen2", _config("qwen2", tie_word_embeddings=True)),
+    Architecture("qwen2", _config("qwen2", tie_word_embeddings=True), not_runahead=_NOT_EXACT),
     Architecture("qwen3", _config("qwen3", head_dim=16, tie_word_embeddings=True)),
-    Architecture("gemma3_text", _gemma3_config,
+    Architecture("gemma3_text", _gemma3_config, not_runahead=_SLIDING,
                  not_layerwise="its blocks have extra feed-forward norms and scaled embeddings"),
     Architecture("phi3", _config("phi3"), raw_kv=FusedQKV("qkv_proj"), notes="fused qkv_proj"),
     Architecture("gemma", _config("gemma", head_dim=16), not_layerwise="scaled embeddings"),
     Architecture("gemma2", _config("gemma2", head_dim=16, query_pre_attn_scalar=16),
+                 not_runahead="soft-capped attention needs an array mask (a rank's layers get mlx-lm's 'causal')",
+                 not_epicache="soft-capped attention needs an array mask (a compressed cache gives 'causal')",
                  not_layerwise="extra feed-forward norms, scaled embeddings, soft-capped attention"),
     Architecture("starcoder2", _config("starcoder2", norm_epsilon=1e-5),
                  not_layerwise="not verified with the token-pruning helpers"),
     Architecture("olmo2", _config("olmo2"), key_norm=norm_all_heads("k_norm"),
+                 not_epicache="its query norm spans all heads (scoring norms queries per head)",
                  not_layerwise="post-norm blocks; q/k norms over all heads",
                  notes="k_norm spans all key heads, before the reshape"),
     Architecture("granite", _config("granite", logits_scaling=1.0, attention_multiplier=0.25,
@@ -406,28 +436,32 @@ for _arch in (
                  notes="NoPE layers: mlx-lm swaps in an identity rope"),
     Architecture("qwen3_moe", _config("qwen3_moe", head_dim=16, num_experts=4, num_experts_per_tok=2,
                                       decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=32,
-                                      tie_word_embeddings=False, norm_topk_prob=True)),
+                                      tie_word_embeddings=False, norm_topk_prob=True), not_runahead=_NOT_EXACT),
     Architecture("mixtral", _config("mixtral", num_local_experts=4, num_experts_per_tok=2),
                  q_heads_attr="num_heads", kv_heads_attr="num_key_value_heads",
                  blocks=Blocks(mlp="block_sparse_moe"), notes="head counts in num_heads / num_key_value_heads"),
-    Architecture("gpt_oss", _gpt_oss_config, q_heads_attr="num_attention_heads",
+    Architecture("gpt_oss", _gpt_oss_config, q_heads_attr="num_attention_heads", not_runahead=_SLIDING,
+                 not_epicache="attention sinks (scoring's softmax would leave their share out); no 'scale' to read",
                  kv_heads_attr="num_key_value_heads", per_layer_keys=("layer_types",),
                  not_layerwise="attention sinks", notes="head counts in num_attention_heads / num_key_value_heads; "
                  "sinks act after the cache"),
-    Architecture("exaone4", _exaone4_config, not_layerwise="post-norm blocks",
+    Architecture("exaone4", _exaone4_config, not_runahead=_SLIDING, not_layerwise="post-norm blocks",
                  notes="global layers are NoPE (no rope attribute)"),
     Architecture("glm4", _config("glm4", attention_bias=False, head_dim=16, partial_rotary_factor=0.5),
                  not_layerwise="extra post norms", notes="partial rotary (mlx-lm's rope has fewer dims)"),
-    Architecture("ministral3", _ministral3_config, per_layer_keys=("layer_types",),
+    Architecture("ministral3", _ministral3_config, per_layer_keys=("layer_types",), not_runahead=_SLIDING,
+                 not_epicache="position-dependent query scaling: its attention takes per-call arguments scoring "
+                              "does not reproduce",
                  not_layerwise="position-dependent query scaling"),
     Architecture("cohere2", _config("cohere2", head_dim=16, sliding_window=8, sliding_window_pattern=2,
                                     layer_norm_eps=1e-5),
-                 applies_rope=lambda attn: bool(attn.use_sliding_window),
+                 applies_rope=lambda attn: bool(attn.use_sliding_window), not_runahead=_SLIDING,
                  not_layerwise="parallel attention and MLP",
                  notes="global layers keep a rope they do not apply (use_sliding_window is False)"),
     Architecture("stablelm", _config("stablelm", use_qkv_bias=False, partial_rotary_factor=0.25,
                                      layer_norm_eps=1e-5, qk_layernorm=True),
                  key_norm=norm_per_head("k_layernorm"), q_heads_attr="num_heads",
+                 not_epicache="per-head layer norms on queries and no attention 'scale' for scoring to read",
                  kv_heads_attr="num_key_value_heads", not_layerwise="per-head layer norms on queries",
                  notes="per-head LayerNorm k_layernorm; partial rotary; head counts in num_heads / "
                        "num_key_value_heads"),
@@ -439,10 +473,13 @@ for _arch in (
                  not_layerwise="weightless q/k norms and NoPE layers with temperature-scaled queries",
                  notes="q/k norm is mx.fast.rms_norm without weight; NoPE layers have no rope"),
     Architecture("phi", _config("phi", partial_rotary_factor=0.5, layer_norm_eps=1e-5),
+                 not_epicache="its attention keeps no 'scale' for scoring to read",
                  q_heads_attr="num_heads", kv_heads_attr="num_key_value_heads",
                  not_layerwise="parallel attention and MLP", notes="partial rotary; head counts in num_heads / "
                  "num_key_value_heads"),
     Architecture("gpt2", _gpt2_config, attention="attn", raw_kv=FusedQKV("c_attn"), q_heads_attr="n_head",
+                 not_runahead="learned positions are added before the layers, from the model's first cache "
+                              "(a later rank's chunk would get positions from 0)",
                  kv_heads_attr="n_head", layers_key="n_layer", not_layerwise="learned positions",
                  notes="fused c_attn; learned positions (no RoPE); multi-head (n_head)"),
     Architecture("gpt_neox", _gpt_neox_config, attention="attention", raw_kv=InterleavedQKV("query_key_value"),

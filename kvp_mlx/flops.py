@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import mlx.nn as nn
 
 from kvp_mlx.adapters import arch_of, attention_modules, kv_shapes
+from kvp_mlx.architectures import kv_prediction_problem, model_type_of
+from kvp_mlx.errors import KVPError
 from kvp_mlx.predictor import KVPredictor
 
 
@@ -78,7 +80,15 @@ def _is_linear(module: nn.Module) -> bool:
 
 def model_shape(model: nn.Module) -> ModelShape:
     """Read per-layer FLOPs from an mlx-lm model's modules (any supported architecture): the
-    projections its registry entry names as the K/V ones (a fused qkv projection: all of it)."""
+    projections its registry entry names as the K/V ones (a fused qkv projection: all of it).
+
+    A model without a registry entry (hybrid, recurrent, MLA) has no FLOPs model: a one-line
+    :class:`KVPError` says so (``kvp-mlx bench`` times such a model without one)."""
+    problem = kv_prediction_problem(model)
+    if problem:
+        raise KVPError(f"no FLOPs model for architecture '{model_type_of(model)}' (FLOPs are counted for the "
+                       f"attention architectures of kvp_mlx.architectures; `kvp-mlx bench` times it without "
+                       f"FLOPs): {problem.split(': ', 1)[-1]}")
     arch = arch_of(model)
     kv_names = {f"{arch.attention}.{name}" for name in arch.raw_kv.projections()}
     layers = []

@@ -23,6 +23,8 @@ from kvp_mlx.model import load
 from decoding import decode_greedy
 
 PROMPTS = [(1, 1, 0), (1, 2, 1), (1, 23, 2), (2, 37, 3)]  # (batch, length, seed)
+if os.environ.get("RUNAHEAD_PROMPTS"):  # one prompt only: "batch,length,seed"
+    PROMPTS = [tuple(int(x) for x in os.environ["RUNAHEAD_PROMPTS"].split(","))]  # type: ignore[misc]
 SHARED = {1, 3}  # indices of the prompts run with share_logits=True
 
 

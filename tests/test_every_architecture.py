@@ -119,11 +119,36 @@ def test_plain_model_runs_base_as_mlx_lm_and_refuses_kvp(plain_dirs, name, capsy
     assert reason in err, err
 
 
-@pytest.mark.parametrize("name", ["qwen3_next", "falcon_h1"])
+@pytest.mark.parametrize("name", ["qwen3_next", "falcon_h1", "mamba"])
 def test_hybrid_base_session_is_mlx_lm(plain_dirs, name):
     want = mlx_lm_turns(plain_dirs[name])
     session = Session(load(plain_dirs[name]), method="base")
     assert [[r.token for r in session.stream_generate(m, max_tokens=STEPS)] for m in TURNS] == want
+
+
+def test_recurrent_session_counts_its_tokens_and_refuses_trims(plain_dirs, tmp_path):
+    """mamba's states count no positions: the session counts the tokens it fed them (as mlx-lm's
+    own multi-turn path carries one cache); trim and a shorter fork are one-line errors that leave
+    the session as it was; a whole fork, a save and a load go on exactly."""
+    from kvp_mlx.conversation.session_file import load_session, save_session
+
+    model = load(plain_dirs["mamba"])
+    want = mlx_lm_turns(plain_dirs["mamba"])
+    session = Session(model, method="base")
+    assert [r.token for r in session.stream_generate(TURNS[0], max_tokens=STEPS)] == want[0]
+    n = len(session.tokens)
+    assert session.offset == n
+    session.verify()
+    for refused in (lambda: session.trim(2), lambda: session.fork(n - 2)):
+        with pytest.raises(KVPError, match="recurrent states .* cannot be trimmed") as info:
+            refused()
+        assert "\n" not in str(info.value)
+    assert len(session.tokens) == n
+    fork = session.fork()
+    save_session(session, tmp_path / "s.safetensors")
+    loaded = load_session(model, tmp_path / "s.safetensors")
+    for s in (session, fork, loaded):
+        assert [r.token for r in s.stream_generate(TURNS[1], max_tokens=STEPS)] == want[1]
 
 
 # --- the registry: one entry is a new architecture --------------------------------------------
@@ -220,3 +245,65 @@ def test_token_pruning_keeps_everything_or_refuses(arch, tokenizer_dir, tmp_path
         res = model.prefill(tokens, method=method, prefill_step_size=5, **options)
         diff = mx.abs(base.logits - res.logits).max().item()
         assert diff <= 1e-5, f"{arch} {method}: logits differ by {diff}"
+
+
+# --- KV-Runahead and EpiCache: exact on every architecture they claim, else refused ------------
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_epicache_is_full_kv_above_the_history_or_refuses(arch):
+    """A budget above the history keeps everything: the next logits equal full KV (every scorer,
+    both levels), or the registry's reason refuses the architecture in one line."""
+    import numpy as np
+
+    from kvp_mlx.epicache.prefill import LEVELS, PromptScorer, RecencyScorer, WindowScorer, build_memory
+
+    model = mb.build_model(mb.tiny_config(arch, n_layers=2, vocab_size=VOCAB), seed=1)
+    rng = np.random.default_rng(0)
+    history, question = rng.integers(0, VOCAB, 30).tolist(), rng.integers(0, VOCAB, 5).tolist()
+    reason = ARCHITECTURES[arch].not_epicache
+    if reason is not None:
+        with pytest.raises(KVPError, match=f"epicache does not support {arch}: ") as info:
+            build_memory(model, history, 200, RecencyScorer(4), block=16)
+        assert "\n" not in str(info.value) and reason in str(info.value)
+        return
+    full = model(mx.array([history + question]))[0, -1]
+    for scorer in (None, PromptScorer((5, 9, 33, 7)), WindowScorer(8), RecencyScorer(4)):
+        for level in LEVELS:
+            mem = build_memory(model, history, 200, scorer, block=16, level=level)
+            diff = float(mx.abs(model(mx.array([question]), cache=mem.cache)[0, -1] - full).max())
+            assert diff < 1e-5, (arch, scorer, level, diff)
+
+
+def test_runahead_equals_base_on_two_ranks_or_refuses(tokenizer_dir, tmp_path):
+    """One 2-rank launch over every registered architecture: the last rank's first-token logits
+    equal the base prefill's (uneven chunks of 5) where the entry claims runahead; elsewhere the
+    method is refused in one line with the entry's reason, before any rank joins."""
+    import os
+    import sys
+
+    import numpy as np
+
+    from kvp_mlx.runahead.group import launch_local
+
+    here = Path(__file__).parent
+    dirs = {a: mb.save_lm_dir(tmp_path / a, mb.build_model(mb.tiny_config(a, 2, VOCAB), seed=0),
+                              mb.tiny_config(a, 2, VOCAB), tokenizer_dir) for a in ALL}
+    claimed = [a for a in ALL if ARCHITECTURES[a].not_runahead is None]
+    tokens = mx.random.randint(0, VOCAB, (1, 23), key=mx.random.key(2))
+    for arch in ALL:
+        if arch not in claimed:
+            with pytest.raises(KVPError, match=f"method 'runahead': runahead does not support {arch}: ") as info:
+                load(dirs[arch]).prefill(tokens, method="runahead")
+            assert "\n" not in str(info.value) and ARCHITECTURES[arch].not_runahead in str(info.value)
+    env = {"PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, str(here / "runahead_rank.py"), str(tmp_path), "even", "5", "2", "60",
+            *(str(dirs[a]) for a in claimed)]
+    results = launch_local(2, argv, tmp_path, env={**env, "RUNAHEAD_PROMPTS": "1,23,2"}, timeout_s=240)
+    for r in results:
+        assert r.returncode == 0, f"rank {r.rank}: {r.stderr[-2000:]}"
+    last = np.load(tmp_path / "rank1.npz")
+    for i, arch in enumerate(claimed):
+        base = load(dirs[arch]).prefill(tokens, method="base").logits
+        diff = np.abs(last[f"m{i}_b1_t23_logits"] - np.array(base)).max()
+        assert diff <= 1e-4, f"{arch}: runahead's logits differ from base by {diff}"

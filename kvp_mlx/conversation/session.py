@@ -33,7 +33,7 @@ from kvp_mlx.conversation.turn_memory import TurnMemory
 from kvp_mlx.errors import KVPError
 from kvp_mlx.generation import GenerationResponse, _responses, split_generation_kwargs, token_stream, warn_context
 from kvp_mlx.methods import FilledCache, MethodCall, enter
-from kvp_mlx.methods.base import held_positions
+from kvp_mlx.methods.base import counted_positions, held_positions
 from kvp_mlx.model import KVPModel
 from kvp_mlx.prompting import Message, checked_text, render_prompt
 
@@ -137,8 +137,8 @@ class Session:
         ``cache``, or the cache the bounded memory ``kv`` runs the next turn on."""
         if (cache is None) == (kv is None):
             raise KVPError("resume a session from a cache or from a bounded memory (one of them)")
-        held = held_positions(cache if cache is not None else kv.cache)  # type: ignore[union-attr]  # one is set
-        if held != len(tokens):
+        held = counted_positions(cache if cache is not None else kv.cache)  # type: ignore[union-attr]  # one is set
+        if held is not None and held != len(tokens):  # None: recurrent states, which count no positions
             raise KVPError(f"the cache holds {held} positions for {len(tokens)} tokens")
         caches = FilledCache(cache, model.base) if cache is not None else None
         return cls(model, method="base", tokens=list(tokens), caches=caches, kv=kv, **options)
@@ -148,8 +148,14 @@ class Session:
     @property
     def offset(self) -> int:
         """Positions the decoder's cache holds (every token of the session)."""
+        return self._held(len(self.tokens))
+
+    def _held(self, absorbed: int) -> int:
+        """Positions the decoder's cache holds: its layers' count, or, for a cache of recurrent states
+        only (mamba: its layers count none), ``absorbed``, the tokens the session fed it."""
         assert self.caches is not None
-        return held_positions(self.caches.cache)
+        counted = counted_positions(self.caches.cache)
+        return absorbed if counted is None else counted
 
     @property
     def first_predicted(self) -> int | None:
@@ -222,7 +228,7 @@ class Session:
             raise KVPError(f"can fork at 0 to {len(self.tokens)} tokens, got {upto!r}")
         assert self.caches is not None
         if n < len(self.tokens) and not can_trim_prompt_cache(self.caches.cache):
-            raise KVPError("this session's cache cannot be trimmed (sliding-window or rotating layers)")
+            raise KVPError(f"cannot fork at {n} of {len(self.tokens)} tokens: {untrimmable(self.caches.cache)}")
         cache = copy.deepcopy(self.caches.cache)
         if n < len(self.tokens):
             trim_prompt_cache(cache, held_positions(cache) - n)
@@ -366,6 +372,8 @@ class Session:
         if self.kv is not None:
             held = self.kv.before_turn(self.tokens, prompt, ids, fill_to, reserve)
             self.caches = FilledCache(self.kv.cache, self.model.base)
+        assert self.caches is not None
+        self.caches.positions = len(self.tokens)  # for a cache that counts no positions (the method's fill)
         if self.offset > fill_to:  # nothing new: run the last prompt token again
             self._trim_caches(self.offset - fill_to)
             if self._repair is not None and self._repair.position > fill_to:
@@ -388,7 +396,7 @@ class Session:
         """The end every turn shares (finished, stopped early or failed): the history is what the
         cache holds; the turn is recorded, and told to the bounded memory."""
         assert self.caches is not None
-        held = self.offset
+        held = self._held(len(tokens))  # mlx-lm's loop fed the cache every token it yielded
         if held > len(tokens):
             raise KVPError(f"internal: the cache holds {held} positions but the session knows {len(tokens)} tokens")
         self._trim_draft(held)  # a reply stopped early: the auxiliary may hold more
@@ -508,7 +516,7 @@ class Session:
                         raise KVPError("cannot trim into an episode cache's compressed history")
                     trim_prompt_cache(other, extra)
         if not can_trim_prompt_cache(self.caches.cache):
-            raise KVPError("this session's cache cannot be trimmed (sliding-window or rotating layers); reset it")
+            raise KVPError(f"cannot drop {n} positions: {untrimmable(self.caches.cache)}; reset the session")
         trim_prompt_cache(self.caches.cache, n)
         self._trim_draft(self.offset)
 
@@ -518,6 +526,16 @@ class Session:
         assert self.caches is not None
         if self.caches.draft_cache is not None:
             self.caches.draft_cache = _trimmed_draft(self.caches.draft_cache, keep)
+
+
+def untrimmable(cache: list) -> str:
+    """Why mlx-lm cannot trim ``cache`` (a hybrid's or state-space model's recurrent states, or
+    sliding-window / rotating layers), for a one-line error."""
+    recurrent = sorted({type(c).__name__ for c in cache if not hasattr(c, "offset") and not c.is_trimmable()})
+    if recurrent:
+        return (f"this session's cache holds recurrent states ({', '.join(recurrent)}), which cannot be "
+                "trimmed back to an earlier token")
+    return "this session's cache cannot be trimmed (sliding-window or rotating layers)"
 
 
 def _trimmed_draft(cache: list, keep: int) -> list | None:

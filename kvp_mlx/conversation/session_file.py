@@ -37,7 +37,7 @@ from kvp_mlx.epicache.episodes import Episodes, Utterance
 from kvp_mlx.epicache.memory import BoundedMemory
 from kvp_mlx.errors import KVPError
 from kvp_mlx.methods import FilledCache, get_method
-from kvp_mlx.methods.base import held_positions
+from kvp_mlx.methods.base import counted_positions
 from kvp_mlx.model import KVPModel
 
 FORMAT = "kvp-mlx-session"
@@ -45,7 +45,7 @@ VERSION = "2"  # 2: with a checksum and a repair in progress; 1 (no checksum) is
 VERSIONS = ("1", VERSION)
 # Cache classes a file may name (mlx-lm's load_prompt_cache looks names up in its cache module).
 CACHE_CLASSES = {"KVCache", "RotatingKVCache", "QuantizedKVCache", "ConcatenateKVCache", "ChunkedKVCache",
-                 "CompressedKVCache"}
+                 "CompressedKVCache", "ArraysCache", "MambaCache"}  # the last two: recurrent states
 
 
 def model_identity(model: KVPModel) -> str:
@@ -308,8 +308,9 @@ def load_session(model: KVPModel, path: str | Path) -> Session:
     if len(dec_cache) != len(decoder.layers) or (aux_cache is not None and model.aux is not None
                                                  and len(aux_cache) != len(model.aux.layers)):
         raise KVPError(f"{path}: its caches do not fit this model's layers")
-    if held_positions(dec_cache) != len(meta["tokens"]):
-        raise KVPError(f"{path}: the cache holds {held_positions(dec_cache)} positions for "
+    held = counted_positions(dec_cache)  # None: recurrent states only (mamba), which count no positions
+    if held is not None and held != len(meta["tokens"]):
+        raise KVPError(f"{path}: the cache holds {held} positions for "
                        f"{len(meta['tokens'])} tokens (corrupt)")
     kv = None
     if kv_state is not None or "CompressedKVCache" in meta["classes"]:

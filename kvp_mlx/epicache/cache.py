@@ -24,6 +24,7 @@ from mlx_lm.models.cache import RotatingKVCache
 from kvp_mlx.mlx_lm_private import BaseCache
 
 from kvp_mlx.adapters import attention_modules
+from kvp_mlx.architectures import architecture_of_attention
 from kvp_mlx.layerwise import project_qkv
 
 _SUBCLASSES: dict[type, type] = {}
@@ -33,11 +34,12 @@ def _masked_subclass(cls: type) -> type:
     if getattr(cls, "_epicache_masked", False):
         return cls
     if cls not in _SUBCLASSES:
-        def __call__(self: Any, x: mx.array, mask: Any = None, cache: Any = None, **kwargs: Any) -> mx.array:
+        def __call__(self: Any, x: mx.array, mask: Any = None, cache: Any = None, *args: Any,
+                     **kwargs: Any) -> mx.array:
             hook: Callable | None = getattr(cache, "epicache_mask", None)
             if hook is not None:
                 mask = hook(self, x)
-            return cls.__call__(self, x, mask, cache, **kwargs)
+            return cls.__call__(self, x, mask, cache, *args, **kwargs)
 
         _SUBCLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_epicache_masked": True,
                                                        "__module__": cls.__module__})
@@ -57,7 +59,7 @@ def layer_queries(attn: nn.Module, x: mx.array, offset: int) -> mx.array:
     """The queries ``[1, Hq, L, D]`` the attention module computes for its input ``x`` at positions
     ``offset ..``: its own projection, query norm and RoPE (kvp_mlx.layerwise)."""
     q, _, _ = project_qkv(attn, x)
-    return attn.rope(q, offset=offset)
+    return attn.rope(q, offset=offset) if architecture_of_attention(attn).applies_rope(attn) else q
 
 
 class CompressedKVCache(BaseCache):

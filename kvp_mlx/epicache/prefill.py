@@ -33,6 +33,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
 from kvp_mlx.adapters import attention_modules, inject_raw_kv, prefill_capturing_raw_kv
+from kvp_mlx.architectures import epicache_architecture
 from kvp_mlx.epicache.cache import CompressedKVCache, copy_cache, enable_compressed_caches
 from kvp_mlx.epicache.scoring import compressed_layers, inner_model, prompt_queries, query_scores, recency_scores
 from kvp_mlx.errors import KVPError
@@ -122,13 +123,14 @@ class Memory:
 
 def make_compressed_cache(model: nn.Module) -> list:
     """A fresh cache: compressed for global-attention layers, mlx-lm's for sliding-window ones."""
+    arch = epicache_architecture(model)
     enable_compressed_caches(model)
     out: list[Any] = []
     for attn, c in zip(attention_modules(model), make_prompt_cache(model)):
         if isinstance(c, RotatingKVCache):
             out.append(c)
         else:
-            out.append(CompressedKVCache(int(attn.n_kv_heads), int(attn.n_heads)))
+            out.append(CompressedKVCache(arch.kv_heads(attn), arch.q_heads(attn)))
     return out
 
 

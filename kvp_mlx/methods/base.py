@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
-from kvp_mlx.adapters import held_positions  # noqa: F401  (imported from here by sessions)
+from kvp_mlx.adapters import counted_positions, held_positions  # noqa: F401  (held_positions: imported from here by sessions)
 from kvp_mlx.errors import KVPError
 from kvp_mlx.flops import model_shape, prefill_flops, prefill_scores
 from kvp_mlx.methods.interface import (
@@ -16,14 +16,16 @@ from kvp_mlx.progress import ProgressFn
 
 
 def fill_cache(lm: nn.Module, tokens: mx.array, prefill_step_size: int, max_kv_size: int | None = None,
-               cache: list | None = None, progress: ProgressFn | None = None) -> list:
+               cache: list | None = None, progress: ProgressFn | None = None, held: int | None = None) -> list:
     """A cache holding ``tokens`` [B, T], filled in chunks (no logits are computed), as mlx-lm's
     ``generate_step`` fills it before the last prompt token. ``cache`` (holding a prefix of
     ``tokens``) is extended in place; else a fresh ``make_prompt_cache(lm, max_kv_size)`` is used.
     ``progress(processed, total)`` sees the positions computed so far of the ``total`` missing ones
-    (as mlx-lm's ``prompt_progress_callback``: before the first chunk, then after each)."""
+    (as mlx-lm's ``prompt_progress_callback``: before the first chunk, then after each). ``held``:
+    the positions ``cache`` holds where its layers count none (recurrent states only)."""
     cache = make_prompt_cache(lm, max_kv_size) if cache is None else cache
-    done = held_positions(cache)
+    counted = counted_positions(cache)
+    done = counted if counted is not None else held if held is not None else held_positions(cache)
     if done > tokens.shape[1]:
         raise KVPError(f"the cache holds {done} positions, more than the {tokens.shape[1]} tokens given")
     total = tokens.shape[1] - done
@@ -52,8 +54,9 @@ def prefill_base(model: PrefillModel, tokens: mx.array, prefill_step_size: int =
 def fill_base(model: PrefillModel, tokens: mx.array, prefill_step_size: int = 2048,
               max_kv_size: int | None = None, warm: FilledCache | None = None,
               progress: ProgressFn | None = None) -> FilledCache:
-    cache = fill_cache(model.base, tokens, prefill_step_size, max_kv_size, warm.cache if warm else None, progress)
-    return FilledCache(cache, model.base)
+    cache = fill_cache(model.base, tokens, prefill_step_size, max_kv_size, warm.cache if warm else None, progress,
+                       held=warm.positions if warm else None)
+    return FilledCache(cache, model.base, positions=tokens.shape[1])
 
 
 def plain_prefill_cost(lm: nn.Module, tokens: int, chunk: int, batch: int, role: str = "base") -> Cost:

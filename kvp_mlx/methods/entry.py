@@ -45,7 +45,12 @@ def architecture_problem(model: PrefillModel, spec: PrefillMethod) -> str | None
     """Why ``spec`` cannot reach the K/V of ``model``'s architectures (kvp_mlx.architectures), or None."""
     if not spec.capabilities.kv_access:
         return None
-    from kvp_mlx.architectures import kv_prediction_problem
+    from kvp_mlx.architectures import kv_prediction_problem, path_problem
+
+    path = spec.capabilities.architecture_path
+    problem = path_problem(model.base, path) if path is not None else None
+    if problem:
+        return f"method '{spec.name}': {problem}"
 
     for part in (model.base, model.aux):
         problem = kv_prediction_problem(part) if part is not None else None

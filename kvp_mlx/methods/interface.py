@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
-from kvp_mlx.adapters import held_positions
+from kvp_mlx.adapters import counted_positions, held_positions
 from kvp_mlx.errors import KVPError
 
 
@@ -69,10 +69,17 @@ class FilledCache:
     draft_cache: list | None = None
     # The decoder positions [start, end) the last fill wrote with predicted (not exact) K/V.
     predicted: tuple[int, int] | None = None
+    # Positions the decoder's cache holds, for a cache whose layers count none (recurrent states
+    # only, e.g. mamba): set by whoever knows the tokens it absorbed (a session counts them).
+    positions: int | None = None
 
     @property
     def offset(self) -> int:
-        """Positions the decoder's cache holds (its positional layers: a hybrid's recurrent states count none)."""
+        """Positions the decoder's cache holds (its positional layers: a hybrid's recurrent states
+        count none; a cache of recurrent states only: :attr:`positions`)."""
+        counted = counted_positions(self.cache)
+        if counted is None and self.positions is not None:
+            return self.positions
         return held_positions(self.cache)
 
 
@@ -112,6 +119,9 @@ class Capabilities:
     # Reads or writes K/V per layer (capture, injection, pruning): needs an architecture kvp-mlx
     # supports (kvp_mlx.architectures); False for a method that only runs mlx-lm's own forward.
     kv_access: bool = True
+    # The registry path whose per-architecture claim the method needs ("runahead": an entry's
+    # ``not_runahead`` refuses it; kvp_mlx.architectures.path_problem), or None.
+    architecture_path: str | None = None
     # Why the method cannot run inside one ordinary process (None: it can).
     needs_launch: str | None = None
 

@@ -62,6 +62,7 @@ register(PrefillMethod(
     ),
     # The same work as a base prefill, split over the ranks.
     cost=lambda model, tokens, chunk, batch, info: plain_prefill_cost(model.base, tokens, chunk, batch),
-    capabilities=Capabilities(needs_launch="needs several processes (an mx.distributed ring); time it with "
+    capabilities=Capabilities(architecture_path="runahead",
+                              needs_launch="needs several processes (an mx.distributed ring); time it with "
                               "`python -m bench.runahead`"),
 ))

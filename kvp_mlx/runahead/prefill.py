@@ -46,6 +46,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from kvp_mlx.adapters import kv_shapes, model_type_of, sliding_window_layers
+from kvp_mlx.architectures import path_problem
 from kvp_mlx.runahead.group import guarded
 from kvp_mlx.errors import KVPError
 from kvp_mlx.runahead.split import CostModel, SplitTable, balanced_split, even_split
@@ -207,6 +208,9 @@ def check_runahead(model: Any, split: str, timeout_s: float) -> None:
         raise KVPError(f"unknown runahead split '{split}' (one of {', '.join(SPLITS)})")
     if timeout_s <= 0:
         raise KVPError("the runahead timeout must be positive")
+    problem = path_problem(model.base, "runahead")  # the registry entry's claim
+    if problem:
+        raise KVPError(problem)
     sliding = sliding_window_layers(model.base)
     if sliding:  # ranks pass whole prefixes on; a RotatingKVCache keeps only a window of them
         raise KVPError(f"runahead does not support sliding-window attention layers "

@@ -7,7 +7,9 @@ predicted K/V, a repair in progress), and idle repair walks the sessions from th
 used. So this is its own small LRU with the same rules: the cached session sharing the longest
 prefix with a request is reused; one whose tokens are all a prefix of the request is handed over
 (the request extends it and puts it back); one that goes beyond the common prefix is forked at it
-(:meth:`Session.fork`), so a session is never changed under another request. Limits by count and by bytes.
+(:meth:`Session.fork`), so a session is never changed under another request. A session whose cache
+cannot be trimmed (a hybrid's or state-space model's recurrent states, sliding-window layers) is
+reused only by a request that extends its whole history. Limits by count and by bytes.
 """
 
 from __future__ import annotations
@@ -71,8 +73,11 @@ class SessionCache:
             if session.method != method:
                 continue
             n = common_prefix(session.tokens, tokens)
-            movable = n == len(session.tokens)
-            if n == 0 or not (movable or can_trim_prompt_cache(session.caches.cache)):  # type: ignore[union-attr]
+            trimmable = can_trim_prompt_cache(session.caches.cache)  # type: ignore[union-attr]
+            # handed over whole: the request must add a token, unless the cache can step back one
+            # (a hybrid's recurrent states cannot: such a session is reused only when extended)
+            movable = n == len(session.tokens) and (n < len(tokens) or trimmable)
+            if n == 0 or not (movable or trimmable):
                 continue
             # longer prefix first; on a tie, one handed over whole, then the most recent
             if best is None or n > best_len or (n == best_len and movable):
