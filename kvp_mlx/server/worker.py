@@ -124,6 +124,7 @@ class Worker:
                 self._repair_step()
                 continue
             if job is None:
+                _finish_queued_work()
                 return
             try:
                 self._serve(job)
@@ -228,3 +229,12 @@ class Worker:
                             "predicted_tokens": (turn.predicted[1] - turn.predicted[0])
                             if turn is not None and turn.predicted else 0},
             }))
+
+
+def _finish_queued_work() -> None:
+    """Wait for this thread's queued MLX work (mlx-lm evaluates one token ahead) before it ends: an
+    op still inside a threaded BLAS call at process exit can hang OpenBLAS's shutdown (kvp_mlx._blas)."""
+    from mlx_lm.generate import generation_stream
+
+    for stream in (mx.cpu, generation_stream):
+        mx.synchronize(stream)
