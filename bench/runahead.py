@@ -39,7 +39,7 @@ import mlx.nn as nn
 
 from kvp_mlx.runtime_env import blas_threads, set_blas_threads
 from kvp_mlx.runahead.group import barrier, guarded, join_group, launch_local, python_module_argv
-from kvp_mlx.errors import KVPError
+from kvp_mlx.errors import KVPError, exit_status
 from kvp_mlx.runahead.split import (
     CostModel, SplitTable, balanced_split, even_split, measure_cost_model, pipeline_time, single_time, tsp_time,
 )
@@ -380,16 +380,13 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv[:1] == [RANK_FLAG]:
-            return rank_main(argv[1:])
-        parser = argparse.ArgumentParser(prog="python -m bench.runahead", description=DESCRIPTION,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_arguments(parser)
-        return run(parser.parse_args(argv))
-    except KVPError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if argv[:1] == [RANK_FLAG]:
+        return exit_status(lambda: rank_main(argv[1:]))
+    parser = argparse.ArgumentParser(prog="python -m bench.runahead", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from kvp_mlx import KVPError
+from kvp_mlx.errors import exit_status
 
 PROFILES: dict[str, dict] = {
     # quick: `make bench`, at most 15 minutes on a 2-core CPU
@@ -409,14 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ttft", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except KVPError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    args = parser.parse_args(argv)
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":
