@@ -39,6 +39,7 @@ import mlx.nn as nn
 
 from kvp_mlx.runtime_env import blas_threads, set_blas_threads
 from kvp_mlx.runahead.group import barrier, guarded, join_group, launch_local, python_module_argv
+from bench.command import run_command
 from kvp_mlx.errors import KVPError, exit_status
 from kvp_mlx.runahead.split import (
     CostModel, SplitTable, balanced_split, even_split, measure_cost_model, pipeline_time, single_time, tsp_time,
@@ -382,11 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == [RANK_FLAG]:
         return exit_status(lambda: rank_main(argv[1:]))
-    parser = argparse.ArgumentParser(prog="python -m bench.runahead", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return exit_status(lambda: run(args))
+    return run_command("python -m bench.runahead", DESCRIPTION, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

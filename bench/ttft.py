@@ -10,8 +10,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from bench.command import run_command
 from kvp_mlx import KVPError
-from kvp_mlx.errors import exit_status
 
 PROFILES: dict[str, dict] = {
     # quick: `make bench`, at most 15 minutes on a 2-core CPU
@@ -407,11 +407,7 @@ def _refuse(args: argparse.Namespace, what: str, names: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.ttft", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return exit_status(lambda: run(args))
+    return run_command("python -m bench.ttft", DESCRIPTION, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
