@@ -181,6 +181,8 @@ def _messages(body: dict) -> list[dict[str, Any]]:
         role = m.get("role")
         if role not in MESSAGE_ROLES:
             raise _bad(f"messages[{i}].role must be one of {', '.join(MESSAGE_ROLES)}, got {role!r}")
+        if "content" not in m and not (role == "assistant" and m.get("tool_calls")):
+            raise _bad(f"messages[{i}] needs a 'content' (null or omitted only beside an assistant's tool_calls)")
         message = {**m, "role": "system" if role == "developer" else role,
                    "content": _message_text(m.get("content"), i)}
         if m.get("tool_calls") is not None:
