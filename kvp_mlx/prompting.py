@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from kvp_mlx.errors import KVPError
 
-Message = dict[str, str]
+Message = dict[str, Any]  # "role" and "content" strings, and what a chat template reads besides (tool_calls)
 Prompt = str | Sequence[Message] | Sequence[int] | mx.array
 
 # Config keys holding a model's context length, in the order they are trusted.
@@ -76,8 +76,13 @@ def render_prompt(
     chat_template_config: dict | None = None,
     prefill_response: str | None = None,
     add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
 ) -> list[int]:
     """Token ids for a prompt: text, chat messages (``[{"role": ..., "content": ...}, ...]``) or ids.
+
+    ``tools`` (OpenAI's function definitions) go to the chat template as ``mlx_lm.server`` passes
+    them (``apply_chat_template(..., tools=tools)``); messages may carry the template's other keys
+    (an assistant's ``tool_calls``, a tool result's ``tool_call_id``) besides a string ``content``.
 
     Text goes through the tokenizer's chat template when it has one (``use_chat_template=None``)
     or when asked (``True``: an error without a template); ``False`` encodes it raw, with the
@@ -115,12 +120,14 @@ def render_prompt(
     if not has_template:
         raise KVPError("this model's tokenizer has no chat template (pass plain text, or give the model a "
                        "chat_template in tokenizer_config.json)")
-    continue_final = messages[-1]["role"] == "assistant"
+    # a final assistant message is continued (a prefilled reply), unless it is a finished tool call
+    continue_final = messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls")
     add_generation_prompt = add_generation_prompt and not continue_final
+    extra: dict[str, Any] = {"tools": tools} if tools else {}
     try:
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, continue_final_message=continue_final,
-            add_generation_prompt=add_generation_prompt, **(chat_template_config or {}),
+            add_generation_prompt=add_generation_prompt, **extra, **(chat_template_config or {}),
         )
     except Exception as e:  # jinja and transformers raise many types for a template that does not fit
         raise KVPError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None

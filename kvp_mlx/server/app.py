@@ -24,7 +24,7 @@ from http.server import ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any
 
-from mlx_lm.server import APIHandler, get_system_fingerprint
+from mlx_lm.server import APIHandler, ToolCallFormatter, get_system_fingerprint
 
 from kvp_mlx.model import KVPModel
 from kvp_mlx.server.prompt_cache import SessionCache
@@ -195,7 +195,7 @@ class Handler(APIHandler):
             self._error(e)
             return
         self.stream = request.stream
-        self.requested_model = config.model_id
+        self.requested_model = body.get("model") or config.model_id  # the name asked for, as mlx_lm.server
         self.request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4()}"
         if kind == "chat":
             self.object_type = "chat.completion.chunk" if self.stream else "chat.completion"
@@ -243,6 +243,10 @@ class Handler(APIHandler):
             self.end_headers()
             self._send(b"")
         text, tokens, logprobs, tops = [], [], [], []
+        # mlx_lm.server's parsing of tool-call texts with the tokenizer's parser (chat only)
+        self.tool_formatter = ToolCallFormatter(self.app.model.tokenizer.tool_parser, job.request.tools, self.stream)
+        self.tool_calls: list[dict] = []
+        reasoning: list[str] = []
         while True:
             event = self._event(job, keepalive=self.stream)
             kind = event[0]
@@ -252,13 +256,18 @@ class Handler(APIHandler):
                 if "logprob" in piece:
                     logprobs.append(piece["logprob"])
                     tops.append(piece["top"])
-                if self.stream and piece["text"]:
+                calls = self.tool_formatter(piece.get("tool_calls", []))
+                self.tool_calls += calls
+                # a chunk per token with text, a tool call or reasoning, and per token when logprobs are asked
+                if self.stream and (piece["text"] or calls or piece.get("reasoning") or "logprob" in piece):
                     chunk = self.generate_response(
                         piece["text"], None, token_logprobs=[piece["logprob"]] if "logprob" in piece else None,
-                        top_tokens=[piece["top"]] if piece.get("top") else None, tokens=[piece["token"]])
+                        top_tokens=[piece["top"]] if piece.get("top") else None, tokens=[piece["token"]],
+                        tool_calls=calls, reasoning_text=piece.get("reasoning"))
                     self._send(f"data: {json.dumps(chunk)}\n\n".encode())
                 elif not self.stream:
                     text.append(piece["text"])
+                    reasoning.append(piece.get("reasoning", ""))
             elif kind == "error":
                 if self.stream:
                     self._send(f"data: {json.dumps(RequestError(event[1], event[2], 'server_error').body())}\n\n"
@@ -270,14 +279,17 @@ class Handler(APIHandler):
                 return
             else:
                 assert kind == "done"
-                self._finish(job, event[1], "".join(text), tokens, logprobs, tops)
+                self._finish(job, event[1], "".join(text), tokens, logprobs, tops, "".join(reasoning))
                 return
 
     def _finish(self, job: Job, summary: dict, text: str, tokens: list[int], logprobs: list[float],
-                tops: list) -> None:
+                tops: list, reasoning: str = "") -> None:
         usage_extra = {"prefill": summary["prefill"]}
+        finish_reason = summary["finish_reason"]
+        if finish_reason == "stop" and self.tool_calls:  # as mlx_lm.server
+            finish_reason = "tool_calls"
         if self.stream:
-            chunk = self.generate_response("", summary["finish_reason"])
+            chunk = self.generate_response("", finish_reason)
             self._send(f"data: {json.dumps(chunk)}\n\n".encode())
             if job.request.include_usage:
                 usage = self.completion_usage_response(summary["prompt_tokens"], summary["completion_tokens"],
@@ -288,9 +300,12 @@ class Handler(APIHandler):
             self._send(b"data: [DONE]\n\n")
             return
         response = self.generate_response(
-            text, summary["finish_reason"], summary["prompt_tokens"], summary["completion_tokens"],
+            text, finish_reason, summary["prompt_tokens"], summary["completion_tokens"],
             summary["cached_tokens"], token_logprobs=logprobs, top_tokens=[t for t in tops if t] or None,
-            tokens=tokens)
+            tokens=tokens, tool_calls=self.tool_calls, reasoning_text=reasoning)  # type: ignore[arg-type]  # mlx-lm passes these dicts
+        message = response["choices"][0].get("message")
+        if message is not None and message["content"] is None and not self.tool_calls:
+            message["content"] = ""  # an empty reply is "" (mlx-lm: null); null only beside tool calls
         response["usage"].update(usage_extra)
         data = json.dumps(response).encode()
         self._set_completion_headers(200)

@@ -3,12 +3,18 @@
 Parameters, names and defaults are ``mlx_lm.server``'s (``max_tokens``/``max_completion_tokens``,
 ``temperature``, ``top_p``, ``top_k``, ``min_p``, penalties and their context sizes, ``xtc_*``,
 ``logit_bias``, ``logprobs``/``top_logprobs``, ``seed``, ``stop``, ``stream``/``stream_options``),
-plus ``method``: the prefill method of this request. Every problem is a :class:`RequestError`
+plus ``method``: the prefill method of this request. Tool calling is ``mlx_lm.server``'s: ``tools``
+go to the chat template, history may hold ``tool`` messages and assistant messages with
+``content: null`` and ``tool_calls`` (their JSON ``arguments`` decoded for the template, as mlx-lm's
+``process_message_content``); ``tool_choice`` ``"none"`` renders no tools and parses no tool calls,
+any other choice is ``"auto"`` (mlx-lm reads no ``tool_choice``). Every problem is a :class:`RequestError`
 with an HTTP status (400, 404) and one line; nothing in a body names a file.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +26,8 @@ from kvp_mlx.methods.entry import vocab_size
 from kvp_mlx.model import KVPModel
 from kvp_mlx.prompting import check_id_list, checked_text, context_length, render_prompt
 from kvp_mlx.sampling import SamplingOptions
+
+log = logging.getLogger("kvp_mlx.server")
 
 MAX_TOP_LOGPROBS = 10  # as mlx-lm (it allows 0..11)
 MAX_STOP_WORDS = 16
@@ -52,6 +60,8 @@ class GenerationRequest:
     top_logprobs: int
     seed: int | None
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingOptions fields
+    tools: list[dict] | None = None  # the request's tools (given to the tool-call parser)
+    parse_tools: bool = True  # False: tool_choice "none", tool-call text stays in the content
 
 
 def _bad(message: str) -> RequestError:
@@ -119,7 +129,9 @@ def _prompt_ids(model: KVPModel, prompt: Any) -> list[int]:
 
 
 def _message_text(content: Any, index: int) -> str:
-    """A message's content: a string, or OpenAI's list of text parts."""
+    """A message's content: a string, OpenAI's list of text parts, or null (``""``, as mlx-lm)."""
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
@@ -129,10 +141,36 @@ def _message_text(content: Any, index: int) -> str:
                 raise _bad(f"messages[{index}].content: only text parts are supported, got {part.get('type')!r}")
             texts.append(part["text"])
         return "".join(texts)
-    raise _bad(f"messages[{index}].content must be a string or a list of text parts")
+    raise _bad(f"messages[{index}].content must be a string, a list of text parts or null")
 
 
-def _messages(body: dict) -> list[dict[str, str]]:
+def _tool_calls(calls: Any, index: int) -> list[dict]:
+    """An assistant message's ``tool_calls``, each function's JSON ``arguments`` decoded (the chat
+    templates read them as a mapping, as mlx-lm's ``process_message_content`` gives them)."""
+    where = f"messages[{index}].tool_calls"
+    if not isinstance(calls, list):
+        raise _bad(f"{where} must be a list of tool calls")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _bad(f"{where}[{j}] must be an object with a 'function' holding a string 'name'")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            try:
+                arguments = json.loads(arguments)
+            except ValueError as e:
+                raise _bad(f"{where}[{j}].function.arguments is not valid JSON: {e}") from None
+        elif arguments is not None and not isinstance(arguments, dict):
+            raise _bad(f"{where}[{j}].function.arguments must be a JSON string or an object")
+        out.append({**call, "function": {**function, "arguments": arguments or {}}})
+    return out
+
+
+MESSAGE_ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+def _messages(body: dict) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list of {role, content} objects")
@@ -141,10 +179,43 @@ def _messages(body: dict) -> list[dict[str, str]]:
         if not isinstance(m, dict):
             raise _bad(f"messages[{i}] must be an object with 'role' and 'content'")
         role = m.get("role")
-        if role not in ("system", "user", "assistant", "developer"):
-            raise _bad(f"messages[{i}].role must be system, user, assistant or developer, got {role!r}")
-        out.append({"role": "system" if role == "developer" else role, "content": _message_text(m.get("content"), i)})
+        if role not in MESSAGE_ROLES:
+            raise _bad(f"messages[{i}].role must be one of {', '.join(MESSAGE_ROLES)}, got {role!r}")
+        if "content" not in m and not (role == "assistant" and m.get("tool_calls")):
+            raise _bad(f"messages[{i}] needs a 'content' (null or omitted only beside an assistant's tool_calls)")
+        message = {**m, "role": "system" if role == "developer" else role,
+                   "content": _message_text(m.get("content"), i)}
+        if m.get("tool_calls") is not None:
+            if role != "assistant":
+                raise _bad(f"messages[{i}]: only an assistant message has tool_calls")
+            message["tool_calls"] = _tool_calls(m["tool_calls"], i)
+        else:
+            message.pop("tool_calls", None)
+        out.append(message)
     return out
+
+
+def _tools(body: dict) -> tuple[list[dict] | None, bool]:
+    """(the tools for the chat template, whether tool calls are parsed): ``tool_choice`` ``"none"``
+    gives neither; ``"auto"``, ``"required"`` or a named function are taken as ``"auto"``."""
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise _bad("tools must be a list of tool objects")
+        for i, tool in enumerate(tools):
+            function = tool.get("function")
+            if tool.get("type", "function") != "function" or not isinstance(function, dict) \
+                    or not isinstance(function.get("name"), str):
+                raise _bad(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}")
+    choice = body.get("tool_choice")
+    if choice is not None and choice not in ("none", "auto", "required") and not (
+            isinstance(choice, dict) and isinstance(choice.get("function"), dict)
+            and isinstance(choice["function"].get("name"), str)):
+        raise _bad("tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                   "\"function\": {\"name\": ...}}")
+    if choice == "none":
+        return None, False
+    return tools or None, True
 
 
 def _stop_words(body: dict) -> list[str]:
@@ -195,13 +266,18 @@ def servable_methods(model: KVPModel) -> list[str]:
     return [name for name in session_methods() if missing_models(model, get_method(name)) is None]
 
 
-def encode_chat(model: KVPModel, messages: list[dict[str, str]], template_config: dict | None) -> list[int]:
+def encode_chat(model: KVPModel, messages: list[dict[str, Any]], template_config: dict | None,
+                tools: list[dict] | None = None) -> list[int]:
     """The whole conversation's token ids: the chat template (as ``mlx_lm.generate``), or mlx-lm
-    server's plain rendering for a tokenizer without one."""
+    server's plain rendering for a tokenizer without one. ``tools`` go to the template; a
+    tokenizer without tool calling gets them too, with a warning, as in ``mlx_lm.server``."""
     tokenizer = model.tokenizer
     if getattr(tokenizer, "has_chat_template", False):
+        if tools and not getattr(tokenizer, "has_tool_calling", False):
+            log.warning("received tools but this model's tokenizer has no tool-call markers: "
+                        "tool calls in its output are not parsed")
         try:
-            return render_prompt(tokenizer, messages, chat_template_config=template_config)
+            return render_prompt(tokenizer, messages, chat_template_config=template_config, tools=tools)
         except KVPError as e:
             raise _bad(str(e)) from None
     from mlx_lm.server import convert_chat
@@ -222,8 +298,6 @@ def parse_request(body: Any, kind: str, model: KVPModel, model_id: str, default_
             raise _bad("model must be a string")
         raise RequestError(404, f"model {requested[:200]!r} is not served here (this server serves {model_id!r})",
                            "not_found_error")
-    if body.get("tools"):
-        raise _bad("tools are not supported by kvp-mlx serve")
     n = _integer(body, "n", 1, 1)
     if n != 1:
         raise _bad("n must be 1 (one choice per request)")
@@ -258,8 +332,9 @@ def parse_request(body: Any, kind: str, model: KVPModel, model_id: str, default_
     stop_words = _stop_words(body)
     vocab = vocab_size(model)
     sampling = _sampling(body, vocab)
+    tools, parse_tools = _tools(body) if kind == "chat" else (None, False)
     if kind == "chat":
-        prompt = encode_chat(model, _messages(body), template_config)
+        prompt = encode_chat(model, _messages(body), template_config, tools)
     else:
         prompt = _prompt_ids(model, body.get("prompt"))
     if not prompt:
@@ -281,4 +356,4 @@ def parse_request(body: Any, kind: str, model: KVPModel, model_id: str, default_
     except KVPError as e:
         raise _bad(str(e)) from None
     return GenerationRequest(kind, prompt, method, stream, include_usage, max_tokens, stop_words, logprobs,
-                             top_logprobs, seed, sampling)
+                             top_logprobs, seed, sampling, tools=tools, parse_tools=parse_tools)

@@ -61,6 +61,34 @@ class StopText:
         return text
 
 
+class ToolText:
+    """mlx-lm server's split of the state machine's segments: normal text, reasoning, and tool-call
+    texts, each call complete when its state goes back to normal (or the generation ends). With
+    ``parse=False`` (``tool_choice: "none"``) tool-call text stays in the normal text."""
+
+    def __init__(self, parse: bool) -> None:
+        self.parse, self.state, self.pending = parse, "normal", ""
+
+    def feed(self, segments: list[tuple[str, str]], final: bool) -> tuple[str, list[str], str]:
+        """(normal text, the tool-call texts completed, reasoning text)."""
+        text, calls, reasoning = [], [], []
+        for state, part in segments:
+            if state == "tool" and self.parse:
+                self.pending += part
+            elif state == "reasoning":
+                reasoning.append(part)
+            else:
+                if self.state == "tool" and state != "tool" and self.parse:
+                    calls.append(self.pending)
+                    self.pending = ""
+                text.append(part)
+            self.state = state
+        if final and self.state == "tool" and self.pending:
+            calls.append(self.pending)
+            self.pending = ""
+        return "".join(text), calls, "".join(reasoning)
+
+
 @dataclass
 class Job:
     request: GenerationRequest
@@ -179,6 +207,7 @@ class Worker:
             self._text_sm = make_text_state_machine(tokenizer, [])
         sm = self._text_sm.make_state("normal")
         stop = StopText(req.stop_words)
+        tools = ToolText(req.parse_tools)
         kwargs: dict[str, Any] = dict(req.sampling, max_tokens=req.max_tokens, seed=req.seed,
                                       prompt_progress_callback=PrefillLog(log))  # INFO lines for a long prefill
         job.events.put(("start", {"cached_tokens": reused}))
@@ -190,16 +219,20 @@ class Worker:
                 job.generated += 1
                 reason = last.finish_reason
                 sm, segments = TextStateMachine.split(sm, last.text)
-                text = "".join(t for s, t in segments if s == "normal")
                 if reason is not None:  # the end: nothing is held back any more
-                    sm, flushed, _ = TextStateMachine.flush(sm)
-                    text += flushed
+                    sm, flushed, state = TextStateMachine.flush(sm)
+                    segments.append((state, flushed))
+                text, calls, reasoning = tools.feed(segments, final=reason is not None)
                 text, stopped = stop.feed(text)
                 if stopped:
                     reason = "stop"
                 elif reason is not None:
                     text += stop.flush()
                 piece: dict[str, Any] = {"text": text, "token": int(last.token)}
+                if calls:
+                    piece["tool_calls"] = calls
+                if reasoning:
+                    piece["reasoning"] = reasoning
                 if req.logprobs or req.top_logprobs:
                     piece["logprob"] = float(last.logprobs[last.token].item())  # type: ignore[arg-type]
                     piece["top"] = format_top_logprobs(last.logprobs, req.top_logprobs, tokenizer)
