@@ -314,7 +314,7 @@ def fuzz_bodies() -> list[tuple[str, bytes, dict]]:
                      [{"role": "user", "content": 5}], [{"role": "user", "content": [{"type": "image_url"}]}],
                      [{"role": ["user"], "content": "x"}]]:
         cases.append((chat, json.dumps({"model": MODEL_ID, "messages": messages}).encode(), {}))
-    for prompt in [None, "", 5, ["a"], {"a": 1}]:
+    for prompt in [None, "", 5, ["a", 1], {"a": 1}]:  # ["a"]: a list of strings, OpenAI's batch
         cases.append((text, json.dumps({**ok_text, "prompt": prompt}).encode(), {}))
     for model_name in ["../../etc/passwd", "/etc/passwd", "other-model", "", "~/.ssh/id_rsa", "x" * 5000, 5,
                        "file:///etc/passwd"]:

@@ -159,7 +159,7 @@ def test_server_token_ids_and_surrogates_are_400(server):
                             ([1, -1], "prompt: token id -1 at position 1 is negative"),
                             ([1.5], "prompt: token ids must be integers, got 1.5 (float)"),
                             ([True], "prompt: token ids must be integers, got True (bool)"),
-                            ([[1, 2]], "'prompt' must be a non-empty string or a non-empty list of token ids")]:
+                            ([[1, 2], 3], "'prompt' must be a non-empty string or a non-empty list of token ids")]:
         status, body, _ = request(server, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 3}, AUTH)
         assert status == 400 and message in body["error"]["message"], (prompt, body)
     status, body, _ = request(server, "POST", "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 3}, AUTH)

@@ -203,7 +203,10 @@ class Handler(APIHandler):
             self.object_type = "text_completion"
         job = self.app.worker.submit(request)
         try:
-            self._respond(job)
+            if kind == "text":
+                self._respond_text(job)
+            else:
+                self._respond(job)
         except _ClientGone:
             job.cancelled.set()
         finally:
@@ -312,6 +315,148 @@ class Handler(APIHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self._send(data)
+
+
+    # --- /v1/completions -------------------------------------------------------------------------
+
+    def _envelope(self, choices: list[dict]) -> dict:
+        return {"id": self.request_id, "system_fingerprint": self.system_fingerprint, "object": self.object_type,
+                "model": self.requested_model, "created": self.created, "choices": choices}
+
+    def _send_chunk(self, choices: list[dict]) -> None:
+        self._send(f"data: {json.dumps(self._envelope(choices))}\n\n".encode())
+
+    def _respond_text(self, job: Job) -> None:
+        """``/v1/completions``: choices ``prompt * n + i``; ``logprobs`` as an integer answers in
+        OpenAI's completions format (``tokens``, ``token_logprobs``, ``top_logprobs``,
+        ``text_offset``), with the echoed prompt's tokens first; ``logprobs: true`` in mlx-lm's."""
+        req = job.request
+        event = self._event(job, keepalive=False)  # waiting in the queue: nothing sent yet
+        if event[0] == "error":
+            self._error(RequestError(event[1], event[2], "server_error" if event[1] >= 500 else
+                                     "invalid_request_error"))
+            return
+        assert event[0] == "start"
+        # the log-probabilities' format: OpenAI's completions (logprobs: k), mlx-lm's (true), none
+        self.logprobs_style = ("openai" if req.logprobs_k is not None else
+                               "mlx" if req.logprobs or req.top_logprobs else None)
+        if self.stream:
+            self._set_stream_headers(200)
+            self.end_headers()
+            self._send(b"")
+        count = len(req.prompts or [req.prompt]) * req.n
+        choices = [_TextChoice() for _ in range(count)]
+        while True:
+            event = self._event(job, keepalive=self.stream)
+            kind = event[0]
+            if kind == "echo":
+                echo = event[1]
+                for i in range(echo["prompt"] * req.n, (echo["prompt"] + 1) * req.n):
+                    piece = choices[i].add_echo(echo, req.logprobs_k is not None)
+                    if self.stream:
+                        self._send_chunk([self._text_choice(i, piece, None)])
+            elif kind == "token":
+                piece = event[1]
+                choice = choices[piece.get("index", 0)]
+                out = choice.add_token(piece)
+                if self.stream and (piece["text"] or "logprob" in piece):  # logprobs: every token
+                    self._send_chunk([self._text_choice(piece.get("index", 0), out, None)])
+            elif kind == "choice":
+                end = event[1]
+                choices[end["index"]].finish_reason = end["finish_reason"]
+                if self.stream:
+                    self._send_chunk([{"index": end["index"], "text": "", "logprobs": None,
+                                       "finish_reason": end["finish_reason"]}])
+            elif kind == "error":
+                if self.stream:
+                    self._send(f"data: {json.dumps(RequestError(event[1], event[2], 'server_error').body())}\n\n"
+                               .encode())
+                    self._send(b"data: [DONE]\n\n")
+                else:
+                    self._error(RequestError(event[1], event[2], "server_error" if event[1] >= 500 else
+                                             "invalid_request_error"))
+                return
+            else:
+                assert kind == "done"
+                self._finish_text(job, event[1], choices)
+                return
+
+    def _text_choice(self, index: int, choice: "_TextChoice", finish_reason: str | None) -> dict:
+        return {"index": index, "text": "".join(choice.text), "logprobs": choice.logprobs(self.logprobs_style),
+                "finish_reason": finish_reason}
+
+    def _finish_text(self, job: Job, summary: dict, choices: list["_TextChoice"]) -> None:
+        usage = {"prompt_tokens": summary["prompt_tokens"], "completion_tokens": summary["completion_tokens"],
+                 "total_tokens": summary["prompt_tokens"] + summary["completion_tokens"],
+                 "prompt_tokens_details": {"cached_tokens": summary["cached_tokens"]}, "prefill": summary["prefill"]}
+        if self.stream:
+            if job.request.include_usage:
+                self._send(f"data: {json.dumps(dict(self._envelope([]), usage=usage))}\n\n".encode())
+            self._send(b"data: [DONE]\n\n")
+            return
+        response = self._envelope([self._text_choice(i, c, c.finish_reason) for i, c in enumerate(choices)])
+        response["usage"] = usage
+        data = json.dumps(response).encode()
+        self._set_completion_headers(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self._send(data)
+
+
+class _TextChoice:
+    """One completions choice as it grows: its text and its tokens' log-probabilities (a streamed
+    piece is a _TextChoice of that piece alone)."""
+
+    def __init__(self, offset: int = 0) -> None:
+        self.text: list[str] = []
+        self.length = offset  # characters so far (text_offset of the next token)
+        self.ids: list[int] = []
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top: list[Any] = []  # OpenAI: {text: logprob} or None; mlx-lm: its top entries
+        self.offsets: list[int] = []
+        self.finish_reason: str | None = None
+
+    def add_echo(self, echo: dict, openai: bool) -> "_TextChoice":
+        piece = _TextChoice(self.length)
+        piece.text = [echo["text"]]
+        if openai:
+            piece.ids, piece.tokens, piece.token_logprobs = list(echo["token_ids"]), list(echo["tokens"]), \
+                list(echo["logprobs"])
+            piece.top = list(echo["top"])
+            piece.offsets = [self.length + o for o in echo["offsets"]]
+        self._extend(piece)
+        return piece
+
+    def add_token(self, event: dict) -> "_TextChoice":
+        piece = _TextChoice(self.length)
+        piece.text = [event["text"]]
+        if "logprob" in event:
+            piece.ids, piece.token_logprobs = [event["token"]], [event["logprob"]]
+            piece.tokens = [event.get("token_text", "")]
+            piece.top = [event["top_map"] if "top_map" in event else event.get("top")]
+            piece.offsets = [self.length]
+        self._extend(piece)
+        return piece
+
+    def _extend(self, piece: "_TextChoice") -> None:
+        self.text += piece.text
+        self.length += sum(len(t) for t in piece.text)
+        self.ids += piece.ids
+        self.tokens += piece.tokens
+        self.token_logprobs += piece.token_logprobs
+        self.top += piece.top
+        self.offsets += piece.offsets
+
+    def logprobs(self, style: str | None) -> dict | None:
+        if style == "openai":
+            return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top,
+                    "text_offset": self.offsets}
+        if style == "mlx":  # as mlx_lm.server's generate_response
+            if any(self.top):
+                return {"content": [dict(t[0], top_logprobs=t) if t else {} for t in self.top]}
+            return {"content": [dict(id=i, logprob=g) for i, g in zip(self.ids, self.token_logprobs)]}
+        return None
 
 
 class KVPServer:

@@ -32,6 +32,8 @@ log = logging.getLogger("kvp_mlx.server")
 MAX_TOP_LOGPROBS = 10  # as mlx-lm (it allows 0..11)
 MAX_STOP_WORDS = 16
 MAX_TOKENS_UNKNOWN_CONTEXT = 1 << 17
+MAX_CHOICES = 16  # /v1/completions' n
+MAX_PROMPTS = 64  # /v1/completions' prompts in one request
 
 
 class RequestError(Exception):
@@ -60,6 +62,14 @@ class GenerationRequest:
     top_logprobs: int
     seed: int | None
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingOptions fields
+    # /v1/completions only: every prompt (``prompt`` is the first), its text when given as a string,
+    # choices per prompt, the prompt echoed with its log-probabilities, ``logprobs`` as an integer k
+    # (OpenAI's completions format with the top k; None: mlx-lm's format or none)
+    prompts: list[list[int]] = field(default_factory=list)
+    prompt_texts: list[str | None] = field(default_factory=list)
+    n: int = 1
+    echo: bool = False
+    logprobs_k: int | None = None
     tools: list[dict] | None = None  # the request's tools (given to the tool-call parser)
     parse_tools: bool = True  # False: tool_choice "none", tool-call text stays in the content
 
@@ -126,6 +136,33 @@ def _prompt_ids(model: KVPModel, prompt: Any) -> list[int]:
     except KVPError as e:
         raise _bad(f"prompt: {e}") from None
     return list(prompt)
+
+
+def _completion_prompts(model: KVPModel, prompt: Any) -> tuple[list[list[int]], list[str | None]]:
+    """``/v1/completions``' ``prompt`` as OpenAI takes it: a string, a list of strings, a token-id
+    array or a list of token-id arrays; (token ids, text when given as a string) per prompt."""
+    batch = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+    items = prompt if batch else [prompt]
+    if len(items) > MAX_PROMPTS:
+        raise _bad(f"at most {MAX_PROMPTS} prompts in one request, got {len(items)}")
+    ids, texts = [], []
+    for i, item in enumerate(items):
+        try:
+            ids.append(_prompt_ids(model, item))
+        except RequestError as e:
+            raise _bad(f"prompt[{i}]: {e.message}" if batch else e.message) from None
+        texts.append(item if isinstance(item, str) else None)
+    return ids, texts
+
+
+def _completion_logprobs(body: dict) -> int | None:
+    """``/v1/completions``' ``logprobs`` as an integer k (OpenAI's): None when absent or a boolean."""
+    value = body.get("logprobs")
+    if value is None or isinstance(value, bool):
+        return None
+    if not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise _bad(f"logprobs must be true, false or an integer in [0, {MAX_TOP_LOGPROBS}], got {value!r}")
+    return value
 
 
 def _message_text(content: Any, index: int) -> str:
@@ -299,8 +336,13 @@ def parse_request(body: Any, kind: str, model: KVPModel, model_id: str, default_
         raise RequestError(404, f"model {requested[:200]!r} is not served here (this server serves {model_id!r})",
                            "not_found_error")
     n = _integer(body, "n", 1, 1)
-    if n != 1:
+    assert n is not None
+    if n != 1 and kind == "chat":
         raise _bad("n must be 1 (one choice per request)")
+    if n > MAX_CHOICES:
+        raise _bad(f"n must be at most {MAX_CHOICES}, got {n}")
+    echo = kind == "text" and _flag(body, "echo")
+    logprobs_k = _completion_logprobs(body) if kind == "text" else None
     method = body.get("method", default_method)
     if not isinstance(method, str):
         raise _bad(f"method must be a string, one of {', '.join(servable_methods(model))} for this model")
@@ -316,9 +358,11 @@ def parse_request(body: Any, kind: str, model: KVPModel, model_id: str, default_
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+    least = 0 if echo else 1  # max_tokens 0 with echo: the prompt's log-probabilities only (lm-eval)
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens < least):
         raise _bad(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    logprobs = _flag(body, "logprobs")
+    logprobs = logprobs_k is not None or _flag(body, "logprobs")
     top = body.get("top_logprobs")
     top_logprobs = 0 if top is None or top == -1 else top  # -1: mlx-lm's "none"
     if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
@@ -334,16 +378,20 @@ def parse_request(body: Any, kind: str, model: KVPModel, model_id: str, default_
     sampling = _sampling(body, vocab)
     tools, parse_tools = _tools(body) if kind == "chat" else (None, False)
     if kind == "chat":
-        prompt = encode_chat(model, _messages(body), template_config, tools)
+        prompts, texts = [encode_chat(model, _messages(body), template_config, tools)], [None]  # type: list[list[int]], list[str | None]
     else:
-        prompt = _prompt_ids(model, body.get("prompt"))
-    if not prompt:
-        raise _bad("the prompt is empty")
-    if vocab is not None and max(prompt) >= vocab:
-        raise _bad(f"token id {max(prompt)} is outside this model's vocabulary: token ids must lie in [0, {vocab})")
+        prompts, texts = _completion_prompts(model, body.get("prompt"))
     limit = context_length(model.base_config)
-    if limit is not None and len(prompt) >= limit[0]:
-        raise _bad(f"the prompt has {len(prompt)} tokens, which leaves no room in the model's context of {limit[0]}")
+    for prompt in prompts:
+        if not prompt:
+            raise _bad("the prompt is empty")
+        if vocab is not None and max(prompt) >= vocab:
+            raise _bad(f"token id {max(prompt)} is outside this model's vocabulary: token ids must lie in "
+                       f"[0, {vocab})")
+        if limit is not None and len(prompt) >= limit[0] + (max_tokens == 0):  # echo alone: the whole context
+            raise _bad(f"the prompt has {len(prompt)} tokens, which leaves no room in the model's context of "
+                       f"{limit[0]}")
+    prompt = max(prompts, key=len)  # the longest bounds max_tokens
     if max_tokens is None:  # the server's default, cut to what is left of the context
         max_tokens = default_max_tokens if limit is None else min(default_max_tokens, limit[0] - len(prompt))
     if limit is None and max_tokens > MAX_TOKENS_UNKNOWN_CONTEXT:
@@ -352,8 +400,9 @@ def parse_request(body: Any, kind: str, model: KVPModel, model_id: str, default_
         raise _bad(f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceed the model's "
                    f"context of {limit[0]} tokens (at most {limit[0] - len(prompt)} fit)")
     try:
-        check_decoding(max_tokens, prefill_step_size, None, None, 64, 0, 1)
+        check_decoding(max(max_tokens, 1), prefill_step_size, None, None, 64, 0, 1)
     except KVPError as e:
         raise _bad(str(e)) from None
-    return GenerationRequest(kind, prompt, method, stream, include_usage, max_tokens, stop_words, logprobs,
-                             top_logprobs, seed, sampling, tools=tools, parse_tools=parse_tools)
+    return GenerationRequest(kind, prompts[0], method, stream, include_usage, max_tokens, stop_words, logprobs,
+                             top_logprobs, seed, sampling, prompts, texts, n, echo, logprobs_k, tools=tools,
+                             parse_tools=parse_tools)

@@ -8,8 +8,16 @@ queue is empty the worker repairs the most recently used sessions' predicted pos
 at a time, stopping as soon as a request arrives (``Session.repair(should_stop=...)``).
 
 The HTTP threads only see :class:`Job` events: ``("start", info)``, ``("token", piece)``,
-``("done", summary)``, ``("error", status, message)``. A job whose client went away is marked
+``("done", summary)``, ``("error", status, message)``; ``/v1/completions`` also gets
+``("echo", prompt)`` (a prompt and its tokens' log-probabilities, for ``echo``) and ``("choice", end)``
+after each choice (a piece's ``index`` names its choice). A job whose client went away is marked
 ``cancelled``; the worker stops its generation at the next token (or skips it if not started).
+
+Completions (``_serve_text``): several prompts are served one after the other; ``n`` choices of one
+prompt share one prefill (the session filled up to the last prompt token is forked per choice, and
+each choice samples on its own, with ``seed + i``). ``echo``'s log-probabilities of the prompt tokens
+come from a forward pass of the base model over the prompt (exact K/V, whatever the method); for
+method ``base`` that pass's cache is the session the choices decode from (no second prefill).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import TextStateMachine, make_text_state_machine
+from mlx_lm.models.cache import make_prompt_cache
 from kvp_mlx.mlx_lm_private import format_top_logprobs
 
 from kvp_mlx.errors import KVPError
@@ -198,19 +207,44 @@ class Worker:
             self.stats.cancelled += 1
             return
         req = job.request
-        tokenizer = self.model.tokenizer
+        if self._text_sm is None:  # mlx-lm's reasoning and tool-call markers, stripped from the text
+            self._text_sm = make_text_state_machine(self.model.tokenizer, [])
+        if req.kind == "text":
+            self._serve_text(job)
+            return
         session, reused = self.cache.fetch(req.method, req.prompt)
         if session is None:
             session = Session(self.model, method=req.method, prefill_step_size=self.prefill_step_size)
         suffix = req.prompt[len(session.tokens):]
-        if self._text_sm is None:  # mlx-lm's reasoning and tool-call markers, stripped from the text
-            self._text_sm = make_text_state_machine(tokenizer, [])
+        job.events.put(("start", {"cached_tokens": reused}))
+        finish, last, ok = self._decode(job, session, suffix, req.seed)
+        turn = session.turns[-1] if session.turns else None
+        if ok:
+            self.cache.insert(session)  # a failed turn's session is dropped, never reused
+            self.stats.served += 1
+            job.events.put(("done", {
+                "finish_reason": finish, "prompt_tokens": len(req.prompt),
+                "completion_tokens": job.generated,
+                "cached_tokens": turn.reused_tokens if turn is not None else reused,
+                "prefill": {"method": req.method, "ttft_s": last.ttft_s if last is not None else None,
+                            "prefilled_tokens": turn.prefilled_tokens if turn is not None else None,
+                            "predicted_tokens": (turn.predicted[1] - turn.predicted[0])
+                            if turn is not None and turn.predicted else 0},
+            }))
+
+    def _decode(self, job: Job, session: Session, suffix: list[int], seed: int | None,
+                index: int = 0) -> tuple[str, Any, bool]:
+        """One choice: ``session`` takes ``suffix`` (the prompt tokens it lacks) and decodes; each
+        token goes out as a ``token`` event. (finish reason, the last response, whether it ended
+        without an error; an error has gone out as an ``error`` event)."""
+        req = job.request
+        tokenizer = self.model.tokenizer
+        assert self._text_sm is not None
         sm = self._text_sm.make_state("normal")
         stop = StopText(req.stop_words)
         tools = ToolText(req.parse_tools)
-        kwargs: dict[str, Any] = dict(req.sampling, max_tokens=req.max_tokens, seed=req.seed,
+        kwargs: dict[str, Any] = dict(req.sampling, max_tokens=req.max_tokens, seed=seed,
                                       prompt_progress_callback=PrefillLog(log))  # INFO lines for a long prefill
-        job.events.put(("start", {"cached_tokens": reused}))
         finish, last = "length", None
         ok = False
         steps = session.stream_generate(suffix, **kwargs)
@@ -228,12 +262,16 @@ class Worker:
                     reason = "stop"
                 elif reason is not None:
                     text += stop.flush()
-                piece: dict[str, Any] = {"text": text, "token": int(last.token)}
+                piece: dict[str, Any] = {"text": text, "token": int(last.token), "index": index}
                 if calls:
                     piece["tool_calls"] = calls
                 if reasoning:
                     piece["reasoning"] = reasoning
-                if req.logprobs or req.top_logprobs:
+                if req.logprobs_k is not None:  # OpenAI's completions format
+                    piece["logprob"] = float(last.logprobs[last.token].item())  # type: ignore[arg-type]
+                    piece["token_text"] = self._token_text(int(last.token))
+                    piece["top_map"] = self._top_map(last.logprobs[None], req.logprobs_k)[0]
+                elif req.logprobs or req.top_logprobs:
                     piece["logprob"] = float(last.logprobs[last.token].item())  # type: ignore[arg-type]
                     piece["top"] = format_top_logprobs(last.logprobs, req.top_logprobs, tokenizer)
                 job.events.put(("token", piece))
@@ -249,19 +287,139 @@ class Worker:
             job.events.put(("error", 400, str(e)))
         finally:
             steps.close()  # type: ignore[attr-defined]  # a generator; the session settles: its history is what its cache holds
-        turn = session.turns[-1] if session.turns else None
-        if ok:
-            self.cache.insert(session)  # a failed turn's session is dropped, never reused
-            self.stats.served += 1
-            job.events.put(("done", {
-                "finish_reason": finish, "prompt_tokens": len(req.prompt),
-                "completion_tokens": job.generated,
-                "cached_tokens": turn.reused_tokens if turn is not None else reused,
-                "prefill": {"method": req.method, "ttft_s": last.ttft_s if last is not None else None,
-                            "prefilled_tokens": turn.prefilled_tokens if turn is not None else None,
-                            "predicted_tokens": (turn.predicted[1] - turn.predicted[0])
-                            if turn is not None and turn.predicted else 0},
-            }))
+        return finish, last, ok
+
+    # --- /v1/completions ------------------------------------------------------------------------
+
+    def _serve_text(self, job: Job) -> None:
+        """Every prompt of a completions request, ``n`` choices each (indices prompt * n + choice)."""
+        req = job.request
+        prompts = req.prompts or [req.prompt]
+        texts = req.prompt_texts or [None] * len(prompts)
+        job.events.put(("start", {}))
+        totals = {"prompt_tokens": 0, "cached_tokens": 0, "prefilled_tokens": 0, "predicted_tokens": 0}
+        ttft: float | None = None
+        for p, (prompt, text) in enumerate(zip(prompts, texts)):
+            totals["prompt_tokens"] += len(prompt)
+            echo_cache = None
+            if req.echo:
+                echo, echo_cache = self._echo(prompt, text, req.logprobs_k)
+                job.events.put(("echo", {"prompt": p, **echo}))
+            if req.max_tokens == 0:  # the echo alone
+                totals["prefilled_tokens"] += max(len(prompt) - 1, 0)
+                for i in range(req.n):
+                    job.events.put(("choice", {"index": p * req.n + i, "finish_reason": "length"}))
+                continue
+            try:
+                session, reused, prefilled, predicted = self._filled_session(req, prompt, echo_cache)
+            except KVPError as e:
+                job.events.put(("error", 400, str(e)))
+                return
+            for i in range(req.n):
+                if job.cancelled.is_set():
+                    self.stats.cancelled += 1
+                    return
+                if req.n == 1:  # the session takes the whole rest of the prompt
+                    choice, suffix = session, prompt[len(session.tokens):]
+                else:  # each choice from a copy of the session filled to the last prompt token
+                    last_one = i == req.n - 1 and len(session.tokens) == len(prompt) - 1
+                    choice = session if last_one else session.fork(len(prompt) - 1)
+                    suffix = prompt[len(prompt) - 1:]
+                seed = None if req.seed is None else (req.seed + i) % 2**64
+                finish, last, ok = self._decode(job, choice, suffix, seed, p * req.n + i)
+                if not ok:
+                    return
+                if i == 0:
+                    if prefilled is None:  # the prefill happened in this turn
+                        turn = choice.turns[-1]
+                        reused, prefilled = turn.reused_tokens, turn.prefilled_tokens
+                        predicted = turn.predicted[1] - turn.predicted[0] if turn.predicted else 0
+                    if ttft is None and last is not None:
+                        ttft = last.ttft_s
+                if i == req.n - 1:
+                    self.cache.insert(choice)
+                job.events.put(("choice", {"index": p * req.n + i, "finish_reason": finish}))
+                if finish == "cancelled":
+                    return
+            totals["cached_tokens"] += reused
+            totals["prefilled_tokens"] += prefilled or 0
+            totals["predicted_tokens"] += predicted
+        self.stats.served += 1
+        job.events.put(("done", {
+            "finish_reason": None, "prompt_tokens": totals["prompt_tokens"], "completion_tokens": job.generated,
+            "cached_tokens": totals["cached_tokens"],
+            "prefill": {"method": req.method, "ttft_s": ttft, "prefilled_tokens": totals["prefilled_tokens"],
+                        "predicted_tokens": totals["predicted_tokens"]},
+        }))
+
+    def _filled_session(self, req: GenerationRequest, prompt: list[int],
+                        echo_cache: list | None) -> tuple[Session, int, int | None, int]:
+        """The session a prompt's choices decode from, and (cached, prefilled, predicted) tokens so
+        far. For one choice it may still lack any part of the prompt (its turn prefills it: prefilled
+        None); for several it holds at least all the prompt tokens but the last, the prefill shared."""
+        if echo_cache is not None and req.method == "base":  # the echo pass filled the base cache
+            session = Session.resume(self.model, prompt[:-1], cache=echo_cache,
+                                     prefill_step_size=self.prefill_step_size)
+            return session, 0, len(prompt) - 1, 0
+        fetched, reused = self.cache.fetch(req.method, prompt)
+        session = fetched or Session(self.model, method=req.method, prefill_step_size=self.prefill_step_size)
+        if req.n == 1:
+            return session, reused, None, 0
+        if len(session.tokens) >= len(prompt) - 1:
+            return session, reused, 0, 0
+        stats = session.prefill(prompt[len(session.tokens):len(prompt) - 1])
+        predicted = stats.predicted[1] - stats.predicted[0] if stats.predicted else 0
+        return session, stats.reused_tokens, stats.prefilled_tokens, predicted
+
+    def _echo(self, prompt: list[int], text: str | None, k: int | None) -> tuple[dict, list]:
+        """The prompt's tokens with their log-probabilities under the base model on exact K/V (a
+        forward pass over all but the last token; the first token has none) and the top ``k`` at
+        each; and the base cache that pass filled (holding all the prompt tokens but the last)."""
+        lm = self.model.base
+        cache = make_prompt_cache(lm)
+        logprobs: list[float | None] = [None]
+        tops: list[dict[str, float] | None] = [None]
+        ids = mx.array([prompt], dtype=mx.int32)
+        for start in range(0, len(prompt) - 1, self.prefill_step_size):
+            end = min(start + self.prefill_step_size, len(prompt) - 1)
+            logits = lm(ids[:, start:end], cache=cache)[0].astype(mx.float32)
+            lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            chosen = mx.take_along_axis(lp, ids[0, start + 1:end + 1, None], axis=-1)[:, 0]
+            mx.eval(chosen, [c.state for c in cache])
+            logprobs += chosen.tolist()  # type: ignore[arg-type]
+            tops += self._top_map(lp, k or 0)
+            mx.clear_cache()
+        tokenizer = self.model.tokenizer
+        detok = tokenizer.detokenizer
+        detok.reset()
+        offsets, at = [], 0
+        for t in prompt:
+            offsets.append(at)
+            detok.add_token(t)
+            at += len(detok.last_segment)
+        echo_text = text if text is not None else tokenizer.decode(prompt)
+        return {"text": echo_text, "token_ids": list(prompt), "tokens": [self._token_text(t) for t in prompt],
+                "logprobs": logprobs, "top": tops if k is not None else None, "offsets": offsets}, cache
+
+    def _top_map(self, lp: mx.array, k: int) -> list[dict[str, float]]:
+        """Per row of log-probabilities [T, vocab]: the ``k`` most likely tokens' texts and values."""
+        if k <= 0:
+            return [{} for _ in range(lp.shape[0])]
+        idx = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
+        vals = mx.take_along_axis(lp, idx, axis=-1)
+        mx.eval(idx, vals)
+        rows = []
+        all_ids: list[list[int]] = idx.tolist()  # type: ignore[assignment]  # a [T, k] array
+        all_values: list[list[float]] = vals.tolist()  # type: ignore[assignment]
+        for ids, values in zip(all_ids, all_values):
+            row: dict[str, float] = {}
+            for v, i in sorted(zip(values, ids), reverse=True):  # most likely first; a text keeps its best
+                row.setdefault(self._token_text(i), v)
+            rows.append(row)
+        return rows
+
+    def _token_text(self, token: int) -> str:
+        return str(self.model.tokenizer.decode([token]))
 
 
 def _finish_queued_work() -> None:
