@@ -171,10 +171,12 @@ class Worker:
             return
         req = job.request
         tokenizer = self.model.tokenizer
-        session, reused = self.cache.fetch(req.method, req.prompt)
+        prompt = self.cache.align(req.method, req.prompt)  # resent replies as the ids that produced them
+        session, reused = self.cache.fetch(req.method, prompt)
         if session is None:
             session = Session(self.model, method=req.method, prefill_step_size=self.prefill_step_size)
-        suffix = req.prompt[len(session.tokens):]
+        suffix = prompt[len(session.tokens):]
+        sent: list[str] = []
         if self._text_sm is None:  # mlx-lm's reasoning and tool-call markers, stripped from the text
             self._text_sm = make_text_state_machine(tokenizer, [])
         sm = self._text_sm.make_state("normal")
@@ -199,6 +201,7 @@ class Worker:
                     reason = "stop"
                 elif reason is not None:
                     text += stop.flush()
+                sent.append(text)
                 piece: dict[str, Any] = {"text": text, "token": int(last.token)}
                 if req.logprobs or req.top_logprobs:
                     piece["logprob"] = float(last.logprobs[last.token].item())  # type: ignore[arg-type]
@@ -218,10 +221,10 @@ class Worker:
             steps.close()  # type: ignore[attr-defined]  # a generator; the session settles: its history is what its cache holds
         turn = session.turns[-1] if session.turns else None
         if ok:
-            self.cache.insert(session)  # a failed turn's session is dropped, never reused
+            self.cache.insert(session, (len(prompt), "".join(sent)))  # a failed turn's session is dropped
             self.stats.served += 1
             job.events.put(("done", {
-                "finish_reason": finish, "prompt_tokens": len(req.prompt),
+                "finish_reason": finish, "prompt_tokens": len(prompt),
                 "completion_tokens": job.generated,
                 "cached_tokens": turn.reused_tokens if turn is not None else reused,
                 "prefill": {"method": req.method, "ttft_s": last.ttft_s if last is not None else None,
