@@ -177,14 +177,14 @@ def test_bad_prompt_cache_files_are_refused_in_one_line(pair, identity_dirs, ran
 
 
 def test_an_interrupted_save_leaves_no_partial_file(random_pair_dir, tmp_path, capsys, monkeypatch):
-    import mlx_lm.models.cache as mlx_cache
+    import kvp_mlx.conversation.session_file as session_file
 
-    def half_then_fail(file_name, cache, metadata=None):
+    def half_then_fail(file_name, arrays, metadata=None):
         Path(file_name).write_bytes(b"\0" * 1000)  # part of a file...
         raise OSError(28, "No space left on device")  # ...then the disk fills
 
     path = tmp_path / "p.safetensors"
-    monkeypatch.setattr(mlx_cache, "save_prompt_cache", half_then_fail)
+    monkeypatch.setattr(session_file, "_write_file", half_then_fail)
     argv = ["cache-prompt", "--model", str(random_pair_dir), "--prompt", "hello", "--prompt-cache-file", str(path)]
     assert "No space left" in one_line_error(capsys, argv)
     assert os.listdir(tmp_path) == []
@@ -192,7 +192,7 @@ def test_an_interrupted_save_leaves_no_partial_file(random_pair_dir, tmp_path, c
     monkeypatch.undo()
     assert main(argv) == 0
     before = path.read_bytes()
-    monkeypatch.setattr(mlx_cache, "save_prompt_cache", half_then_fail)
+    monkeypatch.setattr(session_file, "_write_file", half_then_fail)
     one_line_error(capsys, argv[:-3] + ["other text", "--prompt-cache-file", str(path)])
     assert os.listdir(tmp_path) == ["p.safetensors"] and path.read_bytes() == before
 

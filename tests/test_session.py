@@ -173,18 +173,18 @@ def test_save_load_continues_identically(chat_identity_dirs, random_pair_dir, tm
 
 
 def test_interrupted_save_leaves_no_file(random_pair_dir, tmp_path, monkeypatch):
-    from mlx_lm.models import cache as mlx_cache
+    import kvp_mlx.conversation.session_file as session_file
 
     model = load(random_pair_dir)
     session = Session(model, method="kvp")
     session.generate([5, 6, 7, 8], max_tokens=3)
     target = tmp_path / "s.safetensors"
 
-    def broken(file_name, cache, metadata=None):
+    def broken(file_name, arrays, metadata=None):
         Path(file_name).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mlx_cache, "save_prompt_cache", broken)
+    monkeypatch.setattr(session_file, "_write_file", broken)
     with pytest.raises(KeyboardInterrupt):
         save_session(session, target)
     assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,13 @@ K/V, the model's identity) atomically to --prompt-cache-file, in mlx-lm's prompt
 Continue it with `kvp-mlx generate --prompt-cache-file F --prompt ...` (the prompt becomes the next
 turn; the file is not changed) or `kvp-mlx chat --prompt-cache-file F`. Unlike mlx_lm.cache_prompt,
 the prompt is a whole turn (rendered with the chat template's generation prompt), and the next
-prompt is the next turn."""
+prompt is the next turn; with --open-message it is rendered as mlx_lm.cache_prompt renders it (an
+open user message the next prompt continues).
+
+The file is mlx-lm's too: `mlx_lm.generate --prompt-cache-file F` continues it with the decoder's
+own model (the base's cache, predicted positions included; the auxiliary's cache is left out), with
+the same tokens as kvp-mlx for a --method base file written with --open-message. kvp-mlx generate
+continues a file mlx_lm.cache_prompt wrote (--method base, exact; it stores no token ids)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--method", default=None, choices=session_methods(),
         help="prefill method (default: kvp, or base for a plain mlx-lm directory)")
     add("--system-prompt", default=None, help="system prompt for the chat template")
+    add("--open-message", action="store_true",
+        help="render the prompt as mlx_lm.cache_prompt does: an open user message that the next prompt continues")
     add("--max-kv-size", type=int, default=None, help="maximum KV cache size (a rotating cache), fixed for the session")
     add("--prefill-step-size", type=int, default=2048, help="prompt tokens per prefill chunk")
     add("--dtype", choices=["float32", "float16", "bfloat16"],
@@ -57,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = cache_prompt(model, prompt, path, method=args.method, max_kv_size=args.max_kv_size,
                           system_prompt=args.system_prompt, prefill_step_size=args.prefill_step_size,
+                          open_message=args.open_message,
                           progress=prefill_bar())  # a bar on a terminal's stderr (kvp_mlx.progress)
     rate = report.tokens / report.seconds if report.seconds > 0 else float("inf")
     print(f"Processed {report.tokens} tokens in {report.seconds:.3f} s ({rate:.1f} tokens-per-sec), "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from kvp_mlx.commands.method_flags import add_method_arguments, method_option, method_options, method_summaries
 
@@ -208,15 +209,24 @@ def _run_session(args: argparse.Namespace, kwargs: dict, verbose: bool) -> int:
     from kvp_mlx.model import load
 
     model = _with_extra_eos(load(args.model or meta["model"], dtype=args.dtype), args.extra_eos_token)
-    session, _ = open_session(model, path, method=args.method, max_kv_size=args.max_kv_size,
-                              system_prompt=args.system_prompt, prefill_step_size=args.prefill_step_size)
+    if meta["mlx_lm"]:  # mlx_lm.cache_prompt's file: exact base K/V, the token ids unknown
+        session = _mlx_lm_session(model, path, args, kwargs)
+    else:
+        session, _ = open_session(model, path, method=args.method, max_kv_size=args.max_kv_size,
+                                  system_prompt=args.system_prompt, prefill_step_size=args.prefill_step_size)
     for key in ("system_prompt", "prefill_response", "max_kv_size"):
         kwargs.pop(key)
     options = method_options(args, str(session.method))
     if options and options != session.method_options:
         raise KVPError(f"the session in {path} was saved with its own --method {session.method} options")
+    turn: Any = prompt
+    if meta["continue"] == "message":  # the file ends in an open user message: mlx-lm's continuation
+        from kvp_mlx.conversation.session_file import mlx_lm_continuation_ids
+
+        turn = mlx_lm_continuation_ids(model.tokenizer, prompt, kwargs.pop("use_chat_template", None),
+                                       kwargs.pop("chat_template_config", None))
     last = None
-    for last in session.stream_generate(prompt, **kwargs):
+    for last in session.stream_generate(turn, **kwargs):
         if verbose and last.generation_tokens == 1:  # after the checks: an error leaves stdout empty
             print("=" * 10)
         print(last.text, end="", flush=True)
@@ -227,6 +237,25 @@ def _run_session(args: argparse.Namespace, kwargs: dict, verbose: bool) -> int:
         turn = session.turns[-1]
         print(f"Session: {turn.reused_tokens} tokens reused from {path}, {turn.prefilled_tokens} prefilled")
     return 0
+
+
+def _mlx_lm_session(model, path, args: argparse.Namespace, kwargs: dict):
+    """The base session of a file mlx_lm.cache_prompt wrote (its history's token ids are unknown)."""
+    from kvp_mlx.conversation.session_file import load_session
+    from kvp_mlx.errors import KVPError
+
+    if args.method not in (None, "base"):
+        raise KVPError(f"{path} is an mlx-lm prompt cache (the base model's own cache): it continues with "
+                       f"--method base, not {args.method}")
+    penalties = [k for k in ("repetition_penalty", "presence_penalty", "frequency_penalty") if kwargs.get(k)]
+    if penalties:
+        raise KVPError(f"{path} is an mlx-lm prompt cache, which stores no token ids: "
+                       f"--{penalties[0].replace('_', '-')} needs the history's tokens")
+    session = load_session(model, path, mlx_lm_files=True)
+    session.prefill_step_size = args.prefill_step_size
+    if args.max_kv_size is not None:
+        raise KVPError(f"{path} is an mlx-lm prompt cache: its cache size is fixed (leave out --max-kv-size)")
+    return session
 
 
 def _with_extra_eos(model, tokens):

@@ -117,19 +117,24 @@ class CachePromptReport:
 
 def cache_prompt(model: KVPModel, prompt: str, path: Path, *, method: str | None = None,
                  max_kv_size: int | None = None, system_prompt: str | None = None,
-                 prefill_step_size: int = 2048,
+                 prefill_step_size: int = 2048, open_message: bool = False,
                  progress: Callable[[int, int], None] | None = None) -> CachePromptReport:
     """A new session that has prefilled ``prompt`` (its method fills the caches; no generation),
-    saved atomically to ``path`` (``kvp-mlx cache-prompt``); ``progress(processed, total)``: the fill's."""
+    saved atomically to ``path`` (``kvp-mlx cache-prompt``); ``progress(processed, total)``: the fill's.
+    ``open_message``: the prompt as ``mlx_lm.cache_prompt`` renders it, an open user message the next
+    prompt continues (so ``mlx_lm.generate --prompt-cache-file`` continues it as kvp-mlx does)."""
+    from kvp_mlx.conversation.session_file import mlx_lm_cached_ids
+
     path = prompt_cache_path(path)
     session = Session(model, method=method, max_kv_size=max_kv_size, system_prompt=system_prompt,
                       prefill_step_size=prefill_step_size)
+    turn: Any = mlx_lm_cached_ids(model.tokenizer, prompt, system_prompt) if open_message else prompt
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    stats = session.prefill(prompt, progress=progress)
+    stats = session.prefill(turn, progress=progress)
     seconds = time.perf_counter() - tic
     peak = mx.get_peak_memory() / 1e9
-    save_session(session, path)
+    save_session(session, path, continue_as="message" if open_message else "turn")
     span = stats.predicted
     return CachePromptReport(stats.prefilled_tokens, span[1] - span[0] if span else 0, seconds, peak, path)
 

@@ -38,11 +38,12 @@ from kvp_mlx.epicache.memory import BoundedMemory
 from kvp_mlx.errors import KVPError
 from kvp_mlx.methods import FilledCache, get_method
 from kvp_mlx.methods.base import counted_positions
-from kvp_mlx.model import KVPModel
+from kvp_mlx.model import KVPModel, resolve_entry
 
 FORMAT = "kvp-mlx-session"
-VERSION = "2"  # 2: with a checksum and a repair in progress; 1 (no checksum) is still read
-VERSIONS = ("1", VERSION)
+VERSION = "3"  # 3: mlx-lm reads it too; 2: with a checksum and a repair in progress; 1 (no checksum)
+VERSIONS = ("1", "2", VERSION)
+CONTINUE = ("turn", "message")  # what the next prompt is: a new turn, or more of the open user message
 # Cache classes a file may name (mlx-lm's load_prompt_cache looks names up in its cache module).
 CACHE_CLASSES = {"KVCache", "RotatingKVCache", "QuantizedKVCache", "ConcatenateKVCache", "ChunkedKVCache",
                  "CompressedKVCache", "ArraysCache", "MambaCache"}  # the last two: recurrent states
@@ -66,9 +67,17 @@ def model_identity(model: KVPModel) -> str:
     return h.hexdigest()[:32]
 
 
-def save_session(session: Session, path: str | Path) -> Path:
+def save_session(session: Session, path: str | Path, continue_as: str = "turn") -> Path:
     """Write ``session`` (both caches, tokens, predicted positions, the model's identity; a bounded
-    memory's settings, state and every episode cache) atomically to ``path`` (``.safetensors``)."""
+    memory's settings, state and every episode cache) atomically to ``path`` (``.safetensors``).
+
+    ``continue_as``: ``"turn"`` (the next prompt is a new turn) or ``"message"`` (the history ends in
+    an open user message the next prompt continues, as ``mlx_lm.cache_prompt`` writes it).
+
+    mlx-lm reads the file too (``mlx_lm.generate --prompt-cache-file``): ``model`` is the decoder's
+    own mlx-lm directory, ``tokenizer_config`` is there, and mlx-lm's list of cache classes names
+    only the decoder's layers; the auxiliary's, a repair's and other episodes' caches are tensors
+    after them (which ``load_prompt_cache`` leaves out), their classes in ``cache_classes``."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise KVPError(f"a prompt cache file must end in .safetensors, got {path}")
@@ -90,7 +99,8 @@ def save_session(session: Session, path: str | Path) -> Path:
     metadata = {
         "kv": json.dumps(_kv_state(kv)),
         "format": FORMAT, "version": VERSION, "model": str(session.model.path),
-        "model_identity": model_identity(session.model), "method": str(session.method),
+        "kvp_model": str(session.model.path), "model_identity": model_identity(session.model),
+        "method": str(session.method), "continue": continue_as,
         "decoder_layers": str(len(caches.cache)), "aux_layers": str(len(aux)),
         "tokens": json.dumps(session.tokens), "predicted": json.dumps(session.predicted),
         "max_kv_size": json.dumps(session.max_kv_size), "system_prompt": json.dumps(session.system_prompt),
@@ -98,21 +108,51 @@ def save_session(session: Session, path: str | Path) -> Path:
         "repair": json.dumps(None if state is None else dict(start=state.start, position=state.position,
                                                               layers=len(repair))),
     }
+    if continue_as not in CONTINUE:
+        raise KVPError(f"internal: continue_as must be one of {CONTINUE}, not {continue_as!r}")
+    metadata.update(model=_decoder_dir(session), tokenizer_config=json.dumps({}))
     layers = caches.cache + aux + repair + episodes
-    metadata["checksum"] = checksum(*_as_written(layers, metadata))
+    metadata["cache_classes"] = json.dumps([type(c).__name__ for c in layers])
+    arrays, flat = _as_written(layers, metadata)
+    flat = {k: v for k, v in flat.items() if not k.startswith("1.") or int(k[2:]) < len(caches.cache)}
+    flat["0.checksum"] = checksum(arrays, flat)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise KVPError(f"cannot save the session to {path}: {e.strerror or e}") from None
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")
     try:
-        mlx_cache.save_prompt_cache(str(tmp), layers, metadata)
+        _write_file(tmp, arrays, flat)
         os.replace(tmp, path)
     except OSError as e:
         raise KVPError(f"cannot save the session to {path}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _write_file(path: Path, arrays: dict[str, mx.array], flat: dict[str, str]) -> None:
+    """What mlx-lm's ``save_prompt_cache`` writes: the tensors and the flat metadata."""
+    mx.save_safetensors(str(path), arrays, flat)
+
+
+def _decoder_dir(session: Session) -> str:
+    """The directory mlx-lm loads the session's decoder from (mlx-lm reads the file's ``model``):
+    a plain mlx-lm directory itself, a KV Prediction directory's base (or auxiliary, for method
+    ``aux``); the KV Prediction directory where the decoder has none (a layer-pruned auxiliary)."""
+    model = session.model
+    root = model.path
+    if root is None:
+        return ""
+    if not model.config:
+        return str(root)
+    key = "aux" if get_method(str(session.method)).capabilities.decoder == "aux" else "base"
+    if isinstance(model.config.get(key), dict) and "base_layers" in model.config[key]:
+        return str(root)
+    try:
+        return str(resolve_entry(Path(root), model.config, key))
+    except KVPError:
+        return str(root)
 
 
 def _as_written(layers: list, metadata: dict[str, str]) -> tuple[dict[str, mx.array], dict[str, str]]:
@@ -194,9 +234,10 @@ def _restore_kv(model: KVPModel, state: dict, active: list, others: list, path: 
     return kv
 
 
-def _load_caches(arrays: dict[str, mx.array], flat: dict[str, str]) -> list:
-    """mlx-lm's prompt-cache format read back, with compressed caches as well as mlx-lm's own."""
-    _, classes, scalars = tree_unflatten(list(flat.items()))
+def _load_caches(arrays: dict[str, mx.array], flat: dict[str, str], classes: list[str]) -> list:
+    """mlx-lm's prompt-cache format read back, with compressed caches as well as mlx-lm's own
+    (``classes``: every layer's, the decoder's and those after them)."""
+    _, _, scalars = tree_unflatten(list(flat.items()))
     values: dict[str, Any] = dict(arrays)
     for pos, kind in scalars[1:]:
         a = values[pos]
@@ -243,8 +284,10 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 def _parse_metadata(path: Path, flat: dict[str, str]) -> dict[str, Any]:
     raw = {k[2:]: v for k, v in flat.items() if k.startswith("0.")}
-    names = [v for k, v in flat.items() if k.startswith("1.")]
+    names = [v for _, v in sorted((int(k[2:]), v) for k, v in flat.items() if k.startswith("1."))]
     if raw.get("format") != FORMAT:
+        if names and "model" in raw and "tokenizer_config" in raw:
+            return _mlx_lm_metadata(path, raw, names)
         hint = " (an mlx-lm prompt cache? kvp-mlx needs a file written by kvp-mlx)" if names else ""
         raise KVPError(f"{path} is not a kvp-mlx session file{hint}")
     if raw.get("version") not in VERSIONS:
@@ -252,16 +295,23 @@ def _parse_metadata(path: Path, flat: dict[str, str]) -> dict[str, Any]:
                        f"(this kvp-mlx reads {', '.join(VERSIONS)})")
     try:
         meta = {
-            "model": raw["model"], "identity": raw["model_identity"], "method": raw["method"],
+            "model": raw.get("kvp_model", raw["model"]), "identity": raw["model_identity"], "method": raw["method"],
             "decoder_layers": int(raw["decoder_layers"]), "aux_layers": int(raw["aux_layers"]),
             "tokens": json.loads(raw["tokens"]), "predicted": [tuple(p) for p in json.loads(raw["predicted"])],
             "max_kv_size": json.loads(raw["max_kv_size"]), "system_prompt": json.loads(raw["system_prompt"]),
             "method_options": json.loads(raw["method_options"]),
             "kv": json.loads(raw.get("kv", "null")), "repair": json.loads(raw.get("repair", "null")),
             "checksum": raw.get("checksum"), "version": raw["version"],
+            "continue": raw.get("continue", "turn"), "mlx_lm": False,
         }
+        if "cache_classes" in raw:  # version 3: mlx-lm's class list names the decoder's layers only
+            names = json.loads(raw["cache_classes"])
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError("cache_classes")
     except (KeyError, ValueError, TypeError) as e:
         raise KVPError(f"{path}: malformed session metadata ({type(e).__name__}: {e})") from None
+    if meta["continue"] not in CONTINUE:
+        raise KVPError(f"{path}: malformed session metadata (continue {meta['continue']!r})")
     meta["classes"] = names
     bad = sorted({n for n in names if n not in CACHE_CLASSES})
     if bad:
@@ -277,19 +327,42 @@ def _parse_metadata(path: Path, flat: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
-def load_session(model: KVPModel, path: str | Path) -> Session:
+def _mlx_lm_metadata(path: Path, raw: dict[str, str], names: list[str]) -> dict[str, Any]:
+    """The facts of a file ``mlx_lm.cache_prompt`` wrote: the model it names and its caches. It
+    stores neither the token ids nor the prompt text, so ``tokens`` is None (unknown); its history
+    ends in an open user message (``continue``: the next prompt continues it, as mlx-lm's does)."""
+    bad = sorted({n for n in names if n not in CACHE_CLASSES})
+    if bad:
+        raise KVPError(f"{path}: unknown cache class(es) {', '.join(bad)}")
+    try:
+        tokenizer_config = json.loads(raw["tokenizer_config"])
+    except ValueError:
+        raise KVPError(f"{path}: malformed mlx-lm prompt cache metadata (tokenizer_config)") from None
+    return {"model": raw["model"], "identity": None, "method": "base", "decoder_layers": len(names),
+            "aux_layers": 0, "tokens": None, "predicted": [], "max_kv_size": None, "system_prompt": None,
+            "method_options": {}, "kv": None, "repair": None, "checksum": None, "version": None,
+            "continue": "message", "mlx_lm": True, "classes": names, "tokenizer_config": tokenizer_config}
+
+
+def load_session(model: KVPModel, path: str | Path, *, mlx_lm_files: bool = False) -> Session:
     """A session saved by :func:`save_session`, refused with one line if it belongs to another model
-    or the file is truncated or corrupt."""
+    or the file is truncated or corrupt. ``mlx_lm_files``: also a file ``mlx_lm.cache_prompt``
+    wrote (:func:`load_mlx_lm_prompt_cache`; its token ids are unknown)."""
     path = Path(path)
     arrays, flat = _read(path)
     meta = _parse_metadata(path, flat)
+    if meta["mlx_lm"]:
+        if not mlx_lm_files:
+            raise KVPError(f"{path} is an mlx-lm prompt cache: it holds no token ids, so it cannot be continued "
+                           "as a conversation (continue it with kvp-mlx generate --prompt-cache-file)")
+        return _mlx_lm_session(model, path, arrays, flat, meta)
     if meta["checksum"] is not None and checksum(arrays, flat) != meta["checksum"]:
         raise KVPError(f"{path} is corrupt (checksum mismatch)")
     if meta["identity"] != model_identity(model):
         raise KVPError(f"{path} was saved for another model ({meta['model']}); load it with that model")
     kv_state = meta["kv"]
     try:
-        caches = _load_caches(arrays, flat)
+        caches = _load_caches(arrays, flat, meta["classes"])
     except Exception as e:  # the arrays did not fit the classes: a damaged file
         raise KVPError(f"cannot read prompt cache file {path} (truncated or corrupt?): {type(e).__name__}") from None
     n_dec, n_aux = meta["decoder_layers"], meta["aux_layers"]
@@ -331,3 +404,59 @@ def load_session(model: KVPModel, path: str | Path) -> Session:
     except KVPError as e:
         raise KVPError(f"{path}: {e} (corrupt)") from None
     return session
+
+
+UNKNOWN_TOKEN = 0  # stands for each token of an mlx-lm prompt cache's history (it stores no ids)
+
+
+def _mlx_lm_session(model: KVPModel, path: Path, arrays: dict[str, mx.array], flat: dict[str, str],
+                    meta: dict[str, Any]) -> Session:
+    """A ``base`` session on the cache of a file ``mlx_lm.cache_prompt`` wrote: exact base K/V of a
+    history whose token ids the file does not store (nor the prompt text): each is
+    :data:`UNKNOWN_TOKEN`. The cache alone decides the continuation (attention reads only K/V), so
+    it is exact; what reads the history's ids (repetition or presence penalties, a save, the server's
+    prefix cache) must not be given such a session (``kvp-mlx generate`` refuses the penalties)."""
+    try:
+        caches = _load_caches(arrays, flat, meta["classes"])
+    except Exception as e:
+        raise KVPError(f"cannot read prompt cache file {path} (truncated or corrupt?): {type(e).__name__}") from None
+    if len(caches) != len(model.base.layers):
+        raise KVPError(f"{path}: its {len(caches)} cache layers do not fit this model's {len(model.base.layers)} "
+                       f"layers (it was written for {meta['model']})")
+    held = counted_positions(caches)
+    if held is None:
+        raise KVPError(f"{path}: a cache of recurrent states only counts no positions (not supported)")
+    try:
+        return Session.resume(model, [UNKNOWN_TOKEN] * held, caches)
+    except (KVPError, ValueError) as e:
+        raise KVPError(f"{path}: its caches do not fit this model ({e})") from None
+
+
+def mlx_lm_cached_ids(tokenizer: Any, prompt: str, system_prompt: str | None = None) -> list[int]:
+    """The token ids ``mlx_lm.cache_prompt`` caches for ``prompt``: through the chat template an open
+    user message (``continue_final_message``: no end of turn), else the text with special tokens."""
+    if getattr(tokenizer, "has_chat_template", False):
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+        messages.append({"role": "user", "content": prompt})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                             continue_final_message=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    if system_prompt is not None:
+        raise KVPError("a system prompt needs the chat template (this tokenizer has none)")
+    return list(tokenizer.encode(prompt))
+
+
+def mlx_lm_continuation_ids(tokenizer: Any, prompt: str, use_chat_template: bool | None = None,
+                            chat_template_config: dict | None = None) -> list[int]:
+    """The token ids ``mlx_lm.generate --prompt-cache-file`` adds after a cached open user message:
+    through the chat template, the rendered prompt from the message's content on (the rest of the
+    message, its end and the generation prompt); else the text with special tokens."""
+    templated = getattr(tokenizer, "has_chat_template", False) and use_chat_template is not False
+    if not templated:
+        return list(tokenizer.encode(prompt, add_special_tokens=True))
+    messages = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **(chat_template_config or {}))
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": "<query>"}], tokenize=False,
+                                          add_generation_prompt=True)
+    return list(tokenizer.encode(text[probe.index("<query>"):], add_special_tokens=False))

@@ -212,18 +212,20 @@ class Worker:
         if req.kind == "text":
             self._serve_text(job)
             return
-        session, reused = self.cache.fetch(req.method, req.prompt)
+        prompt = self.cache.align(req.method, req.prompt)  # resent replies as the ids that produced them
+        session, reused = self.cache.fetch(req.method, prompt)
         if session is None:
             session = Session(self.model, method=req.method, prefill_step_size=self.prefill_step_size)
-        suffix = req.prompt[len(session.tokens):]
+        suffix = prompt[len(session.tokens):]
         job.events.put(("start", {"cached_tokens": reused}))
-        finish, last, ok = self._decode(job, session, suffix, req.seed)
+        sent: list[str] = []
+        finish, last, ok = self._decode(job, session, suffix, req.seed, sent=sent)
         turn = session.turns[-1] if session.turns else None
         if ok:
-            self.cache.insert(session)  # a failed turn's session is dropped, never reused
+            self.cache.insert(session, (len(prompt), "".join(sent)))  # a failed turn's session is dropped
             self.stats.served += 1
             job.events.put(("done", {
-                "finish_reason": finish, "prompt_tokens": len(req.prompt),
+                "finish_reason": finish, "prompt_tokens": len(prompt),
                 "completion_tokens": job.generated,
                 "cached_tokens": turn.reused_tokens if turn is not None else reused,
                 "prefill": {"method": req.method, "ttft_s": last.ttft_s if last is not None else None,
@@ -233,10 +235,10 @@ class Worker:
             }))
 
     def _decode(self, job: Job, session: Session, suffix: list[int], seed: int | None,
-                index: int = 0) -> tuple[str, Any, bool]:
+                index: int = 0, sent: list[str] | None = None) -> tuple[str, Any, bool]:
         """One choice: ``session`` takes ``suffix`` (the prompt tokens it lacks) and decodes; each
-        token goes out as a ``token`` event. (finish reason, the last response, whether it ended
-        without an error; an error has gone out as an ``error`` event)."""
+        token goes out as a ``token`` event, its text also appended to ``sent``. (finish reason, the
+        last response, whether it ended without an error; an error has gone out as an ``error`` event)."""
         req = job.request
         tokenizer = self.model.tokenizer
         assert self._text_sm is not None
@@ -262,6 +264,8 @@ class Worker:
                     reason = "stop"
                 elif reason is not None:
                     text += stop.flush()
+                if sent is not None:
+                    sent.append(text)
                 piece: dict[str, Any] = {"text": text, "token": int(last.token), "index": index}
                 if calls:
                     piece["tool_calls"] = calls
