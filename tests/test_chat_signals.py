@@ -176,7 +176,8 @@ def test_sigint_at_twenty_points_loses_nothing(identity_dir, tmp_path):
     for i in range(5):
         # the idle repair of the continued session, then the save it starts
         chat = PtyChat(identity_dir, cache, "--repair", "idle", "--repair-step-size", "1")
-        complete_turn(chat, ref, f"one more message {i}")
+        # a long message: its many predicted positions keep the idle repair (a position a step) busy
+        complete_turn(chat, ref, f"{LONG} (more {i})")
         m = chat.expect(r">> $", chat.expect(r"\[stats\] [^\n]*\n").end())
         chat.wait_busy(chat.cpu())
         chat.kill(signal.SIGINT)
