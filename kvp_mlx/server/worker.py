@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 from mlx_lm.generate import TextStateMachine, make_text_state_machine
@@ -41,6 +41,9 @@ from kvp_mlx.progress import PrefillLog
 from kvp_mlx.server.prompt_cache import SessionCache
 from kvp_mlx.server.protocol import GenerationRequest
 from kvp_mlx.conversation.session import Session
+
+if TYPE_CHECKING:
+    from kvp_mlx.server.batching import BatchDecoder
 
 log = logging.getLogger("kvp_mlx.server")
 
@@ -117,14 +120,18 @@ class WorkerStats:
     repairs_interrupted: int = 0  # repairs stopped between chunks because a request came
     repair_boundaries: list[float] = field(default_factory=list)  # times the repair checked for requests
     jobs: list[Job] = field(default_factory=list)  # the last few finished jobs (tests, benchmarks)
+    widest_batch: int = 0  # most sequences decoded together in one step (--decode-concurrency)
 
 
 class Worker:
     """Owns the model, the session cache and the queue; ``start()`` runs it in a daemon thread."""
 
     def __init__(self, model: KVPModel, cache: SessionCache, *, repair: bool = True,
-                 prefill_step_size: int = 2048, repair_step_size: int = 256, keep_jobs: int = 256) -> None:
+                 prefill_step_size: int = 2048, repair_step_size: int = 256, keep_jobs: int = 256,
+                 decode_concurrency: int = 1, prompt_concurrency: int = 1) -> None:
         self.model, self.cache, self.repair = model, cache, repair
+        self.decode_concurrency, self.prompt_concurrency = decode_concurrency, prompt_concurrency
+        self._batch: BatchDecoder | None = None
         self.prefill_step_size, self.repair_step_size = prefill_step_size, repair_step_size
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.stats = WorkerStats()
@@ -154,6 +161,12 @@ class Worker:
     # --- the loop ------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        from kvp_mlx.server.batching import BatchDecoder, batching_possible  # it imports this module
+
+        if self.decode_concurrency > 1 and batching_possible(self.model):
+            self._batch = BatchDecoder(self)
+            self._batch.run()
+            return
         while True:
             try:
                 job = self.queue.get_nowait() if self._has_repair_work() else self.queue.get()
@@ -163,17 +176,23 @@ class Worker:
             if job is None:
                 _finish_queued_work()
                 return
-            try:
-                self._serve(job)
-            except BaseException as e:  # never let one request kill the worker
-                self.stats.failed += 1
-                log.error("request failed: %s\n%s", e, traceback.format_exc())
-                job.events.put(("error", 500, f"internal error: {type(e).__name__}: {e}"))
-            finally:
-                self.stats.jobs.append(job)
-                del self.stats.jobs[: -self.keep_jobs]
+            self._serve_guarded(job)
             if self.queue.empty() and not self._has_repair_work():
                 self.idle.set()
+
+    def _serve_guarded(self, job: Job) -> None:
+        try:
+            self._serve(job)
+        except BaseException as e:  # never let one request kill the worker
+            self.stats.failed += 1
+            log.error("request failed: %s\n%s", e, traceback.format_exc())
+            job.events.put(("error", 500, f"internal error: {type(e).__name__}: {e}"))
+        finally:
+            self.keep(job)
+
+    def keep(self, job: Job) -> None:
+        self.stats.jobs.append(job)
+        del self.stats.jobs[: -self.keep_jobs]
 
     def _has_repair_work(self) -> bool:
         return self.repair and any(s.predicted for s in self.cache.most_recent_first())
