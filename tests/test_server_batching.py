@@ -179,3 +179,26 @@ def test_disconnected_client_leaves_the_batch(identity_model):
         assert server.worker.idle.wait(60)
     finally:
         server.shutdown()
+
+
+def test_models_whose_caches_cannot_merge_are_served_one_at_a_time(identity_dirs, tokenizer_dir, tmp_path):
+    """Only plain KVCache layers batch: a sliding-window model (gemma3) and a hybrid (qwen3_next)
+    are served by the one-at-a-time loop even with --decode-concurrency, and answered."""
+    from kvp_mlx import testing as mb
+    from kvp_mlx.server.batching import batching_possible
+
+    from conftest import VOCAB
+
+    assert batching_possible(load(identity_dirs["llama"]))
+    assert not batching_possible(load(identity_dirs["gemma3"]))
+    cfg = mb.plain_only_config("qwen3_next", 2, VOCAB)
+    hybrid = load(mb.save_lm_dir(tmp_path / "qwen3_next", mb.build_model(cfg, seed=0), cfg, tokenizer_dir))
+    assert not batching_possible(hybrid)
+    server = serving(hybrid, method="base", decode_concurrency=4)
+    try:
+        got = concurrently(server, 3, lambda c, i: c.completions.create(
+            model=MODEL_ID, prompt=PROMPTS[i + 1], max_tokens=5, temperature=0).choices[0].text)
+        assert len(got) == 3 and server.worker.stats.failed == 0 and server.worker.stats.served == 3
+        assert server.worker.stats.widest_batch == 0
+    finally:
+        server.shutdown()

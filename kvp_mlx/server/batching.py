@@ -189,8 +189,7 @@ class BatchDecoder:
         options = SamplingOptions(**req.sampling)
         tokenizer = self.model.tokenizer
         sampler = None if options.greedy else options.sampler(tokenizer.encode("\n") + list(tokenizer.eos_token_ids))
-        if req.seed is not None:
-            mx.random.seed(req.seed)  # greedy: nothing random (a sampling seeded request is served alone)
+        # a seed: greedy here (a seeded request that samples is served alone), so nothing to seed
         if self.generator is None:
             self.generator = self._make_generator()
         (uid,) = self.generator.insert([[prompt[-1]]], max_tokens=[req.max_tokens], caches=[session.caches.cache],
@@ -232,6 +231,8 @@ class BatchDecoder:
             if reason is not None:
                 cache = r.prompt_cache if r.finish_reason is not None else self._removed(r.uid)
                 self._end(r.uid, reason, cache)
+        if not self.active:
+            mx.clear_cache()  # the batch drained: its buffers go back
 
     def _removed(self, uid: int) -> list | None:
         """Take a sequence out of the batch; its cache (prompt and the reply so far)."""

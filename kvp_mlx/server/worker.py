@@ -1,6 +1,8 @@
 """The model worker: one thread runs every MLX operation, serving a request queue in order.
 
-Requests are served one at a time, first come first served (no batching). For each, the session
+Requests are served one at a time, first come first served, unless ``decode_concurrency`` > 1:
+then :mod:`kvp_mlx.server.batching` decodes the requests that can batch together (mlx-lm's
+``BatchGenerator``) and serves the others alone, in order, between batches. For each, the session
 cache hands over (or copies) the session sharing the longest prefix with the request's tokens, the
 session's method prefills only the rest (``kvp``: KV Prediction of the uncached suffix), mlx-lm's
 loop decodes, and the session, now holding prompt and reply, goes back to the cache. While the
