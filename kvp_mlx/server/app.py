@@ -53,6 +53,10 @@ class ServerConfig:
     prompt_concurrency: int = 1
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 128  # listen backlog (the standard 5 turns away clients that connect at once)
+
+
 class _ClientGone(Exception):
     pass
 
@@ -473,7 +477,7 @@ class KVPServer:
                              repair_step_size=config.repair_step_size,
                              decode_concurrency=config.decode_concurrency,
                              prompt_concurrency=config.prompt_concurrency)
-        self.httpd = ThreadingHTTPServer((host, port), lambda *a: Handler(self, *a))
+        self.httpd = _HTTPServer((host, port), lambda *a: Handler(self, *a))
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 

@@ -23,7 +23,7 @@ import queue
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, TextStateMachine
@@ -34,9 +34,7 @@ from kvp_mlx.errors import KVPError
 from kvp_mlx.mlx_lm_private import format_top_logprobs
 from kvp_mlx.model import KVPModel
 from kvp_mlx.sampling import SamplingOptions
-
-if TYPE_CHECKING:
-    from kvp_mlx.server.worker import Job, Worker
+from kvp_mlx.server.textout import StopText, ToolText
 
 log = logging.getLogger("kvp_mlx.server")
 
@@ -52,7 +50,7 @@ def batching_possible(model: KVPModel) -> bool:
 class _Sequence:
     """A request decoding in the batch."""
 
-    job: Job
+    job: Any  # kvp_mlx.server.worker.Job (the worker imports this module)
     session: Session
     prompt: list[int]
     stats: TurnStats
@@ -70,14 +68,14 @@ class _Sequence:
 class BatchDecoder:
     """The worker's loop when batching: admits requests into one mlx-lm ``BatchGenerator``."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Any) -> None:  # kvp_mlx.server.worker.Worker
         self.worker = worker
         self.model = worker.model
         tokenizer = self.model.tokenizer
         self.eos = set(tokenizer.eos_token_ids)
         self.generator: BatchGenerator | None = None
         self.active: dict[int, _Sequence] = {}
-        self.waiting: Job | None = None  # a request to serve alone once the batch has drained
+        self.waiting: Any = None  # a Job: a request to serve alone once the batch has drained
         self.stopping = False
 
     def _make_generator(self) -> BatchGenerator:
@@ -89,8 +87,6 @@ class BatchDecoder:
     # --- the loop ------------------------------------------------------------------------------
 
     def run(self) -> None:
-        from kvp_mlx.server.worker import _finish_queued_work
-
         w = self.worker
         while True:
             if not self.stopping and self.waiting is None:
@@ -102,16 +98,15 @@ class BatchDecoder:
                 job, self.waiting = self.waiting, None
                 w._serve_guarded(job)
                 continue
-            if self.stopping:
+            if self.stopping:  # the worker waits for the queued MLX work
                 self.generator = None
-                _finish_queued_work()
                 return
             if w._has_repair_work() and w.queue.empty():
                 w._repair_step()  # between batches only; it stops when a request arrives
             elif w.queue.empty() and not w._has_repair_work():
                 w.idle.set()
 
-    def _next_job(self, block: bool) -> Job | None:
+    def _next_job(self, block: bool) -> Any:
         w = self.worker
         try:
             job = w.queue.get() if block else w.queue.get_nowait()
@@ -145,7 +140,7 @@ class BatchDecoder:
                 job.events.put(("error", 500, f"internal error: {type(e).__name__}: {e}"))
                 w.keep(job)
 
-    def batchable(self, job: Job) -> bool:
+    def batchable(self, job: Any) -> bool:
         req = job.request
         if req.method not in BATCH_METHODS or req.max_tokens < 1 or len(req.prompt) < 1:
             return False
@@ -157,9 +152,7 @@ class BatchDecoder:
 
     # --- a request joins -----------------------------------------------------------------------
 
-    def _insert(self, job: Job) -> None:
-        from kvp_mlx.server.worker import StopText, ToolText
-
+    def _insert(self, job: Any) -> None:
         w = self.worker
         job.started = time.perf_counter()
         if job.cancelled.is_set():
