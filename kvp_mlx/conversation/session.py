@@ -336,6 +336,7 @@ class Session:
         token ``ids[-1]`` and the ``reply`` tokens it was fed) becomes the session's cache; the history
         is what it holds, and the turn (``stats`` from :meth:`fill_for_decode`) is recorded."""
         assert self.caches is not None
+        mx.eval([c.state for c in cache])  # an unevaluated copy would keep the whole batch's buffers alive
         self.caches = FilledCache(cache, self.caches.decoder, self.caches.draft_cache)
         stats.generated_tokens = len(reply)
         self._end_turn(ids[len(self.tokens):], list(ids) + list(reply), stats, reply)
