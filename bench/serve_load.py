@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chat-repeats", type=int, default=3)
     parser.add_argument("--decode-concurrency", type=int, default=1,
                         help="kvp-mlx serve's --decode-concurrency (mlx_lm.server batches up to 32 by default)")
+    parser.add_argument("--prompt-concurrency", type=int, default=1, help="kvp-mlx serve's --prompt-concurrency")
     parser.add_argument("--skip-chat", action="store_true", help="the concurrent load only")
     parser.add_argument("--out", default="bench/results/serve")
     args = parser.parse_args(argv)
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     bin_dir = Path(sys.executable).parent
     ours, our_port = start([str(bin_dir / "kvp-mlx"), "serve", "--model", str(model_dir), "--port", "0",
-                            "--decode-concurrency", str(args.decode_concurrency)],
+                            "--decode-concurrency", str(args.decode_concurrency),
+                            "--prompt-concurrency", str(args.prompt_concurrency)],
                            r"on http://127\.0\.0\.1:(\d+)", env)
     # mlx_lm.server with the same optimized BLAS kvp_mlx loads (import kvp_mlx before mlx.core)
     launch = "import sys, kvp_mlx; from mlx_lm.server import main; sys.argv[0] = 'mlx_lm.server'; main()"
@@ -174,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             wait_ready(ports[name], kvp=name == "kvp-mlx serve")
         report: dict = {"model": str(model_dir), "machine": platform.platform(), "clients": args.clients,
                         "requests_per_client": args.requests, "max_tokens": args.max_tokens,
-                        "decode_concurrency": args.decode_concurrency, "load": {}}
+                        "decode_concurrency": args.decode_concurrency,
+                        "prompt_concurrency": args.prompt_concurrency, "load": {}}
         for name in ports:
             wait_ready(our_port, kvp=True)
             report["load"][name] = load(ports[name], models[name], args.clients, args.requests, args.max_tokens)
@@ -243,7 +246,8 @@ def _free_port() -> int:
 def markdown(report: dict) -> str:
     lines = [f"Model: `{report['model']}`; {report['clients']} clients x {report['requests_per_client']} requests, "
              f"max_tokens {report['max_tokens']}, prompts sharing a {len(SHARED)}-character prefix; "
-             f"kvp-mlx serve --decode-concurrency {report.get('decode_concurrency', 1)}; "
+             f"kvp-mlx serve --decode-concurrency {report.get('decode_concurrency', 1)} "
+             f"--prompt-concurrency {report.get('prompt_concurrency', 1)}; "
              f"{report['machine']}", "",
              "| server | answered | lost | TTFT p50 (s) | TTFT p95 (s) | total p50 (s) | total p95 (s) | wall (s) |",
              "|---|---|---|---|---|---|---|---|"]

@@ -37,7 +37,8 @@ def identity_model(identity_dirs, tmp_path_factory):
 
 
 def serving(model, **config):
-    config = {"model_id": MODEL_ID, "method": "kvp", "repair": False, **config}
+    """A server; one request at a time unless ``decode_concurrency`` says otherwise (the default batches)."""
+    config = {"model_id": MODEL_ID, "method": "kvp", "repair": False, "decode_concurrency": 1, **config}
     return KVPServer(model, ServerConfig(**config), "127.0.0.1", 0).start()
 
 

@@ -49,8 +49,8 @@ class ServerConfig:
     api_key: str | None = None
     prefill_step_size: int = 2048
     repair_step_size: int = 256
-    decode_concurrency: int = 1  # > 1: continuous batching (kvp_mlx.server.batching)
-    prompt_concurrency: int = 1
+    decode_concurrency: int = 32  # > 1: continuous batching (kvp_mlx.server.batching), as mlx_lm.server
+    prompt_concurrency: int = 8
 
 
 class _HTTPServer(ThreadingHTTPServer):
