@@ -148,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--chat-repeats", type=int, default=3)
+    parser.add_argument("--decode-concurrency", type=int, default=1,
+                        help="kvp-mlx serve's --decode-concurrency (mlx_lm.server batches up to 32 by default)")
+    parser.add_argument("--prompt-concurrency", type=int, default=1, help="kvp-mlx serve's --prompt-concurrency")
+    parser.add_argument("--skip-chat", action="store_true", help="the concurrent load only")
     parser.add_argument("--out", default="bench/results/serve")
     args = parser.parse_args(argv)
     from kvp_mlx.model import DEFAULT_MODEL_DIR
@@ -157,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     base_dir = float32_copy(model_dir / "base")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     bin_dir = Path(sys.executable).parent
-    ours, our_port = start([str(bin_dir / "kvp-mlx"), "serve", "--model", str(model_dir), "--port", "0"],
+    ours, our_port = start([str(bin_dir / "kvp-mlx"), "serve", "--model", str(model_dir), "--port", "0",
+                            "--decode-concurrency", str(args.decode_concurrency),
+                            "--prompt-concurrency", str(args.prompt_concurrency)],
                            r"on http://127\.0\.0\.1:(\d+)", env)
     # mlx_lm.server with the same optimized BLAS kvp_mlx loads (import kvp_mlx before mlx.core)
     launch = "import sys, kvp_mlx; from mlx_lm.server import main; sys.argv[0] = 'mlx_lm.server'; main()"
@@ -169,14 +175,17 @@ def main(argv: list[str] | None = None) -> int:
         for name in ports:
             wait_ready(ports[name], kvp=name == "kvp-mlx serve")
         report: dict = {"model": str(model_dir), "machine": platform.platform(), "clients": args.clients,
-                        "requests_per_client": args.requests, "max_tokens": args.max_tokens, "load": {}}
+                        "requests_per_client": args.requests, "max_tokens": args.max_tokens,
+                        "decode_concurrency": args.decode_concurrency,
+                        "prompt_concurrency": args.prompt_concurrency, "load": {}}
         for name in ports:
             wait_ready(our_port, kvp=True)
             report["load"][name] = load(ports[name], models[name], args.clients, args.requests, args.max_tokens)
             print(name, json.dumps(report["load"][name]), flush=True)
         wait_ready(our_port, kvp=True)
-        report["chat"] = chat_turns(ports, models, args.max_tokens, args.chat_repeats)
-        print(json.dumps(report["chat"]), flush=True)
+        if not args.skip_chat:
+            report["chat"] = chat_turns(ports, models, args.max_tokens, args.chat_repeats)
+            print(json.dumps(report["chat"]), flush=True)
         for name in ports:  # healthy after
             wait_ready(ports[name], kvp=False)
     finally:
@@ -237,12 +246,16 @@ def _free_port() -> int:
 def markdown(report: dict) -> str:
     lines = [f"Model: `{report['model']}`; {report['clients']} clients x {report['requests_per_client']} requests, "
              f"max_tokens {report['max_tokens']}, prompts sharing a {len(SHARED)}-character prefix; "
+             f"kvp-mlx serve --decode-concurrency {report.get('decode_concurrency', 1)} "
+             f"--prompt-concurrency {report.get('prompt_concurrency', 1)}; "
              f"{report['machine']}", "",
              "| server | answered | lost | TTFT p50 (s) | TTFT p95 (s) | total p50 (s) | total p95 (s) | wall (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in report["load"].items():
         lines.append(f"| {name} | {r['answered']} | {r['lost']} | {r['ttft_p50_s']:.3f} | {r['ttft_p95_s']:.3f} | "
                      f"{r['total_p50_s']:.3f} | {r['total_p95_s']:.3f} | {r['wall_s']:.1f} |")
+    if "chat" not in report:
+        return "\n".join(lines) + "\n"
     lines += ["", "Multi-turn chat (whole history each turn), median TTFT per turn (s) and cached tokens:", "",
               "| turn | " + " | ".join(report["chat"]) + " |", "|---|" + "---|" * len(report["chat"])]
     for turn in range(len(TURNS)):

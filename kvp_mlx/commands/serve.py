@@ -11,7 +11,9 @@ POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health; st
 (server-sent events) or not; mlx-lm server's sampling parameters, stop, max_tokens and logprobs.
 Each request is prefilled with --method (kvp by default; a request may name another with a
 "method" field), reusing the cached session that shares the longest token prefix with it, so only
-the uncached suffix is predicted. Requests are served one at a time in arrival order. While idle
+the uncached suffix is predicted. Requests are decoded together in one batch (mlx-lm's
+BatchGenerator, up to --decode-concurrency) or, with --decode-concurrency 1 and for requests that
+cannot batch, served one at a time in arrival order. While idle
 (--repair idle) the server recomputes exact base K/V for the cached sessions' predicted positions.
 Binds to 127.0.0.1 unless --host says otherwise."""
 
@@ -71,6 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="max_tokens of a request that gives none (default: 512), cut to what is left of the model's "
         "context after the prompt when the model declares one; a request asking for more than fits is a 400")
     add("--prefill-step-size", type=int, default=2048, help="prompt tokens per prefill chunk")
+    add("--decode-concurrency", type=int, default=32,
+        help="most requests decoding together in one batch (mlx-lm's BatchGenerator; default: 32, as "
+        "mlx_lm.server; 1 serves one request at a time). Requests that cannot batch (several completions "
+        "prompts, n > 1, echo, integer logprobs, methods other than kvp and base, seeded sampling, hybrid "
+        "or sliding-window caches) are served alone")
+    add("--prompt-concurrency", type=int, default=8,
+        help="new requests filled (through their sessions, one after the other) between two decoding steps "
+        "while batching (default: 8, as mlx_lm.server)")
     add("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype")
     add("--device", choices=["cpu", "gpu"], help="device (default: MLX's)")
     add("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
@@ -85,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         raise KVPError(f"--port must lie in [0, 65535] (0 picks a free port), got {args.port}")
     if args.prompt_cache_size < 0:
         raise KVPError(f"--prompt-cache-size must be non-negative (0 keeps no sessions), got {args.prompt_cache_size}")
-    for name in ("repair_step_size", "max_tokens", "prefill_step_size"):
+    for name in ("repair_step_size", "max_tokens", "prefill_step_size", "decode_concurrency", "prompt_concurrency"):
         if getattr(args, name) < 1:
             raise KVPError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not is_loopback(args.host) and args.api_key is None:
@@ -105,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
         prompt_cache_size=args.prompt_cache_size,
         prompt_cache_bytes=args.prompt_cache_bytes if args.prompt_cache_bytes is not None else 1 << 63,
         repair=args.repair == "idle", api_key=args.api_key, prefill_step_size=args.prefill_step_size,
-        repair_step_size=args.repair_step_size,
+        repair_step_size=args.repair_step_size, decode_concurrency=args.decode_concurrency,
+        prompt_concurrency=args.prompt_concurrency,
     )
     try:
         server = KVPServer(model, config, args.host, args.port)

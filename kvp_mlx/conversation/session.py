@@ -311,6 +311,36 @@ class Session:
             self._restore(mark)
             raise
 
+    def fill_for_decode(self, ids: list[int]) -> TurnStats:
+        """A turn decoded elsewhere (a server's batch), its first half: ``ids`` (this session's
+        tokens, then the new ones) filled by the session's method up to the last token, exactly as
+        :meth:`stream_generate` fills before mlx-lm's loop runs that token. The session then holds
+        ``ids[:-1]``; :meth:`end_decode` takes back the decoded cache. Atomic."""
+        if self.kv is not None:
+            raise KVPError("a session with a KV budget cannot decode outside its own turns")
+        if len(ids) <= len(self.tokens) - 1 or ids[:len(self.tokens)] != self.tokens[:len(ids)]:
+            raise KVPError("internal: the tokens to fill do not extend the session's")
+        assert self._call is not None
+        self._call.check_ids(ids)
+
+        def turn() -> TurnStats:
+            stats = self._begin_turn(ids[len(self.tokens):], ids, len(ids) - 1, 0)
+            self._take_fill(self._fill(ids[:-1]), stats)
+            self.tokens, self.predicted = list(ids[:-1]), clip_spans(self.predicted, len(ids) - 1)
+            return stats
+
+        return self._atomic(self._mark(len(ids) - 1), turn)
+
+    def end_decode(self, ids: list[int], reply: Sequence[int], cache: list, stats: TurnStats) -> None:
+        """A turn decoded elsewhere, its end: ``cache`` (the decoder's cache after the last prompt
+        token ``ids[-1]`` and the ``reply`` tokens it was fed) becomes the session's cache; the history
+        is what it holds, and the turn (``stats`` from :meth:`fill_for_decode`) is recorded."""
+        assert self.caches is not None
+        mx.eval([c.state for c in cache])  # an unevaluated copy would keep the whole batch's buffers alive
+        self.caches = FilledCache(cache, self.caches.decoder, self.caches.draft_cache)
+        stats.generated_tokens = len(reply)
+        self._end_turn(ids[len(self.tokens):], list(ids) + list(reply), stats, reply)
+
     def generate(self, prompt: TurnInput, **kwargs: Any) -> str:
         return "".join(r.text for r in self.stream_generate(prompt, **kwargs))
 

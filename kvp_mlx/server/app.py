@@ -49,6 +49,12 @@ class ServerConfig:
     api_key: str | None = None
     prefill_step_size: int = 2048
     repair_step_size: int = 256
+    decode_concurrency: int = 32  # > 1: continuous batching (kvp_mlx.server.batching), as mlx_lm.server
+    prompt_concurrency: int = 8
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 128  # listen backlog (the standard 5 turns away clients that connect at once)
 
 
 class _ClientGone(Exception):
@@ -468,8 +474,10 @@ class KVPServer:
         self.fingerprint = get_system_fingerprint()
         cache = SessionCache(config.prompt_cache_size, config.prompt_cache_bytes)
         self.worker = Worker(model, cache, repair=config.repair, prefill_step_size=config.prefill_step_size,
-                             repair_step_size=config.repair_step_size)
-        self.httpd = ThreadingHTTPServer((host, port), lambda *a: Handler(self, *a))
+                             repair_step_size=config.repair_step_size,
+                             decode_concurrency=config.decode_concurrency,
+                             prompt_concurrency=config.prompt_concurrency)
+        self.httpd = _HTTPServer((host, port), lambda *a: Handler(self, *a))
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 

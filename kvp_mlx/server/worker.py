@@ -1,6 +1,8 @@
 """The model worker: one thread runs every MLX operation, serving a request queue in order.
 
-Requests are served one at a time, first come first served (no batching). For each, the session
+Requests are served one at a time, first come first served, unless ``decode_concurrency`` > 1:
+then :mod:`kvp_mlx.server.batching` decodes the requests that can batch together (mlx-lm's
+``BatchGenerator``) and serves the others alone, in order, between batches. For each, the session
 cache hands over (or copies) the session sharing the longest prefix with the request's tokens, the
 session's method prefills only the rest (``kvp``: KV Prediction of the uncached suffix), mlx-lm's
 loop decodes, and the session, now holding prompt and reply, goes back to the cache. While the
@@ -28,7 +30,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 from mlx_lm.generate import TextStateMachine, make_text_state_machine
@@ -40,62 +42,14 @@ from kvp_mlx.model import KVPModel
 from kvp_mlx.progress import PrefillLog
 from kvp_mlx.server.prompt_cache import SessionCache
 from kvp_mlx.server.protocol import GenerationRequest
+from kvp_mlx.server.textout import StopText, ToolText
 from kvp_mlx.conversation.session import Session
 
+if TYPE_CHECKING:
+    from kvp_mlx.server.batching import BatchDecoder
+
+__all__ = ["Job", "StopText", "ToolText", "Worker", "WorkerStats"]
 log = logging.getLogger("kvp_mlx.server")
-
-
-class StopText:
-    """Stop strings matched on the decoded text (mlx-lm matches their token ids, which miss a stop
-    string tokenized differently inside the text, and strips them from the text instead): generation
-    stops where the first one occurs, the text before it kept, the stop string dropped. Text that may
-    begin a stop string is held back until the next piece decides."""
-
-    def __init__(self, words: list[str]) -> None:
-        self.words, self.pending = words, ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """(the text that can be emitted, whether a stop string ended the generation)."""
-        buf = self.pending + text
-        found = [i for i in (buf.find(w) for w in self.words) if i >= 0]
-        if found:
-            self.pending = ""
-            return buf[:min(found)], True
-        hold = max((k for w in self.words for k in range(1, len(w)) if buf.endswith(w[:k])), default=0)
-        self.pending = buf[len(buf) - hold:]
-        return buf[:len(buf) - hold], False
-
-    def flush(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
-
-
-class ToolText:
-    """mlx-lm server's split of the state machine's segments: normal text, reasoning, and tool-call
-    texts, each call complete when its state goes back to normal (or the generation ends). With
-    ``parse=False`` (``tool_choice: "none"``) tool-call text stays in the normal text."""
-
-    def __init__(self, parse: bool) -> None:
-        self.parse, self.state, self.pending = parse, "normal", ""
-
-    def feed(self, segments: list[tuple[str, str]], final: bool) -> tuple[str, list[str], str]:
-        """(normal text, the tool-call texts completed, reasoning text)."""
-        text, calls, reasoning = [], [], []
-        for state, part in segments:
-            if state == "tool" and self.parse:
-                self.pending += part
-            elif state == "reasoning":
-                reasoning.append(part)
-            else:
-                if self.state == "tool" and state != "tool" and self.parse:
-                    calls.append(self.pending)
-                    self.pending = ""
-                text.append(part)
-            self.state = state
-        if final and self.state == "tool" and self.pending:
-            calls.append(self.pending)
-            self.pending = ""
-        return "".join(text), calls, "".join(reasoning)
 
 
 @dataclass
@@ -117,14 +71,18 @@ class WorkerStats:
     repairs_interrupted: int = 0  # repairs stopped between chunks because a request came
     repair_boundaries: list[float] = field(default_factory=list)  # times the repair checked for requests
     jobs: list[Job] = field(default_factory=list)  # the last few finished jobs (tests, benchmarks)
+    widest_batch: int = 0  # most sequences decoded together in one step (--decode-concurrency)
 
 
 class Worker:
     """Owns the model, the session cache and the queue; ``start()`` runs it in a daemon thread."""
 
     def __init__(self, model: KVPModel, cache: SessionCache, *, repair: bool = True,
-                 prefill_step_size: int = 2048, repair_step_size: int = 256, keep_jobs: int = 256) -> None:
+                 prefill_step_size: int = 2048, repair_step_size: int = 256, keep_jobs: int = 256,
+                 decode_concurrency: int = 1, prompt_concurrency: int = 1) -> None:
         self.model, self.cache, self.repair = model, cache, repair
+        self.decode_concurrency, self.prompt_concurrency = decode_concurrency, prompt_concurrency
+        self._batch: BatchDecoder | None = None
         self.prefill_step_size, self.repair_step_size = prefill_step_size, repair_step_size
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.stats = WorkerStats()
@@ -154,6 +112,13 @@ class Worker:
     # --- the loop ------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        from kvp_mlx.server.batching import BatchDecoder, batching_possible  # it imports this module
+
+        if self.decode_concurrency > 1 and batching_possible(self.model):
+            self._batch = BatchDecoder(self)
+            self._batch.run()
+            _finish_queued_work()
+            return
         while True:
             try:
                 job = self.queue.get_nowait() if self._has_repair_work() else self.queue.get()
@@ -163,17 +128,23 @@ class Worker:
             if job is None:
                 _finish_queued_work()
                 return
-            try:
-                self._serve(job)
-            except BaseException as e:  # never let one request kill the worker
-                self.stats.failed += 1
-                log.error("request failed: %s\n%s", e, traceback.format_exc())
-                job.events.put(("error", 500, f"internal error: {type(e).__name__}: {e}"))
-            finally:
-                self.stats.jobs.append(job)
-                del self.stats.jobs[: -self.keep_jobs]
+            self._serve_guarded(job)
             if self.queue.empty() and not self._has_repair_work():
                 self.idle.set()
+
+    def _serve_guarded(self, job: Job) -> None:
+        try:
+            self._serve(job)
+        except BaseException as e:  # never let one request kill the worker
+            self.stats.failed += 1
+            log.error("request failed: %s\n%s", e, traceback.format_exc())
+            job.events.put(("error", 500, f"internal error: {type(e).__name__}: {e}"))
+        finally:
+            self.keep(job)
+
+    def keep(self, job: Job) -> None:
+        self.stats.jobs.append(job)
+        del self.stats.jobs[: -self.keep_jobs]
 
     def _has_repair_work(self) -> bool:
         return self.repair and any(s.predicted for s in self.cache.most_recent_first())
