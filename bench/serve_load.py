@@ -148,9 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--chat-repeats", type=int, default=3)
-    parser.add_argument("--decode-concurrency", type=int, default=1,
-                        help="kvp-mlx serve's --decode-concurrency (mlx_lm.server batches up to 32 by default)")
-    parser.add_argument("--prompt-concurrency", type=int, default=1, help="kvp-mlx serve's --prompt-concurrency")
+    parser.add_argument("--decode-concurrency", type=int, default=32,
+                        help="kvp-mlx serve's --decode-concurrency (default 32, both servers' default; 1 serves one "
+                        "request at a time)")
+    parser.add_argument("--prompt-concurrency", type=int, default=8,
+                        help="kvp-mlx serve's --prompt-concurrency (default 8, both servers' default)")
     parser.add_argument("--skip-chat", action="store_true", help="the concurrent load only")
     parser.add_argument("--out", default="bench/results/serve")
     args = parser.parse_args(argv)
