@@ -278,13 +278,7 @@ class Handler(APIHandler):
                     text.append(piece["text"])
                     reasoning.append(piece.get("reasoning", ""))
             elif kind == "error":
-                if self.stream:
-                    self._send(f"data: {json.dumps(RequestError(event[1], event[2], 'server_error').body())}\n\n"
-                               .encode())
-                    self._send(b"data: [DONE]\n\n")
-                else:
-                    self._error(RequestError(event[1], event[2], "server_error" if event[1] >= 500 else
-                                             "invalid_request_error"))
+                self._error_event(event[1], event[2])
                 return
             else:
                 assert kind == "done"
@@ -374,18 +368,20 @@ class Handler(APIHandler):
                     self._send_chunk([{"index": end["index"], "text": "", "logprobs": None,
                                        "finish_reason": end["finish_reason"]}])
             elif kind == "error":
-                if self.stream:
-                    self._send(f"data: {json.dumps(RequestError(event[1], event[2], 'server_error').body())}\n\n"
-                               .encode())
-                    self._send(b"data: [DONE]\n\n")
-                else:
-                    self._error(RequestError(event[1], event[2], "server_error" if event[1] >= 500 else
-                                             "invalid_request_error"))
+                self._error_event(event[1], event[2])
                 return
             else:
                 assert kind == "done"
                 self._finish_text(job, event[1], choices)
                 return
+
+    def _error_event(self, status: int, message: str) -> None:
+        """The worker's error for this request: an SSE error event (then [DONE]) or a JSON error."""
+        if self.stream:
+            self._send(f"data: {json.dumps(RequestError(status, message, 'server_error').body())}\n\n".encode())
+            self._send(b"data: [DONE]\n\n")
+        else:
+            self._error(RequestError(status, message, "server_error" if status >= 500 else "invalid_request_error"))
 
     def _text_choice(self, index: int, choice: "_TextChoice", finish_reason: str | None) -> dict:
         return {"index": index, "text": "".join(choice.text), "logprobs": choice.logprobs(self.logprobs_style),

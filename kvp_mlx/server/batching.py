@@ -135,9 +135,7 @@ class BatchDecoder:
             try:
                 self._insert(job)
             except BaseException as e:  # never let one request kill the worker
-                w.stats.failed += 1
-                log.error("request failed: %s\n%s", e, traceback.format_exc())
-                job.events.put(("error", 500, f"internal error: {type(e).__name__}: {e}"))
+                w.fail(job, e)
                 w.keep(job)
 
     def batchable(self, job: Any) -> bool:
@@ -291,8 +289,6 @@ class BatchDecoder:
                     "finish_reason": finish, "prompt_tokens": len(seq.prompt), "completion_tokens": job.generated,
                     "cached_tokens": turn.reused_tokens, "prefill": prefill}))
         except BaseException as e:
-            w.stats.failed += 1
-            log.error("request failed: %s\n%s", e, traceback.format_exc())
-            job.events.put(("error", 500, f"internal error: {type(e).__name__}: {e}"))
+            w.fail(job, e)
         finally:
             w.keep(job)

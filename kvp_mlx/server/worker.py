@@ -136,11 +136,15 @@ class Worker:
         try:
             self._serve(job)
         except BaseException as e:  # never let one request kill the worker
-            self.stats.failed += 1
-            log.error("request failed: %s\n%s", e, traceback.format_exc())
-            job.events.put(("error", 500, f"internal error: {type(e).__name__}: {e}"))
+            self.fail(job, e)
         finally:
             self.keep(job)
+
+    def fail(self, job: Job, error: BaseException) -> None:
+        """A request that raised: logged, counted, and answered with a 500 (the worker goes on)."""
+        self.stats.failed += 1
+        log.error("request failed: %s\n%s", error, traceback.format_exc())
+        job.events.put(("error", 500, f"internal error: {type(error).__name__}: {error}"))
 
     def keep(self, job: Job) -> None:
         self.stats.jobs.append(job)
