@@ -77,3 +77,17 @@ def train_pair(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     for p in sorted(Path(mb.__file__).parent.glob("*.py")):
         (data / p.name).write_text(p.read_text())
     return {"root": root, "base": root / "base", "aux": root / "aux", "data": data}
+
+
+def post_completion(server, body: dict) -> tuple[int, dict]:
+    """POST ``body`` to a test server's /v1/completions: (HTTP status, the JSON answer)."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    try:
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()

@@ -7,7 +7,6 @@ method `base` its scores equal `kvp-mlx evaluate --method base` on the same task
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ openai = pytest.importorskip("openai")
 
 import kvp_mlx  # noqa: E402
 from kvp_mlx.server import KVPServer, ServerConfig  # noqa: E402
+from conftest import post_completion  # noqa: E402
 
 MODEL_ID = "test-model"
 
@@ -42,16 +42,6 @@ def client(server) -> "openai.OpenAI":
     return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def post(server, body: dict) -> tuple[int, dict]:
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-    try:
-        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        conn.close()
 
 
 def base_logprobs(model, ids: list[int]) -> list[float]:
@@ -73,7 +63,7 @@ def test_echo_logprobs_are_the_base_on_exact_kv_whatever_the_method(demo):
     for method in ("kvp", "base"):
         with serving(demo, method) as server:
             for prompt in (text, ids, [ids], [text, "import os"], [ids, ids[:5]]):
-                status, got = post(server, {"prompt": prompt, "echo": True, "logprobs": 3, "max_tokens": 0})
+                status, got = post_completion(server, {"prompt": prompt, "echo": True, "logprobs": 3, "max_tokens": 0})
                 assert status == 200, got
                 batch = isinstance(prompt, list) and isinstance(prompt[0], (str, list))
                 assert len(got["choices"]) == (len(prompt) if batch else 1)
@@ -92,7 +82,7 @@ def test_echo_logprobs_are_the_base_on_exact_kv_whatever_the_method(demo):
                                          else demo.tokenizer.decode(ids))
                 assert got["usage"]["completion_tokens"] == 0
             # lm-eval's loglikelihood request: echo, logprobs 1, max_tokens 1 (the generated token last)
-            status, got = post(server, {"prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 1,
+            status, got = post_completion(server, {"prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 1,
                                         "temperature": 0})
             lp = got["choices"][0]["logprobs"]
             assert status == 200 and len(lp["token_logprobs"]) == len(ids) + 1
@@ -109,7 +99,7 @@ def test_bad_completion_fields_are_400(demo):
                      {"prompt": "hi", "logprobs": -1}, {"prompt": "hi", "n": 17}, {"prompt": "hi", "n": 0},
                      {"prompt": "hi", "echo": "yes"}, {"prompt": [[1, 2], []]}, {"prompt": ["a", 1]},
                      {"prompt": [["a"]]}, {"prompt": ["hi"] * 65}, {"prompt": [[1, 10**9]]}):
-            status, got = post(server, body)
+            status, got = post_completion(server, body)
             assert status == 400 and "error" in got, (body, got)
         c = client(server)
         with pytest.raises(openai.BadRequestError):

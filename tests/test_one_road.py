@@ -5,8 +5,6 @@ every caller."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -20,6 +18,7 @@ from kvp_mlx.errors import KVPError
 from kvp_mlx.generation import generate, stream_generate
 from kvp_mlx.methods import Capabilities, FilledCache, PrefillMethod, get_method, register, unregister
 from kvp_mlx.model import load
+from conftest import post_completion
 from kvp_mlx.server import KVPServer, ServerConfig
 
 BASE_ONLY = Path(kvp_mlx.__file__).parent / "default_model" / "base"  # a plain mlx-lm directory
@@ -47,14 +46,6 @@ def serving(model, method: str = "base"):
         server.shutdown()
 
 
-def post(server, body: dict) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-    try:
-        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        conn.close()
 
 
 # --- a method the directory cannot run --------------------------------------------------------------
@@ -89,12 +80,12 @@ def test_api_refuses_a_method_of_a_base_only_model(base_only, method):
 
 def test_server_refuses_a_request_for_a_method_the_model_cannot_run(base_only):
     with serving(base_only) as server:
-        status, body = post(server, {"prompt": PROMPT, "max_tokens": 2, "method": "kvp"})
+        status, body = post_completion(server, {"prompt": PROMPT, "max_tokens": 2, "method": "kvp"})
         assert status == 400
         message = body["error"]["message"]
         assert "method 'kvp' needs an auxiliary model" in message and "base-only" in message
         assert "\n" not in message
-        status, _ = post(server, {"prompt": PROMPT, "max_tokens": 2, "method": "base"})
+        status, _ = post_completion(server, {"prompt": PROMPT, "max_tokens": 2, "method": "base"})
         assert status == 200  # the server still serves what it can
 
 
@@ -157,9 +148,9 @@ def test_a_registered_method_is_reached_by_a_session(base_only, counted):
 
 def test_a_registered_method_is_reached_by_a_server_request(base_only, counted):
     with serving(base_only) as server:
-        status, base = post(server, {"prompt": PROMPT, "max_tokens": 6, "method": "base"})
+        status, base = post_completion(server, {"prompt": PROMPT, "max_tokens": 6, "method": "base"})
         assert status == 200
         assert not CALLS
-        status, ours = post(server, {"prompt": PROMPT, "max_tokens": 6, "method": counted})
+        status, ours = post_completion(server, {"prompt": PROMPT, "max_tokens": 6, "method": counted})
         assert status == 200, ours
         assert CALLS and ours["choices"][0]["text"] == base["choices"][0]["text"]

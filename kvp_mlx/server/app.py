@@ -61,6 +61,11 @@ class _ClientGone(Exception):
     pass
 
 
+def worker_error(status: int, message: str) -> RequestError:
+    """The worker's error event as an API error (5xx: the server's fault, else the request's)."""
+    return RequestError(status, message, "server_error" if status >= 500 else "invalid_request_error")
+
+
 class Handler(APIHandler):
     """One HTTP request (the connection closes after it, as mlx-lm's server)."""
 
@@ -243,8 +248,7 @@ class Handler(APIHandler):
     def _respond(self, job: Job) -> None:
         event = self._event(job, keepalive=False)  # waiting in the queue: nothing sent yet
         if event[0] == "error":
-            self._error(RequestError(event[1], event[2], "server_error" if event[1] >= 500 else
-                                     "invalid_request_error"))
+            self._error(worker_error(event[1], event[2]))
             return
         assert event[0] == "start"
         if self.stream:
@@ -333,8 +337,7 @@ class Handler(APIHandler):
         req = job.request
         event = self._event(job, keepalive=False)  # waiting in the queue: nothing sent yet
         if event[0] == "error":
-            self._error(RequestError(event[1], event[2], "server_error" if event[1] >= 500 else
-                                     "invalid_request_error"))
+            self._error(worker_error(event[1], event[2]))
             return
         assert event[0] == "start"
         # the log-probabilities' format: OpenAI's completions (logprobs: k), mlx-lm's (true), none
@@ -381,7 +384,7 @@ class Handler(APIHandler):
             self._send(f"data: {json.dumps(RequestError(status, message, 'server_error').body())}\n\n".encode())
             self._send(b"data: [DONE]\n\n")
         else:
-            self._error(RequestError(status, message, "server_error" if status >= 500 else "invalid_request_error"))
+            self._error(worker_error(status, message))
 
     def _text_choice(self, index: int, choice: "_TextChoice", finish_reason: str | None) -> dict:
         return {"index": index, "text": "".join(choice.text), "logprobs": choice.logprobs(self.logprobs_style),
