@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-chat", action="store_true", help="the concurrent load only")
     parser.add_argument("--out", default="bench/results/serve")
     args = parser.parse_args(argv)
+    for flag in ("clients", "requests", "max_tokens", "decode_concurrency", "prompt_concurrency"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     from kvp_mlx.model import DEFAULT_MODEL_DIR
 
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
